@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Each creates the virtual environment it needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The local CPU wheel here; on a GPU node set TORCH_SPEC to your CUDA build (e.g. torch==2.13.0 from the cu index).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.mmdiff-installed
+DEMO_OUT ?= out/demo
+
+.PHONY: test demo bench env clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+env: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/mmdiff-gen capture --model tiny-random --prompts prompts/toy.txt --out $(DEMO_OUT) --size 64 --steps 12 --concepts seg --device cpu --dtype float32
+	$(BIN)/mmdiff-gen inspect --model tiny-random --size 64 --steps 12
+
+bench: $(STAMP)
+	$(BIN)/python bench/capture_overhead.py
+
+clean:
+	rm -rf $(VENV) out

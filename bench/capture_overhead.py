@@ -1,0 +1,127 @@
+"""Capture overhead: wall time and peak memory of generation with capture (± concepts) vs plain generation.
+
+One command, one run, on the tiny FLUX-architecture pipeline of the tests (random weights):
+
+    python bench/capture_overhead.py [--device cuda] [--steps 28] [--batch 4] [--repeats 7]
+
+Every variant generates the same images (same prompts, seeds and contract schedule). Times are the
+minimum (and median) of interleaved repeats: on a shared 2-core CPU the minimum is the stable figure,
+since noise only ever adds time. Peak memory is measured per variant in a fresh child process (CPU:
+peak RSS growth during the first generation after building; CUDA: torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mmdiff_gen.backbones import wrap_pipeline
+from mmdiff_gen.backbones.tiny import build_tiny_flux
+from mmdiff_gen.capture import CONCEPT_SETS, CaptureSpec, generate, plan_schedule
+from mmdiff_gen.capture._noise import generators_for
+
+PROMPTS = ["a large red circle on the left", "a small blue star", "a green ring in the center", "a white cross"]
+
+VARIANTS = {
+    # name: spec or None for a plain pipeline call
+    "plain": None,
+    "capture (on-schedule sigmas)": CaptureSpec(sigmas=(0.78, 0.52, 0.26)),
+    "capture (paper sigmas, +1 forward for 0.001)": CaptureSpec(),
+    "capture + concepts (paper sigmas)": CaptureSpec(concepts=CONCEPT_SETS["seg"]),
+}
+
+
+def run_variant(bb, name, steps, batch, device):
+    spec = VARIANTS[name]
+    prompts = (PROMPTS * batch)[:batch]
+    seeds = list(range(batch))
+    kw = dict(height=64, width=64, num_inference_steps=steps, max_sequence_length=32)
+    if spec is None:
+        plan = plan_schedule(bb, CaptureSpec(), steps, 64, 64)
+        bb.pipe(prompt=prompts, generator=generators_for(seeds), sigmas=list(plan.pipeline_sigmas), **kw)
+    else:
+        generate(bb, prompts, spec, seeds=seeds, **kw)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(device):
+    bb = wrap_pipeline(build_tiny_flux(seed=0), "tiny")
+    bb.pipe.to(device)
+    return bb
+
+
+def peak_memory_child(name, steps, batch, device) -> float:
+    """MiB of peak memory growth while generating, in a fresh process."""
+    code = (
+        "import sys, json, resource, torch; sys.argv=['x']; import bench_capture as b;"
+        f"bb=b.build({device!r});"
+        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"torch.cuda.reset_peak_memory_stats() if {device!r}.startswith('cuda') else None;"
+        f"b.run_variant(bb, {name!r}, {steps}, {batch}, {device!r});"
+        f"peak=(torch.cuda.max_memory_allocated()/2**20) if {device!r}.startswith('cuda') else "
+        "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/1024;"
+        "print(json.dumps(peak))"
+    )
+    env_path = str(__import__("pathlib").Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code.replace("import bench_capture as b", "sys.path.insert(0, %r); import capture_overhead as b" % env_path)],
+        capture_output=True, text=True, check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    bb = build(args.device)
+    names = list(VARIANTS)
+    for n in names:  # warm-up
+        run_variant(bb, n, args.steps, args.batch, args.device)
+    times = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for n in names:  # interleaved, so drifts in machine load hit every variant alike
+            t0 = time.perf_counter()
+            run_variant(bb, n, args.steps, args.batch, args.device)
+            times[n].append(time.perf_counter() - t0)
+    best = {n: min(v) for n, v in times.items()}
+    med = {n: statistics.median(v) for n, v in times.items()}
+    mem = {n: peak_memory_child(n, args.steps, args.batch, args.device) for n in names}
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, device {args.device}")
+    print(f"tiny FLUX pipeline, 64×64, {args.steps} steps, batch {args.batch}, {args.repeats} interleaved repeats")
+    head = f"{'variant':46s} {'min s':>7s} {'× plain':>8s} {'median s':>9s} {'× plain':>8s} {'peak Δ MiB':>11s} {'× plain':>8s}"
+    print(head)
+    rows = {}
+    for n in names:
+        rows[n] = {
+            "min_s": best[n], "time_ratio": best[n] / best["plain"],
+            "median_s": med[n], "median_ratio": med[n] / med["plain"],
+            "peak_mib": mem[n], "mem_ratio": mem[n] / max(mem["plain"], 1e-9),
+        }
+        r = rows[n]
+        print(f"{n:46s} {r['min_s']:7.3f} {r['time_ratio']:8.3f} {r['median_s']:9.3f} {r['median_ratio']:8.3f} "
+              f"{r['peak_mib']:11.1f} {r['mem_ratio']:8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Frozen diffusers backbones: loading, geometry and the sampling schedule."""
+
+from .base import Backbone
+from .flux import FluxBackbone
+from .loading import BackboneNotFound, load_backbone, wrap_pipeline
+from .schedule import ContractSchedule, contract_schedule
+
+__all__ = [
+    "Backbone",
+    "BackboneNotFound",
+    "ContractSchedule",
+    "FluxBackbone",
+    "contract_schedule",
+    "load_backbone",
+    "wrap_pipeline",
+]

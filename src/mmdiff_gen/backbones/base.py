@@ -1,0 +1,105 @@
+"""What capture needs to know about a backbone, whatever its family (FLUX now, SD3 later)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Backbone(ABC):
+    """A frozen diffusers pipeline plus the facts capture needs about its transformer.
+
+    Subclasses describe one architecture family: which blocks carry image features, how the
+    transformer receives the timestep, how image tokens map to pixels. Nothing here runs hooks.
+    """
+
+    #: Short family name recorded in checkpoints and dataset manifests.
+    family: str = ""
+
+    def __init__(self, pipe: Any, name: str):
+        self.pipe = pipe
+        self.name = name
+        pipe.transformer.eval().requires_grad_(False)
+
+    # --- the transformer --------------------------------------------------------------------
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    @abstractmethod
+    def feature_blocks(self) -> nn.ModuleList:
+        """The blocks whose image-token outputs are captured as features."""
+
+    @property
+    @abstractmethod
+    def joint_blocks(self) -> nn.ModuleList:
+        """The multi-modal (text + image) blocks that carry the concept stream."""
+
+    @property
+    def feature_dim(self) -> int:
+        cfg = self.transformer.config
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+
+    @abstractmethod
+    def image_tokens(self, block_output: Any) -> torch.Tensor:
+        """The (B, N, C) image tokens out of one feature block's output."""
+
+    @abstractmethod
+    def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The flow-matching sigma in [0, 1] from the transformer's `timestep` argument."""
+
+    # --- geometry ---------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def pixels_per_token(self) -> int:
+        """Image pixels along one side of one image token (VAE scale factor × patch size)."""
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.pixels_per_token
+        if height % p or width % p:
+            raise ValueError(f"height and width must be multiples of {p} for this backbone, got {height}×{width}")
+        return height // p, width // p
+
+    def default_layers(self, count: int = 4) -> tuple[int, ...]:
+        """`count` feature blocks spread across depth, as the paper's {4, 15, 26, 37} of 38.
+
+        Evenly spaced from round(4/38 · n) to n − 1, which gives exactly {4, 15, 26, 37} at n = 38.
+        """
+        n = len(self.feature_blocks)
+        if n <= count:
+            return tuple(range(n))
+        first = max(0, round(4 * n / 38))
+        last = n - 1
+        picks = torch.linspace(first, last, count).round().long().tolist()
+        return tuple(sorted(set(int(i) for i in picks)))
+
+    def default_concept_layers(self) -> tuple[int, ...]:
+        """The last joint blocks (ConceptAttention's FLUX default is 15–18 of 19: the last ~20%)."""
+        n = len(self.joint_blocks)
+        k = max(1, round(4 * n / 19))
+        return tuple(range(n - k, n))
+
+    # --- identity ---------------------------------------------------------------------------
+    def identity(self) -> dict[str, str]:
+        """Name and a hash of the transformer config: what heads check they were trained on."""
+        cfg = dict(self.transformer.config)
+        blob = json.dumps({k: v for k, v in sorted(cfg.items()) if not k.startswith("_")}, sort_keys=True, default=str)
+        return {
+            "family": self.family,
+            "name": self.name,
+            "config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        }

@@ -1,0 +1,136 @@
+"""FLUX.1 (FluxPipeline): image features from single-stream blocks, concepts through double-stream blocks."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Backbone
+
+
+class FluxBackbone(Backbone):
+    """FluxPipeline adapter.
+
+    Facts it encodes (diffusers 0.42): blocks return (text, image); the transformer's `timestep`
+    is the sigma itself; image tokens are row-major over the 2×2-packed latent grid; text
+    positions are all zero, so RoPE is the identity on text and concept tokens.
+    """
+
+    family = "flux"
+
+    @property
+    def feature_blocks(self) -> nn.ModuleList:
+        return self.transformer.single_transformer_blocks
+
+    @property
+    def joint_blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
+    def image_tokens(self, block_output: Any) -> torch.Tensor:
+        return block_output[1]  # (text, image) → image, (B, N, C)
+
+    def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        return timestep
+
+    @property
+    def pixels_per_token(self) -> int:
+        # FLUX packs 2×2 latent pixels into one token; transformer patch_size is 1.
+        return int(self.pipe.vae_scale_factor) * 2 * int(self.transformer.config.patch_size)
+
+    def schedule_mu(self, image_seq_len: int) -> float | None:
+        """The resolution-dependent shift FluxPipeline passes to its scheduler."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = self.pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting"):
+            return None
+        return calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+
+    # --- text side --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
+        """Transformer conditioning kwargs for a list of prompts (the pipeline's own encoder)."""
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def text_token_mask(self, prompts: Sequence[str], max_sequence_length: int = 512) -> torch.Tensor:
+        """(B, S) bool: which T5 positions hold prompt tokens rather than padding."""
+        tok = self.pipe.tokenizer_2(
+            list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        return tok.attention_mask.bool()
+
+    @torch.no_grad()
+    def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
+        """(K, C) initial concept-stream tokens.
+
+        ConceptAttention encodes each concept alone with T5, keeps output token 0 (one token per
+        concept) and passes it through the transformer's context embedder, like the prompt.
+        """
+        tok = self.pipe.tokenizer_2(list(words), padding="longest", return_tensors="pt")
+        t5 = self.pipe.text_encoder_2
+        hidden = t5(tok.input_ids.to(t5.device), output_hidden_states=False)[0]  # (K, S, D_t5)
+        first = hidden[:, 0].to(device=self.device, dtype=self.dtype)  # (K, D_t5)
+        return self.transformer.context_embedder(first)  # (K, C)
+
+    def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """(B, C) modulation for the concept stream: time (+ guidance) embedding, zero pooled text."""
+        tr = self.transformer
+        dtype = self.dtype
+        t = timestep.to(dtype) * 1000  # mirrors FluxTransformer2DModel.forward
+        pooled = torch.zeros(t.shape[0], tr.config.pooled_projection_dim, device=t.device, dtype=dtype)
+        if guidance is None:
+            return tr.time_text_embed(t, pooled)
+        return tr.time_text_embed(t, guidance.to(dtype) * 1000, pooled)
+
+    # --- latents ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean packed latents x0 (B, N, 4·C_vae) from images (B, 3, H, W) in [−1, 1]."""
+        vae = self.pipe.vae
+        x = images.to(device=vae.device, dtype=vae.dtype)
+        lat = vae.encode(x).latent_dist.mode()  # deterministic: the posterior mean
+        lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = lat.shape
+        return self.pipe._pack_latents(lat, b, c, h, w).to(self.dtype)
+
+    def image_ids(self, height: int, width: int) -> torch.Tensor:
+        """(N, 3) RoPE position ids of the image tokens at this size."""
+        h, w = self.token_grid(height, width)
+        return self.pipe._prepare_latent_image_ids(1, h, w, self.device, self.dtype)
+
+    def guidance(self, batch: int, guidance_scale: float) -> torch.Tensor | None:
+        if not self.transformer.config.guidance_embeds:
+            return None
+        return torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
+
+    def transformer_inputs(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        guidance_scale: float,
+        height: int,
+        width: int,
+    ) -> dict[str, torch.Tensor]:
+        """Keyword arguments for one transformer forward on packed `latents` (B, N, C) at per-row `sigma` (B,)."""
+        return {
+            "hidden_states": latents.to(self.dtype),
+            "timestep": sigma.to(device=self.device, dtype=self.dtype),
+            "guidance": self.guidance(latents.shape[0], guidance_scale),
+            "pooled_projections": cond["pooled_projections"],
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "txt_ids": cond["txt_ids"],
+            "img_ids": self.image_ids(height, width),
+            "return_dict": False,
+        }

@@ -1,0 +1,114 @@
+"""Tiny FLUX-architecture pipelines built from configs: word-level tokenizers, random weights, no downloads.
+
+Used by the tests and benchmarks, and as the skeleton the toy backbone is trained from. The
+pitfalls each choice avoids are in the comments.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# Special tokens. CLIP must see an explicit EOS (else it pools position 0) and eos id 2 takes a
+# legacy code path in transformers' CLIP, so the ids here avoid it.
+PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
+SPECIALS = (PAD, EOS, UNK, BOS)
+
+CONCEPT_WORDS = ("object", "background", "detail", "edges", "salient", "contour", "depth", "surface", "near", "far")
+BASIC_WORDS = ("a", "an", "the", "and", "on", "in", "of", "with", "left", "right", "center", "small", "large",
+               "red", "green", "blue", "yellow", "purple", "orange", "white", "black",
+               "circle", "square", "triangle", "star", "ring", "cross", "photo", "cat", "dog", "car", "tree")
+
+
+def word_tokenizer(words: Sequence[str], *, model_max_length: int, add_bos: bool):
+    """A PreTrainedTokenizerFast over a fixed word list (lower-cased, whitespace/punctuation split)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for w in words:
+        vocab.setdefault(w.lower(), len(vocab))
+    tk = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = f"{BOS} $A {EOS}" if add_bos else f"$A {EOS}"
+    tk.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        model_max_length=model_max_length,  # without it FluxPipeline overflows
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        bos_token=BOS,
+    )
+
+
+def build_tiny_flux(
+    *,
+    words: Sequence[str] = BASIC_WORDS + CONCEPT_WORDS,
+    dim_head: int = 16,
+    heads: int = 2,
+    double_blocks: int = 2,
+    single_blocks: int = 4,
+    text_width: int = 32,
+    vae_channels: Sequence[int] = (16, 32, 32),
+    latent_channels: int = 16,
+    guidance_embeds: bool = True,
+    t5_max_length: int = 32,
+    seed: int = 0,
+):
+    """A FluxPipeline with random weights, small enough to run a 64×64 generation in well under a second.
+
+    Geometry: the VAE downsamples by 2^(len(vae_channels) − 1) (4 by default), FLUX packs 2×2 latents
+    per token, so a 64×64 image has 8×8 = 64 image tokens. RoPE axes sum to the head dim.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tok = word_tokenizer(words, model_max_length=77, add_bos=True)
+    t5_tok = word_tokenizer(words, model_max_length=t5_max_length, add_bos=False)
+    vocab = len(clip_tok)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=text_width,
+            pad_token_id=clip_tok.pad_token_id, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+        )
+    ).eval()
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab, d_model=text_width, d_kv=text_width // 2, d_ff=2 * text_width, num_layers=2,
+            num_heads=2, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    ).eval()
+    n_vae = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=tuple(vae_channels), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=8,  # must divide every block width
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+    ).eval()
+    axis = dim_head // 4 // 2 * 2  # even sizes summing to dim_head
+    rope = (dim_head - 2 * axis, axis, axis)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=double_blocks, num_single_layers=single_blocks,
+        attention_head_dim=dim_head, num_attention_heads=heads, joint_attention_dim=text_width,
+        pooled_projection_dim=text_width, guidance_embeds=guidance_embeds, axes_dims_rope=rope,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, use_dynamic_shifting=True,
+        shift=3.0,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,19 @@
+"""Capture inside the generation pass: features over layers × sigmas, concept maps, real-image mode."""
+
+from .generate import Generation, generate, plan_schedule
+from .real import extract
+from .session import Capture, CaptureResult
+from .spec import CONCEPT_SETS, PAPER_SIGMAS, CaptureSpec, concept_set
+
+__all__ = [
+    "CONCEPT_SETS",
+    "PAPER_SIGMAS",
+    "Capture",
+    "CaptureResult",
+    "CaptureSpec",
+    "Generation",
+    "concept_set",
+    "extract",
+    "generate",
+    "plan_schedule",
+]

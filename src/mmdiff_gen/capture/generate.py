@@ -1,0 +1,107 @@
+"""One generation pass that yields images and their features at exactly the configured sigmas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..backbones.base import Backbone
+from ..backbones.schedule import ContractSchedule, contract_schedule
+from ._noise import generators_for, noise_to, per_sample_noise
+from .session import Capture, CaptureResult
+from .spec import CaptureSpec
+
+
+@dataclass
+class Generation:
+    """Images of one batch with what the pass captured.
+
+    Attributes:
+        images: the pipeline's output (PIL images by default), one per prompt.
+        capture: features, sigmas received and maps, per image.
+        schedule: the contract schedule the sampler followed (pass its `pipeline_sigmas` as
+            `sigmas=` to a plain pipeline call to reproduce the images bit for bit).
+        seeds: the per-image seeds.
+    """
+
+    images: Any
+    capture: CaptureResult
+    schedule: ContractSchedule
+    seeds: list[int]
+
+
+def plan_schedule(backbone: Backbone, spec: CaptureSpec, num_inference_steps: int, height: int, width: int) -> ContractSchedule:
+    """The contract schedule for this size and step count (see backbones.schedule)."""
+    h, w = backbone.token_grid(height, width)
+    return contract_schedule(backbone.pipe.scheduler, num_inference_steps, spec.sigmas, backbone.schedule_mu(h * w))
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    spec: CaptureSpec,
+    *,
+    seeds: Sequence[int],
+    height: int,
+    width: int,
+    num_inference_steps: int = 28,
+    guidance_scale: float = 3.5,
+    true_cfg_scale: float = 1.0,
+    negative_prompt: str | Sequence[str] | None = None,
+    max_sequence_length: int = 512,
+    output_type: str = "pil",
+) -> Generation:
+    """Generate one image per prompt and capture features at the spec's sigmas in the same pass.
+
+    The transformer runs exactly as often as the sampler needs, plus one forward per target sigma
+    below the schedule's last step (the default 0.001 is one). The unconditional branch of true CFG
+    is never captured.
+
+    Args:
+        backbone: the wrapped pipeline.
+        prompts: B prompts, one image each.
+        spec: what to capture.
+        seeds: B seeds; image b uses its own CPU generator seeded with seeds[b].
+        height, width: image size in pixels.
+        num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, max_sequence_length,
+        output_type: as in FluxPipeline.
+    """
+    prompts = list(prompts)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    schedule = plan_schedule(backbone, spec, num_inference_steps, height, width)
+    generators = generators_for(seeds)
+    text_mask = backbone.text_token_mask(prompts, max_sequence_length) if spec.cross_attention else None
+
+    final: dict[str, torch.Tensor] = {}
+
+    def keep_final(_pipe, step, _t, kwargs):
+        if step == num_inference_steps - 1:
+            final["latents"] = kwargs["latents"]
+        return kwargs
+
+    with Capture(backbone, spec, batch_size=len(prompts), height=height, width=width, text_mask=text_mask) as cap:
+        out = backbone.pipe(
+            prompt=prompts,
+            negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigmas=list(schedule.pipeline_sigmas),
+            guidance_scale=guidance_scale,
+            generator=generators,
+            max_sequence_length=max_sequence_length,
+            output_type=output_type,
+            callback_on_step_end=keep_final if schedule.extra else None,
+        )
+        if schedule.extra:
+            x0 = final["latents"]  # (B, N, C) packed clean latents
+            noise = per_sample_noise(tuple(x0.shape[1:]), generators, x0.device, x0.dtype)
+            for sigma in schedule.extra:
+                cap.forward_at(noise_to(x0, noise, sigma), sigma)
+    return Generation(images=out.images, capture=cap.result(), schedule=schedule, seeds=seeds)

@@ -1,0 +1,21 @@
+"""The `mmdiff-gen` command line: thin Typer commands over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from . import backbone as _backbone
+
+app = typer.Typer(
+    name="mmdiff-gen",
+    help="Turn a frozen diffusion transformer into a generator of images with segmentation, saliency and depth.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("inspect")(_backbone.inspect)
+app.command("capture")(_backbone.capture)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,31 @@
+"""One clear line and a non-zero exit for expected failures; MMDIFF_DEBUG=1 shows the traceback."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+
+from ..backbones import BackboneNotFound
+
+err = Console(stderr=True)
+_EXPECTED = (BackboneNotFound, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def clean_errors():
+    """Turn library errors into one line on stderr and exit code 1."""
+    try:
+        yield
+    except _EXPECTED as e:
+        if os.environ.get("MMDIFF_DEBUG"):
+            raise
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        fail(str(text).splitlines()[0] if str(text) else type(e).__name__)

@@ -1,0 +1,119 @@
+"""`inspect` and `capture`: look at a backbone's geometry and schedule; dump features of generated images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..backbones import load_backbone
+from ..capture import CONCEPT_SETS, CaptureSpec, plan_schedule
+from ._errors import clean_errors, fail
+from ._options import Device, Dtype, Model, Size, Steps, torch_dtype
+
+out = Console()
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"layers must be comma-separated integers, got {text!r}") from None
+
+
+def _sigmas(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"sigmas must be comma-separated numbers, got {text!r}") from None
+
+
+def _concepts(text: str | None) -> tuple[str, ...]:
+    """A task name (seg, saliency, depth) or comma-separated words."""
+    if not text:
+        return ()
+    if text in CONCEPT_SETS:
+        return CONCEPT_SETS[text]
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def inspect(
+    model: Model = "tiny-random",
+    size: Size = 512,
+    steps: Steps = 28,
+    sigmas: Annotated[str, typer.Option(help="Target sigmas, comma-separated.")] = "0.78,0.52,0.26,0.001",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+) -> None:
+    """Show a backbone's capture geometry and the schedule that honours the target sigmas."""
+    with clean_errors():
+        bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
+        spec = CaptureSpec(sigmas=_sigmas(sigmas))
+        plan = plan_schedule(bb, spec, steps, size, size)
+        h, w = bb.token_grid(size, size)
+    t = Table(title=f"{bb.name} ({bb.family})", show_header=False)
+    t.add_row("feature blocks", str(len(bb.feature_blocks)))
+    t.add_row("joint blocks", str(len(bb.joint_blocks)))
+    t.add_row("default capture layers", ", ".join(map(str, bb.default_layers())))
+    t.add_row("default concept layers", ", ".join(map(str, bb.default_concept_layers())))
+    t.add_row("feature width", str(bb.feature_dim))
+    t.add_row(f"tokens at {size}²", f"{h}×{w} = {h * w} ({bb.pixels_per_token} px per token)")
+    n_layers = len(bb.default_layers())
+    per_image = n_layers * len(spec.sigmas) * h * w * bb.feature_dim * 2
+    t.add_row("bf16 features per image", f"{per_image / 2**20:.2f} MiB ({n_layers} layers × {len(spec.sigmas)} sigmas)")
+    out.print(t)
+    s = Table(title=f"timestep contract, {steps} steps at {size}²")
+    for col in ("target σ", "default nearest σ", "captured at"):
+        s.add_column(col)
+    for target in spec.sigmas:
+        nearest = min(plan.default_sigmas, key=lambda x: abs(x - target))
+        where = f"step {plan.steps[target]} (placed)" if target in plan.steps else "extra forward on the final latent"
+        s.add_row(f"{target:g}", f"{nearest:.4f}", where)
+    out.print(s)
+    out.print(f"transformer forwards: {steps} sampler steps + {plan.extra_forwards} extra")
+
+
+def capture(
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    model: Model = "tiny-random",
+    size: Size = 512,
+    steps: Steps = 28,
+    guidance: Annotated[float, typer.Option(help="FLUX distilled guidance.")] = 3.5,
+    true_cfg: Annotated[float, typer.Option(help="True classifier-free guidance scale (1 = off).")] = 1.0,
+    layers: Annotated[str | None, typer.Option(help="Feature-block indices, comma-separated (default: spread).")] = None,
+    sigmas: Annotated[str, typer.Option(help="Target sigmas, comma-separated.")] = "0.78,0.52,0.26,0.001",
+    concepts: Annotated[str | None, typer.Option(help="Task name (seg, saliency, depth) or comma-separated words.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
+    seed: Annotated[int, typer.Option(help="Global seed; prompt i uses seed + i.")] = 0,
+    max_sequence_length: Annotated[int, typer.Option(help="T5 tokens.")] = 512,
+    device: Device = "cuda",
+    dtype: Dtype = "bfloat16",
+) -> None:
+    """Generate each prompt once and dump its image, captured features and concept maps."""
+    from ..jobs.capture_job import CaptureJob, run_capture
+
+    try:
+        lines = prompts.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompts file {prompts}: {e.__class__.__name__}", code=2)
+    texts = [ln.strip() for ln in lines if ln.strip()]
+    if not texts:
+        fail(f"prompts file {prompts} has no prompts", code=2)
+    if batch_size < 1:
+        fail("--batch-size must be ≥ 1", code=2)
+    with clean_errors():
+        spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
+        bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
+        max_len = min(max_sequence_length, bb.pipe.tokenizer_2.model_max_length)
+        job = CaptureJob(
+            out=out_dir, seed=seed, batch_size=batch_size, height=size, width=size, num_inference_steps=steps,
+            guidance_scale=guidance, true_cfg_scale=true_cfg, max_sequence_length=max_len,
+        )
+        n = run_capture(bb, texts, spec, job)
+    out.print(f"wrote {n} samples to {out_dir} (KEY.png, KEY.safetensors, KEY.json)")

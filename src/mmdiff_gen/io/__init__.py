@@ -1,0 +1,1 @@
+"""Writers and readers of what mmdiff-gen produces."""

@@ -1,0 +1,1 @@
+"""Jobs: loops over prompts that drive generation and writers."""
