@@ -6,8 +6,8 @@ One command, one run, on the tiny FLUX-architecture pipeline of the tests (rando
 
 Every variant generates the same images (same prompts, seeds and contract schedule). Times are the
 minimum (and median) of interleaved repeats: on a shared 2-core CPU the minimum is the stable figure,
-since noise only ever adds time. Peak memory is measured per variant in a fresh child process (CPU:
-peak RSS growth during the first generation after building; CUDA: torch.cuda.max_memory_allocated).
+since noise only ever adds time. Peak memory is the peak of live tensor bytes allocated during one generation,
+weights excluded (CPU: counted by a dispatch mode, bench/_memory.py; CUDA: max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +26,9 @@ from mmdiff_gen.backbones import wrap_pipeline
 from mmdiff_gen.backbones.tiny import build_tiny_flux
 from mmdiff_gen.capture import CONCEPT_SETS, CaptureSpec, generate, plan_schedule
 from mmdiff_gen.capture._noise import generators_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _memory import PeakTensorMemory  # noqa: E402
 
 PROMPTS = ["a large red circle on the left", "a small blue star", "a green ring in the center", "a white cross"]
 
@@ -59,24 +61,18 @@ def build(device):
     return bb
 
 
-def peak_memory_child(name, steps, batch, device) -> float:
-    """MiB of peak memory growth while generating, in a fresh process."""
-    code = (
-        "import sys, json, resource, torch; sys.argv=['x']; import bench_capture as b;"
-        f"bb=b.build({device!r});"
-        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"torch.cuda.reset_peak_memory_stats() if {device!r}.startswith('cuda') else None;"
-        f"b.run_variant(bb, {name!r}, {steps}, {batch}, {device!r});"
-        f"peak=(torch.cuda.max_memory_allocated()/2**20) if {device!r}.startswith('cuda') else "
-        "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/1024;"
-        "print(json.dumps(peak))"
-    )
-    env_path = str(__import__("pathlib").Path(__file__).parent)
-    out = subprocess.run(
-        [sys.executable, "-c", code.replace("import bench_capture as b", "sys.path.insert(0, %r); import capture_overhead as b" % env_path)],
-        capture_output=True, text=True, check=True,
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+def peak_memory(bb, name, steps, batch, device) -> float:
+    """MiB: peak of live tensors allocated during one generation (weights excluded)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_variant(bb, name, steps, batch, device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    weights = [t for m in bb.pipe.components.values() if isinstance(m, torch.nn.Module) for t in m.state_dict().values()]
+    with PeakTensorMemory(existing=weights) as probe:
+        run_variant(bb, name, steps, batch, device)
+    return probe.peak / 2**20
 
 
 def main():
@@ -101,7 +97,7 @@ def main():
             times[n].append(time.perf_counter() - t0)
     best = {n: min(v) for n, v in times.items()}
     med = {n: statistics.median(v) for n, v in times.items()}
-    mem = {n: peak_memory_child(n, args.steps, args.batch, args.device) for n in names}
+    mem = {n: peak_memory(bb, n, args.steps, args.batch, args.device) for n in names}
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}")

@@ -38,23 +38,23 @@ class Gate:
         """Called before each transformer forward with the (rows,) sigmas it received."""
         # One ulp of the dtype the timestep was sent in (bf16 on GPU), plus float32 round-off.
         eps = torch.finfo(sigma.dtype).eps
-        sigma = sigma.detach().float().flatten().cpu()
-        first = float(sigma[0])
-        if self._last_sigma is None or first != self._last_sigma:
+        values = sigma.detach().float().flatten().tolist()  # one device sync per call
+        if self._last_sigma is None or values[0] != self._last_sigma:
             self.cond_kwargs = kwargs  # a new step: the conditional call (see class doc)
-        self._last_sigma = first
+        self._last_sigma = values[0]
         self.active = []
         for j, target in enumerate(self.sigmas):
             if j in self.received:
                 continue
-            rows = ((sigma - target).abs() <= eps * max(target, 1e-3) + 1e-6).nonzero().flatten()
-            if rows.numel() == 0:
+            tol = eps * max(target, 1e-3) + 1e-6
+            rows = [r for r, v in enumerate(values) if abs(v - target) <= tol]
+            if not rows:
                 continue
-            if rows.numel() != self.batch_size:
+            if len(rows) != self.batch_size:
                 raise RuntimeError(
-                    f"sigma {target} reached {rows.numel()} rows of a call; expected {self.batch_size} (one per sample)"
+                    f"sigma {target} reached {len(rows)} rows of a call; expected {self.batch_size} (one per sample)"
                 )
-            self.active.append(Active(target=j, rows=rows, sigma=sigma[rows]))
+            self.active.append(Active(target=j, rows=torch.tensor(rows), sigma=torch.tensor([values[r] for r in rows])))
 
     def end_call(self) -> None:
         for a in self.active:

@@ -122,20 +122,22 @@ class Capture:
 
     # --- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Capture":
+        # Only the transformer is hooked for the whole run; block hooks are attached for the calls
+        # that reach a target sigma and removed after, so the other steps run at full speed.
         tr = self.backbone.transformer
         self._handles = [
             tr.register_forward_pre_hook(self._on_call_start, with_kwargs=True),
             tr.register_forward_hook(self._on_call_end),
         ]
-        self.features.attach()
-        if self.concepts is not None:
-            self.concepts.attach()
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._detach_taps()
+
+    def _detach_taps(self) -> None:
         self.features.detach()
         if self.concepts is not None:
             self.concepts.detach()
@@ -143,15 +145,21 @@ class Capture:
     def _on_call_start(self, _module, _args, kwargs):
         timestep = kwargs["timestep"]
         self.gate.begin_call(self.backbone.sigma_of(timestep), kwargs)
+        if not self.gate.active:
+            return
         self.features.active = self.gate.active
+        self.features.attach()
         if self.concepts is not None:
+            self.concepts.attach()
             with torch.no_grad():
                 self.concepts.begin_call(self.gate.active, timestep, kwargs.get("guidance"))
 
     def _on_call_end(self, _module, _args, _output):
-        self.features.active = []
-        if self.concepts is not None:
-            self.concepts.end_call()
+        if self.gate.active:
+            self.features.active = []
+            self._detach_taps()
+            if self.concepts is not None:
+                self.concepts.end_call()
         self.gate.end_call()
 
     # --- extra forward for sigmas below the schedule -----------------------------------------

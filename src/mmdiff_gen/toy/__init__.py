@@ -1,0 +1,1 @@
+"""The embedded default's world: a procedural renderer with exact labels, and its backbone recipe."""
