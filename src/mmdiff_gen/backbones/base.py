@@ -21,9 +21,16 @@ class Backbone(ABC):
     #: Short family name recorded in checkpoints and dataset manifests.
     family: str = ""
 
-    def __init__(self, pipe: Any, name: str):
+    def __init__(self, pipe: Any, name: str, settings: dict | None = None):
+        """Args:
+            pipe: the diffusers pipeline.
+            name: how the user named it (hub id, folder, short name); recorded in outputs.
+            settings: the folder's mmdiff.json, if any: recommended `sampling` kwargs and
+                `capture_layers`.
+        """
         self.pipe = pipe
         self.name = name
+        self.settings = dict(settings or {})
         pipe.transformer.eval().requires_grad_(False)
 
     # --- the transformer --------------------------------------------------------------------
@@ -62,6 +69,17 @@ class Backbone(ABC):
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
         """The flow-matching sigma in [0, 1] from the transformer's `timestep` argument."""
 
+    @property
+    def sampling(self) -> dict:
+        """Recommended sampling settings (steps, guidance, size…) from mmdiff.json, else empty."""
+        return dict(self.settings.get("sampling", {}))
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Text tokens the pipeline should pad to: the T5 tokenizer's limit, at most FLUX's 512."""
+        tok = getattr(self.pipe, "tokenizer_2", None)
+        return int(min(512, getattr(tok, "model_max_length", 512) or 512))
+
     # --- geometry ---------------------------------------------------------------------------
     @property
     @abstractmethod
@@ -79,6 +97,8 @@ class Backbone(ABC):
 
         Evenly spaced from round(4/38 · n) to n − 1, which gives exactly {4, 15, 26, 37} at n = 38.
         """
+        if self.settings.get("capture_layers"):
+            return tuple(self.settings["capture_layers"])
         n = len(self.feature_blocks)
         if n <= count:
             return tuple(range(n))

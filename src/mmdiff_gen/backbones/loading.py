@@ -12,6 +12,10 @@ import torch
 from .base import Backbone
 from .flux import FluxBackbone
 
+# Optional file beside model_index.json: recommended sampling settings and capture defaults.
+SETTINGS_FILE = "mmdiff.json"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
 # Pipeline class name (model_index.json "_class_name") → adapter. SD3 / SD3.5 slot in here.
 _ADAPTERS: dict[str, type[Backbone]] = {
     "FluxPipeline": FluxBackbone,
@@ -74,7 +78,9 @@ def _tiny_random(dtype: torch.dtype, device) -> Backbone:
     return _adapter_for(type(pipe).__name__)(pipe, name="tiny-random")
 
 
-# Short names that need no weights on disk. "tiny-random" is random weights: for smoke tests only.
+# Short names. "toy" is the embedded default, shipped in the package and loaded like any folder;
+# "tiny-random" has random weights: for smoke tests only.
+BUILTIN_FOLDERS = {"toy": ASSETS / "toy"}
 BUILTIN = {"tiny-random": _tiny_random}
 
 
@@ -96,7 +102,13 @@ def load_backbone(
     """
     if model in BUILTIN:
         return BUILTIN[model](dtype, device)
-    folder, index = _read_model_index(model)
+    source = model
+    if model in BUILTIN_FOLDERS:
+        source = str(BUILTIN_FOLDERS[model])
+        if not (BUILTIN_FOLDERS[model] / "model_index.json").is_file():
+            raise BackboneNotFound(f"the embedded {model!r} backbone is not in this install ({source}); "
+                                   f"train it with `mmdiff-gen toy train`")
+    folder, index = _read_model_index(source)
     adapter = _adapter_for(index.get("_class_name", "?"))
     cls = _pipeline_class(index["_class_name"])
     try:
@@ -105,9 +117,11 @@ def load_backbone(
         raise BackboneNotFound(f"could not load {model!r} from {folder}: {str(err).splitlines()[0]}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return adapter(pipe, name=model)
+    settings_file = Path(folder) / SETTINGS_FILE
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    return adapter(pipe, name=model, settings=settings)
 
 
-def wrap_pipeline(pipe: Any, name: str = "custom") -> Backbone:
+def wrap_pipeline(pipe: Any, name: str = "custom", settings: dict | None = None) -> Backbone:
     """Wrap an already-built pipeline (tests, notebooks) in its family adapter."""
-    return _adapter_for(type(pipe).__name__)(pipe, name=name)
+    return _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings)

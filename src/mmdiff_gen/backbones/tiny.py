@@ -55,6 +55,7 @@ def build_tiny_flux(
     double_blocks: int = 2,
     single_blocks: int = 4,
     text_width: int = 32,
+    text_layers: int = 2,
     vae_channels: Sequence[int] = (16, 32, 32),
     latent_channels: int = 16,
     guidance_embeds: bool = True,
@@ -75,14 +76,14 @@ def build_tiny_flux(
     vocab = len(clip_tok)
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=vocab, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+            vocab_size=vocab, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
             num_attention_heads=2, max_position_embeddings=77, projection_dim=text_width,
             pad_token_id=clip_tok.pad_token_id, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
         )
     ).eval()
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=vocab, d_model=text_width, d_kv=text_width // 2, d_ff=2 * text_width, num_layers=2,
+            vocab_size=vocab, d_model=text_width, d_kv=text_width // 2, d_ff=2 * text_width, num_layers=text_layers,
             num_heads=2, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
             decoder_start_token_id=t5_tok.pad_token_id,
         )

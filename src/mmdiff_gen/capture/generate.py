@@ -51,7 +51,7 @@ def generate(
     guidance_scale: float = 3.5,
     true_cfg_scale: float = 1.0,
     negative_prompt: str | Sequence[str] | None = None,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
     output_type: str = "pil",
 ) -> Generation:
     """Generate one image per prompt and capture features at the spec's sigmas in the same pass.
@@ -66,11 +66,12 @@ def generate(
         spec: what to capture.
         seeds: B seeds; image b uses its own CPU generator seeded with seeds[b].
         height, width: image size in pixels.
-        num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, max_sequence_length,
-        output_type: as in FluxPipeline.
+        num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, output_type: as in FluxPipeline.
+        max_sequence_length: text tokens; None = the backbone's tokenizer limit (512 for FLUX.1-dev).
     """
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
+    max_sequence_length = max_sequence_length or backbone.max_sequence_length
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     schedule = plan_schedule(backbone, spec, num_inference_steps, height, width)

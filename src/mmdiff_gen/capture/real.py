@@ -21,7 +21,7 @@ def extract(
     captions: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     guidance_scale: float = 3.5,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
 ) -> CaptureResult:
     """Features and maps of existing images, as generation would have captured them.
 
@@ -44,6 +44,7 @@ def extract(
     if len(captions) != b or len(seeds) != b:
         raise ValueError(f"need one caption and one seed per image: {b} images, {len(captions)} captions, {len(seeds)} seeds")
     t = len(spec.sigmas)
+    max_sequence_length = max_sequence_length or backbone.max_sequence_length
 
     x0 = backbone.encode_images(pixels)  # (B, N, C_lat)
     noise = per_sample_noise(tuple(x0.shape[1:]), generators_for(seeds), x0.device, x0.dtype)

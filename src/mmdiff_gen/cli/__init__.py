@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import backbone as _backbone
+from . import toy as _toy
 
 app = typer.Typer(
     name="mmdiff-gen",
@@ -15,6 +16,7 @@ app = typer.Typer(
 )
 app.command("inspect")(_backbone.inspect)
 app.command("capture")(_backbone.capture)
+app.add_typer(_toy.app, name="toy")
 
 
 def main() -> None:

@@ -1,0 +1,60 @@
+"""Rendered training scenes held as arrays, cached on disk so every phase renders them once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .world import render_scene
+
+
+@dataclass
+class SceneArrays:
+    """N scenes: images (N, 64, 64, 3) uint8, seg (N, 64, 64) uint8, depth (N, 64, 64) float16 metres, captions."""
+
+    images: np.ndarray
+    seg: np.ndarray
+    depth: np.ndarray
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def render_arrays(start: int, n: int) -> SceneArrays:
+    scenes = [render_scene(s) for s in range(start, start + n)]
+    return SceneArrays(
+        images=np.stack([s.image for s in scenes]),
+        seg=np.stack([s.seg for s in scenes]),
+        depth=np.stack([s.depth for s in scenes]).astype(np.float16),
+        captions=[s.caption for s in scenes],
+    )
+
+
+def load_or_render(cache: Path, start: int, n: int) -> SceneArrays:
+    """Scenes start … start + n − 1, from `cache` (.npz) when it holds exactly those."""
+    cache = Path(cache)
+    if cache.is_file():
+        z = np.load(cache, allow_pickle=False)
+        if int(z["start"]) == start and len(z["captions"]) == n:
+            return SceneArrays(z["images"], z["seg"], z["depth"], [str(c) for c in z["captions"]])
+    arrays = render_arrays(start, n)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + ".tmp.npz")
+    np.savez(tmp, images=arrays.images, seg=arrays.seg, depth=arrays.depth, captions=np.array(arrays.captions),
+             start=np.array(start))
+    tmp.replace(cache)
+    return arrays
+
+
+def boundary_weight(seg: np.ndarray, extra: float) -> np.ndarray:
+    """(N, H, W) float32: 1 + extra on pixels whose 3×3 neighbourhood holds another class."""
+    pad = np.pad(seg, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    edge = np.zeros(seg.shape, bool)
+    h, w = seg.shape[1:]
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            edge |= pad[:, dy : dy + h, dx : dx + w] != seg
+    return 1.0 + extra * edge.astype(np.float32)

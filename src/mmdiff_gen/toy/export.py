@@ -1,0 +1,47 @@
+"""Phase 4 of the toy recipe: write the trained pipeline as a standard diffusers folder with its settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..backbones.loading import SETTINGS_FILE
+from ._loop import Checkpoint
+from .recipe import ASSET_DIR, ToyRecipe
+from .world import CLASSES, PALETTE
+
+
+def export_toy(pipe, recipe: ToyRecipe, work: Path, out: Path | None = None) -> Path:
+    """Load the EMA weights of work/dit.ckpt into `pipe` and save it (safetensors) with mmdiff.json."""
+    state = Checkpoint(Path(work) / "dit.ckpt").load()
+    if state is None:
+        raise FileNotFoundError(f"no trained transformer in {work}: run the dit phase first")
+    modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "clip": pipe.text_encoder, "t5": pipe.text_encoder_2})
+    modules.load_state_dict(state["ema"])
+    modules.eval().requires_grad_(False)
+    out = Path(out) if out is not None else ASSET_DIR
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    settings = {
+        "name": "toy",
+        "sampling": {
+            "height": 64, "width": 64, "num_inference_steps": recipe.sample_steps,
+            "true_cfg_scale": recipe.true_cfg_scale, "negative_prompt": "", "guidance_scale": 1.0,
+            "max_sequence_length": recipe.t5_max_length,
+        },
+        "capture_layers": None,  # the backbone's spread over its 8 single-stream blocks: 1, 3, 5, 7
+        "classes": list(CLASSES),
+        "palette": [list(c) for c in PALETTE],
+        "depth_unit": "metre",
+        "trained_steps": {"dit": state["step"]},
+        "recipe": recipe.to_dict(),
+    }
+    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

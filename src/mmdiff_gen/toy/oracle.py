@@ -1,0 +1,166 @@
+"""Phase 3 of the toy recipe: an independent pixel-space oracle for segmentation, saliency and depth.
+
+It never sees diffusion features: it is the pseudo-ground-truth for generated images (the paper's
+Table 1 protocol) and the "separate model on pixels" baseline. Half of each training batch is VAE
+reconstructions, so that it reads generated (VAE-decoded) images as well as renders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
+from ._loop import Checkpoint, Progress, conv_autocast, warmup_cosine
+from .data import SceneArrays, render_arrays
+from .recipe import ASSET_DIR, ToyRecipe
+from .train_vae import to_pixels
+from .world import CLASSES, PALETTE
+
+ORACLE_FILE = ASSET_DIR.parent / "toy_oracle.safetensors"
+HELD_OUT_SEED = 5_000_000  # held-out renders: seeds far from every training range
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU(),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU(),
+    )
+
+
+class Oracle(nn.Module):
+    """A small U-Net from pixels to class logits, a saliency logit and depth.
+
+    Args:
+        num_classes: segmentation classes (background included).
+        width: channels of the first stage (doubled at each of three downsamplings, capped at 4×).
+
+    Input (B, 3, H, W) in [−1, 1], H and W multiples of 8. Output dict: seg (B, K, H, W) logits,
+    saliency (B, 1, H, W) logits, depth (B, 1, H, W) metres (exp of a log-depth output).
+    """
+
+    def __init__(self, num_classes: int = len(CLASSES), width: int = 32):
+        super().__init__()
+        self.config = {"num_classes": num_classes, "width": width}
+        w = [width, 2 * width, 4 * width, 4 * width]
+        self.enc = nn.ModuleList([_block(3, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
+        self.dec = nn.ModuleList([_block(w[3] + w[2], w[2]), _block(w[2] + w[1], w[1]), _block(w[1] + w[0], w[0])])
+        self.head = nn.Conv2d(w[0], num_classes + 2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        skips = []
+        for i, blk in enumerate(self.enc):
+            x = blk(x if i == 0 else F.avg_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for blk in self.dec:
+            x = blk(torch.cat([F.interpolate(x, scale_factor=2, mode="nearest"), skips.pop()], 1))
+        out = self.head(x)
+        k = self.config["num_classes"]
+        return {"seg": out[:, :k], "saliency": out[:, k : k + 1], "depth": out[:, k + 1 :].exp()}
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch: int = 128) -> dict[str, np.ndarray]:
+        """uint8 (N, H, W, 3) → seg (N, H, W) uint8, saliency (N, H, W) uint8 0–255, depth (N, H, W) metres."""
+        self.eval()
+        outs = {"seg": [], "saliency": [], "depth": []}
+        for i in range(0, len(images), batch):
+            o = self(to_pixels(images[i : i + batch]).to(next(self.parameters()).device))
+            outs["seg"].append(o["seg"].argmax(1).byte().cpu())
+            outs["saliency"].append((o["saliency"].sigmoid()[:, 0] * 255).round().byte().cpu())
+            outs["depth"].append(o["depth"][:, 0].float().cpu())
+        return {k: torch.cat(v).numpy() for k, v in outs.items()}
+
+    def save(self, path: Path, metrics: dict) -> None:
+        meta = {"config": json.dumps(self.config), "classes": json.dumps(list(CLASSES)),
+                "palette": json.dumps([list(c) for c in PALETTE]), "metrics": json.dumps(metrics)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path = ORACLE_FILE) -> "Oracle":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        model = cls(**json.loads(meta["config"]))
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+
+
+def _losses(out: dict, seg: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(out["seg"], seg)
+    bce = F.binary_cross_entropy_with_logits(out["saliency"][:, 0], (seg > 0).float())
+    l1 = (out["depth"][:, 0].log() - depth.log()).abs().mean()
+    return ce + bce + l1
+
+
+@torch.no_grad()
+def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    with conv_autocast():
+        return vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+
+
+def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None,
+                 out: Path | None = None, eval_scenes: int = 500) -> dict:
+    """Train the oracle (resuming from work/oracle.ckpt), evaluate on held-out renders, save it."""
+    steps = recipe.oracle_steps if steps is None else steps
+    model = Oracle()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
+    ckpt = Checkpoint(Path(work) / "oracle.ckpt")
+    start = 0
+    state = ckpt.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    gen = torch.Generator().manual_seed(recipe.seed + 3 + start)
+    model.train()
+    prog = Progress("oracle", steps, start)
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = recipe.oracle_lr * warmup_cosine(step, steps, 100)
+        idx = torch.randint(0, len(data), (recipe.oracle_batch,), generator=gen).numpy()
+        x = to_pixels(data.images[idx])
+        half = len(idx) // 2
+        x[:half] = _reconstruct(vae, x[:half])
+        seg = torch.from_numpy(data.seg[idx]).long()
+        depth = torch.from_numpy(data.depth[idx].astype(np.float32))
+        with conv_autocast():
+            pred = model(x)
+        loss = _losses({k: v.float() for k, v in pred.items()}, seg, depth)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog.update(step, loss.item())
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    model.eval()
+    held = render_arrays(HELD_OUT_SEED, eval_scenes)
+    metrics = {"renders": evaluate_oracle(model, held.images, held)}
+    with torch.no_grad():
+        rec = torch.cat([_reconstruct(vae, to_pixels(held.images[i : i + 128])) for i in range(0, len(held), 128)])
+    rec_u8 = ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    metrics["vae_reconstructions"] = evaluate_oracle(model, rec_u8, held)
+    model.save(ORACLE_FILE if out is None else Path(out), metrics)
+    print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def evaluate_oracle(model: Oracle, images: np.ndarray, truth: SceneArrays) -> dict:
+    """mIoU, saliency and depth metrics of the oracle's predictions on `images` against exact labels."""
+    pred = model.predict(images)
+    seg, sal, dep = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics()
+    for i in range(len(images)):
+        seg.update(pred["seg"][i], truth.seg[i])
+        sal.update(pred["saliency"][i], np.where(truth.seg[i] > 0, 255, 0).astype(np.uint8))
+        dep.update(pred["depth"][i], truth.depth[i].astype(np.float32))
+    return {"seg": seg.result(), "saliency": sal.result(), "depth": dep.result()}

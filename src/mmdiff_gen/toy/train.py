@@ -1,0 +1,88 @@
+"""The whole toy recipe as resumable phases: data → vae → dit (transformer + text encoders) → oracle → export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import load_or_render
+from .recipe import ToyRecipe
+
+PHASES = ("vae", "oracle", "dit", "export")
+DEFAULT_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy"  # outside the repo: checkpoints survive re-checkouts
+
+
+def _phase_list(phases: Sequence[str]) -> list[str]:
+    bad = [p for p in phases if p not in PHASES]
+    if bad:
+        raise KeyError(f"unknown phase {bad[0]!r}; phases: {', '.join(PHASES)}")
+    return [p for p in PHASES if p in phases]
+
+
+def train_toy(
+    work: Path = DEFAULT_WORK,
+    recipe: ToyRecipe = ToyRecipe(),
+    phases: Sequence[str] = PHASES,
+    steps: int | None = None,
+    out: Path | None = None,
+) -> dict:
+    """Run the chosen phases in order; each resumes from its checkpoint in `work`.
+
+    Args:
+        work: folder for the data cache and checkpoints (never committed).
+        recipe: the recipe.
+        phases: a subset of PHASES.
+        steps: override every phase's step count (smoke runs).
+        out: where `export` writes the pipeline folder (default: the packaged asset folder).
+    Returns:
+        wall seconds per phase, also appended to work/timings.jsonl.
+    """
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+    torch.manual_seed(recipe.seed)
+    timings: dict[str, float] = {}
+    t = time.time()
+    data = load_or_render(work / "scenes.npz", recipe.data_seed, recipe.train_scenes)
+    timings["data"] = time.time() - t
+    pipe = recipe.build_pipeline()
+    for phase in _phase_list(phases):
+        t = time.time()
+        if phase == "vae":
+            from .train_vae import train_vae
+
+            train_vae(pipe.vae, data, recipe, work, steps)
+        else:
+            _load_vae(pipe.vae, work, data)
+            if phase == "dit":
+                from .train_dit import train_dit
+
+                train_dit(pipe, data, recipe, work, steps)
+            elif phase == "oracle":
+                from .oracle import train_oracle
+
+                train_oracle(pipe.vae, data, recipe, work, steps)
+            elif phase == "export":
+                from .export import export_toy
+
+                export_toy(pipe, recipe, work, out)
+        timings[phase] = time.time() - t
+    with open(work / "timings.jsonl", "a") as f:
+        f.write(json.dumps(timings) + "\n")
+    return timings
+
+
+def _load_vae(vae, work: Path, data) -> None:
+    from ._loop import Checkpoint
+    from .train_vae import set_latent_stats
+
+    state = Checkpoint(work / "vae.ckpt").load()
+    if state is None:
+        raise FileNotFoundError(f"no trained VAE in {work}: run the vae phase first")
+    vae.load_state_dict(state["model"])
+    vae.eval().requires_grad_(False)
+    set_latent_stats(vae, data)

@@ -1,0 +1,1 @@
+"""Training and evaluation of heads: feature cache, loop, metrics."""
