@@ -1,0 +1,1 @@
+"""Trainable heads: token aggregation over timesteps, DeepLabV3+ and DPT decoders (tensors in, tensors out)."""

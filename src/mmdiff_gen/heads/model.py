@@ -1,0 +1,136 @@
+"""The MMDiff head for one task: per-layer token aggregation, then a DeepLabV3+ or DPT decoder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .aggregation import TokenAggregation
+from .deeplab import DeepLabV3PlusDecoder
+from .dpt import DPTDecoder
+
+# task → decoder (MMDiff §3.4: DeepLabV3+ for segmentation, DPT for depth and saliency)
+DECODERS = {"seg": "deeplab", "saliency": "dpt", "depth": "dpt"}
+FUSIONS = ("learned", "mean")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Constructor arguments of an MMDiffHead; saved in every checkpoint.
+
+    Args:
+        task: "seg", "saliency" or "depth".
+        feature_dim: C, the backbone feature width.
+        num_layers: L captured layers.
+        num_timesteps: T captured sigmas (noisiest first).
+        num_concepts: K concept maps concatenated to the decoder inputs (0: none).
+        num_classes: segmentation classes (1 for saliency and depth).
+        extra_channels: channels of optional extra maps (e.g. DINOv3 features), 0 = none.
+        dim: projected width D; default C / 4 (3072 → 768, the paper's).
+        decoder_channels: decoder width (256 as DeepLabV3+ and DPT).
+        aspp_rates: DeepLabV3+ dilation rates at the token grid.
+        fusion: "learned" (the paper's aggregation) or "mean" (a plain mean over T, an ablation).
+            A single-timestep head is num_timesteps = 1 with fusion "mean".
+        shared_aggregation: one aggregation module for all layers instead of one per layer. At
+            FLUX.1-dev widths one module is ~30 M parameters, so only the shared variant matches
+            the paper's "~36 M in total"; per layer (the default) is ~4× that.
+        agg_depth, agg_heads, dropout, layer_scale, skip_init: the aggregation module's settings.
+    """
+
+    task: str
+    feature_dim: int
+    num_layers: int
+    num_timesteps: int
+    num_concepts: int = 0
+    num_classes: int = 1
+    extra_channels: int = 0
+    dim: int | None = None
+    decoder_channels: int = 256
+    aspp_rates: tuple[int, ...] = (6, 12, 18)
+    fusion: str = "learned"
+    shared_aggregation: bool = False
+    agg_depth: int = 3
+    agg_heads: int = 8
+    dropout: float = 0.1
+    layer_scale: float = 1e-4  # MMDiff §3.1 (App. F gives 1e-6)
+    skip_init: float = 0.1  # MMDiff App. F
+
+    def __post_init__(self):
+        if self.task not in DECODERS:
+            raise KeyError(f"unknown task {self.task!r}; known: {', '.join(DECODERS)}")
+        if self.fusion not in FUSIONS:
+            raise KeyError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
+        if self.fusion == "learned" and self.num_timesteps < 2:
+            raise ValueError("one timestep has nothing to fuse: use fusion='mean' (projection only)")
+        if self.task != "seg" and self.num_classes != 1:
+            raise ValueError(f"{self.task} has one output channel")
+        object.__setattr__(self, "aspp_rates", tuple(self.aspp_rates))
+
+    @property
+    def width(self) -> int:
+        return self.dim or max(8, self.feature_dim // 4)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _MeanFusion(nn.Module):
+    """Ablation: per-timestep LayerNorm + projection, then a plain mean over timesteps."""
+
+    def __init__(self, in_dim: int, dim: int, num_timesteps: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(in_dim) for _ in range(num_timesteps))
+        self.projs = nn.ModuleList(nn.Linear(in_dim, dim) for _ in range(num_timesteps))
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, t, n, _ = features.shape
+        proj = torch.stack([self.projs[i](self.norms[i](features[:, i].float())) for i in range(t)], 1).mean(1)
+        return proj.reshape(b, *grid, -1).permute(0, 3, 1, 2)
+
+
+class MMDiffHead(nn.Module):
+    """Dense prediction for one task from captured DiT features.
+
+    forward(features (B, L, T, N, C), grid (h, w), size (H, W), concepts (B, K, h, w) | None,
+    extra (B, E, h, w) | None) → (B, num_classes, H, W): segmentation logits, a saliency logit or
+    depth (≥ 0).
+    """
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        def make() -> nn.Module:
+            if c.fusion == "mean":
+                return _MeanFusion(c.feature_dim, c.width, c.num_timesteps)
+            return TokenAggregation(c.feature_dim, c.width, c.num_timesteps, depth=c.agg_depth, heads=c.agg_heads,
+                                    dropout=c.dropout, layer_scale=c.layer_scale, skip_init=c.skip_init)
+
+        self.aggregators = nn.ModuleList(make() for _ in range(1 if c.shared_aggregation else c.num_layers))
+        side = c.num_concepts + c.extra_channels
+        widths = [c.width] * c.num_layers
+        if DECODERS[c.task] == "deeplab":
+            self.decoder = DeepLabV3PlusDecoder(widths, side, c.num_classes, channels=c.decoder_channels,
+                                                aspp_rates=c.aspp_rates)
+        else:
+            self.decoder = DPTDecoder(widths, side, c.task, channels=c.decoder_channels)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
+                concepts: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        if features.shape[1] != c.num_layers or features.shape[2] != c.num_timesteps:
+            raise ValueError(f"expected (B, {c.num_layers}, {c.num_timesteps}, N, C) features, got {tuple(features.shape)}")
+        if (concepts is None) != (c.num_concepts == 0) or (extra is None) != (c.extra_channels == 0):
+            raise ValueError("concept maps / extra maps must be given exactly when the head was built for them")
+        maps = [self.aggregators[0 if c.shared_aggregation else i](features[:, i], grid) for i in range(c.num_layers)]
+        sides = [x.float() for x in (concepts, extra) if x is not None]
+        side = torch.cat(sides, 1) if sides else None
+        return self.decoder(maps, side, size)
+
+    def decoder_parameters(self):
+        return self.decoder.parameters()
+
+    def aggregator_parameters(self):
+        return self.aggregators.parameters()

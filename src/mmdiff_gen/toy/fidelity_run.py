@@ -1,0 +1,81 @@
+"""Run the prompt-fidelity protocol: fresh captions → toy backbone → oracle → judge; plus the judge's ceilings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..backbones import load_backbone
+from ..capture import CaptureSpec, generate
+from .fidelity import CAPTION_SEED, fidelity
+from .oracle import Oracle, _reconstruct
+from .train_vae import to_pixels
+from .world import caption_of, render_scene
+
+GEN_SEED = 8_000_000  # sampling noise seeds for fidelity runs
+
+
+def fresh_scenes(n: int, objects: int):
+    """n scenes with `objects` objects each, from seeds no training scene uses."""
+    return [render_scene(CAPTION_SEED + 1000 * objects + i, n_objects=objects) for i in range(n)]
+
+
+@torch.no_grad()
+def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: Path | None) -> dict:
+    """Fidelity of generated images per object count, with the judge's ceilings (renders, VAE reconstructions)."""
+    bb = load_backbone(model, dtype=torch.float32, device="cpu")
+    oracle = Oracle.from_checkpoint()
+    s = bb.sampling
+    result: dict = {"model": model, "sampling": s, "n": n}
+    shown = []
+    for k in counts:
+        scenes = fresh_scenes(n, k)
+        layouts = [sc.things for sc in scenes]
+        captions = [caption_of(t) for t in layouts]
+        images = []
+        for i in range(0, n, batch_size):
+            gen = generate(bb, captions[i : i + batch_size], CaptureSpec(sigmas=(0.5,)),
+                           seeds=[GEN_SEED + 1000 * k + j for j in range(i, min(n, i + batch_size))],
+                           height=s.get("height", 64), width=s.get("width", 64),
+                           num_inference_steps=s.get("num_inference_steps", 24),
+                           true_cfg_scale=s.get("true_cfg_scale", 1.0), negative_prompt=s.get("negative_prompt"),
+                           guidance_scale=s.get("guidance_scale", 1.0), output_type="np")
+            images.append((gen.images * 255).round().astype(np.uint8))
+        images = np.concatenate(images)
+        renders = np.stack([sc.image for sc in scenes])
+        rec = torch.cat([_reconstruct(bb.pipe.vae, to_pixels(renders[i : i + 128])) for i in range(0, n, 128)])
+        recs = ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        result[f"{k}_object"] = {
+            "generated": fidelity(images, oracle.predict(images)["seg"], layouts),
+            "ceiling_renders": fidelity(renders, oracle.predict(renders)["seg"], layouts),
+            "ceiling_vae": fidelity(recs, oracle.predict(recs)["seg"], layouts),
+        }
+        shown += list(zip(images[:16], captions[:16]))
+    if sheet is not None:
+        contact_sheet(shown, sheet)
+    return result
+
+
+def contact_sheet(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 8, scale: int = 3) -> None:
+    """A grid of images, each with its caption wrapped underneath."""
+    side, text_h = 64 * scale, 44
+    rows = (len(items) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, cap) in enumerate(items):
+        x, y = (i % cols) * side, (i // cols) * (side + text_h)
+        sheet.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (x, y))
+        words, lines, line = cap.split(), [], ""
+        for w in words:
+            if len(line) + len(w) > 30:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        for j, ln in enumerate(lines[:4]):
+            draw.text((x + 2, y + side + 1 + 10 * j), ln, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
