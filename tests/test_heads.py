@@ -95,3 +95,22 @@ def test_flux_scale_parameter_counts():
     assert 25e6 < agg_one < 35e6  # one aggregation module: per-timestep projections + 3-layer transformer
     assert dec_seg < 10e6 and dec_dpt < 15e6  # decoders are light
     assert 30e6 < agg_one + dec_seg < 45e6  # the shared variant matches the paper's ~36 M
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    from mmdiff_gen.heads.checkpoint import HeadMeta, HeadMismatch, load_head, save_head
+
+    cfg = HeadConfig(task="seg", feature_dim=C, num_layers=L, num_timesteps=T, num_concepts=4, num_classes=7, dim=16,
+                     decoder_channels=32, aspp_rates=(1, 2))
+    head = MMDiffHead(cfg).eval()
+    ident = {"family": "flux", "name": "toy", "config_sha256": "abc"}
+    meta = HeadMeta(config=cfg, backbone=ident, layers=[1, 3, 5, 7], sigmas=[0.78, 0.52, 0.26, 0.001],
+                    concepts=["object", "background", "detail", "edges"], classes=list("abcdefg"),
+                    palette=[[0, 0, 0]] * 7, metrics={"miou": 12.5})
+    save_head(tmp_path / "seg.safetensors", head, meta)
+    again, meta2 = load_head(tmp_path / "seg.safetensors", backbone=ident)
+    assert meta2.config == cfg and meta2.metrics == {"miou": 12.5} and meta2.layers == [1, 3, 5, 7]
+    feats, concepts = torch.randn(1, L, T, H * W, C), torch.rand(1, 4, H, W)
+    assert torch.equal(head(feats, (H, W), (8, 12), concepts), again(feats, (H, W), (8, 12), concepts))
+    with pytest.raises(HeadMismatch, match="trained on 'toy'"):
+        load_head(tmp_path / "seg.safetensors", backbone={**ident, "name": "FLUX.1-dev", "config_sha256": "def"})

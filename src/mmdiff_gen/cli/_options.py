@@ -10,8 +10,6 @@ import typer
 Model = Annotated[str, typer.Option("--model", "-m", help="Short name, local pipeline folder, or hub id (local HF cache).")]
 Device = Annotated[str, typer.Option(help="Torch device, e.g. cuda, cuda:1, cpu.")]
 Dtype = Annotated[str, typer.Option(help="Weight dtype: bfloat16, float16 or float32.")]
-Size = Annotated[int, typer.Option(help="Image height and width in pixels.")]
-Steps = Annotated[int, typer.Option(help="Sampler steps.")]
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}

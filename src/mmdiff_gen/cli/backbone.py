@@ -12,7 +12,7 @@ from rich.table import Table
 from ..backbones import load_backbone
 from ..capture import CONCEPT_SETS, CaptureSpec, plan_schedule
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, Size, Steps, torch_dtype
+from ._options import Device, Dtype, Model, torch_dtype
 
 out = Console()
 
@@ -43,9 +43,9 @@ def _concepts(text: str | None) -> tuple[str, ...]:
 
 
 def inspect(
-    model: Model = "tiny-random",
-    size: Size = 512,
-    steps: Steps = 28,
+    model: Model = "toy",
+    size: Annotated[int | None, typer.Option(help="Image side in pixels [backbone's recommendation, else 512].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation, else 28].")] = None,
     sigmas: Annotated[str, typer.Option(help="Target sigmas, comma-separated.")] = "0.78,0.52,0.26,0.001",
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -53,6 +53,8 @@ def inspect(
     """Show a backbone's capture geometry and the schedule that honours the target sigmas."""
     with clean_errors():
         bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
+        size = size or bb.sampling.get("height", 512)
+        steps = steps or bb.sampling.get("num_inference_steps", 28)
         spec = CaptureSpec(sigmas=_sigmas(sigmas))
         plan = plan_schedule(bb, spec, steps, size, size)
         h, w = bb.token_grid(size, size)
@@ -81,11 +83,11 @@ def inspect(
 def capture(
     prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    model: Model = "tiny-random",
-    size: Size = 512,
-    steps: Steps = 28,
-    guidance: Annotated[float, typer.Option(help="FLUX distilled guidance.")] = 3.5,
-    true_cfg: Annotated[float, typer.Option(help="True classifier-free guidance scale (1 = off).")] = 1.0,
+    model: Model = "toy",
+    size: Annotated[int | None, typer.Option(help="Image side in pixels [backbone's recommendation, else 512].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation, else 28].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="FLUX distilled guidance [recommendation, else 3.5].")] = None,
+    true_cfg: Annotated[float | None, typer.Option(help="True CFG scale, 1 = off [recommendation, else 1].")] = None,
     layers: Annotated[str | None, typer.Option(help="Feature-block indices, comma-separated (default: spread).")] = None,
     sigmas: Annotated[str, typer.Option(help="Target sigmas, comma-separated.")] = "0.78,0.52,0.26,0.001",
     concepts: Annotated[str | None, typer.Option(help="Task name (seg, saliency, depth) or comma-separated words.")] = None,
@@ -110,10 +112,14 @@ def capture(
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
         bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
-        max_len = min(max_sequence_length, bb.pipe.tokenizer_2.model_max_length)
+        rec = bb.sampling  # the backbone's recommended settings fill what the user left out
+        size = size or rec.get("height", 512)
         job = CaptureJob(
-            out=out_dir, seed=seed, batch_size=batch_size, height=size, width=size, num_inference_steps=steps,
-            guidance_scale=guidance, true_cfg_scale=true_cfg, max_sequence_length=max_len,
+            out=out_dir, seed=seed, batch_size=batch_size, height=size, width=size,
+            num_inference_steps=steps or rec.get("num_inference_steps", 28),
+            guidance_scale=guidance if guidance is not None else rec.get("guidance_scale", 3.5),
+            true_cfg_scale=true_cfg if true_cfg is not None else rec.get("true_cfg_scale", 1.0),
+            max_sequence_length=min(max_sequence_length, bb.max_sequence_length),
         )
         n = run_capture(bb, texts, spec, job)
     out.print(f"wrote {n} samples to {out_dir} (KEY.png, KEY.safetensors, KEY.json)")

@@ -36,6 +36,20 @@ class Checkpoint:
         torch.save(state, tmp)
         os.replace(tmp, self.path)
 
+    def resume(self, parts: dict[str, Any]) -> int:
+        """Restore each part (module or optimizer) from the saved state; the step to resume at (0: fresh)."""
+        state = self.load()
+        if state is None:
+            return 0
+        for key, obj in parts.items():
+            obj.load_state_dict(state[key])
+        return int(state["step"])
+
+    def maybe_save(self, step: int, total: int, parts: dict[str, Any], every: int = 250) -> None:
+        """Save after `step` (0-based) every `every` steps and at the end."""
+        if (step + 1) % every == 0 or step + 1 == total:
+            self.save({**{k: v.state_dict() for k, v in parts.items()}, "step": step + 1})
+
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:

@@ -116,12 +116,8 @@ def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: i
     model = Oracle()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
     ckpt = Checkpoint(Path(work) / "oracle.ckpt")
-    start = 0
-    state = ckpt.load()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    parts = {"model": model, "opt": opt}
+    start = ckpt.resume(parts)
     gen = torch.Generator().manual_seed(recipe.seed + 3 + start)
     model.train()
     prog = Progress("oracle", steps, start)
@@ -141,8 +137,7 @@ def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: i
         loss.backward()
         opt.step()
         prog.update(step, loss.item())
-        if (step + 1) % 500 == 0 or step + 1 == steps:
-            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        ckpt.maybe_save(step, steps, parts)
     model.eval()
     held = render_arrays(HELD_OUT_SEED, eval_scenes)
     metrics = {"renders": evaluate_oracle(model, held.images, held)}

@@ -63,13 +63,8 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
          "lr_scale": recipe.text_lr_scale},
     ], lr=recipe.dit_lr, weight_decay=0.0)
     ckpt = Checkpoint(work / "dit.ckpt")
-    start = 0
-    state = ckpt.load()
-    if state is not None:
-        models.load_state_dict(state["models"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    parts = {"models": models, "ema": ema, "opt": opt}
+    start = ckpt.resume(parts)
     gen = torch.Generator().manual_seed(recipe.seed + 2 + start)
     h, w = lat.shape[-2:]
     img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
@@ -100,7 +95,6 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
         opt.step()
         ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
         prog.update(step, loss.item())
-        if (step + 1) % 500 == 0 or step + 1 == steps:
-            ckpt.save({"models": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        ckpt.maybe_save(step, steps, parts)
     models.load_state_dict(ema.state_dict())
     models.eval().requires_grad_(False)

@@ -22,12 +22,8 @@ def train_vae(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int 
     steps = recipe.vae_steps if steps is None else steps
     ckpt = Checkpoint(Path(work) / "vae.ckpt")
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    start = 0
-    state = ckpt.load()
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    parts = {"model": vae, "opt": opt}
+    start = ckpt.resume(parts)
     gen = torch.Generator().manual_seed(recipe.seed + 1 + start)
     vae.train().requires_grad_(True)
     prog = Progress("vae", steps, start)
@@ -47,8 +43,7 @@ def train_vae(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int 
         loss.backward()
         opt.step()
         prog.update(step, loss.item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+        ckpt.maybe_save(step, steps, parts)
     vae.eval()
     set_latent_stats(vae, data)
 

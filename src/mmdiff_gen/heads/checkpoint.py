@@ -1,0 +1,95 @@
+"""One safetensors file per trained head: weights plus JSON metadata that rebuilds it and says what it expects."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from .model import HeadConfig, MMDiffHead
+
+FORMAT_VERSION = 1
+
+
+class HeadMismatch(ValueError):
+    """A head is being used with a backbone or capture setting it was not trained for."""
+
+
+@dataclass
+class HeadMeta:
+    """Everything a head checkpoint records besides its weights.
+
+    Attributes:
+        config: the head's constructor arguments.
+        backbone: identity of the backbone it was trained on (family, name, config_sha256).
+        layers: capture layers, in the order of the features' L axis.
+        sigmas: capture sigmas, in the order of the T axis.
+        concepts: concept words, in the order of the concept maps' K axis.
+        classes: class names (segmentation) or [task] for one-channel heads.
+        palette: RGB per class, for previews.
+        metrics: the metrics the head reached, with the data they were measured on.
+        depth_unit: unit of depth outputs ("metre"), else "".
+    """
+
+    config: HeadConfig
+    backbone: dict
+    layers: list[int]
+    sigmas: list[float]
+    concepts: list[str]
+    classes: list[str]
+    palette: list[list[int]] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    depth_unit: str = ""
+
+    def check_backbone(self, identity: dict) -> None:
+        """Raise HeadMismatch unless `identity` is the backbone this head was trained on."""
+        mine, theirs = self.backbone.get("config_sha256"), identity.get("config_sha256")
+        if mine != theirs or self.backbone.get("family") != identity.get("family"):
+            raise HeadMismatch(
+                f"this {self.config.task} head was trained on {self.backbone.get('name')!r} "
+                f"({self.backbone.get('family')}, config {mine}); the loaded backbone is {identity.get('name')!r} "
+                f"({identity.get('family')}, config {theirs})"
+            )
+
+
+def save_head(path: Path, model: MMDiffHead, meta: HeadMeta) -> None:
+    """Write weights and metadata to one safetensors file (written then renamed)."""
+    header = {
+        "format_version": str(FORMAT_VERSION),
+        "code_version": __version__,
+        "config": json.dumps(model.config.to_dict()),
+        "meta": json.dumps({k: v for k, v in meta.__dict__.items() if k != "config"}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
+    os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> HeadMeta:
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    if "config" not in header:
+        raise HeadMismatch(f"{path} is not an mmdiff-gen head checkpoint")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise HeadMismatch(f"{path} was written by a newer mmdiff-gen ({header.get('code_version')})")
+    config = json.loads(header["config"])
+    config["aspp_rates"] = tuple(config["aspp_rates"])
+    return HeadMeta(config=HeadConfig(**config), **json.loads(header["meta"]))
+
+
+def load_head(path: Path, backbone: dict | None = None, device: str | torch.device = "cpu") -> tuple[MMDiffHead, HeadMeta]:
+    """Rebuild a head from its file; with `backbone` (an identity dict), refuse a mismatched one."""
+    meta = read_meta(path)
+    if backbone is not None:
+        meta.check_backbone(backbone)
+    model = MMDiffHead(meta.config)
+    model.load_state_dict(load_file(str(path), device=str(device)))
+    return model.to(device).eval(), meta
