@@ -1,0 +1,35 @@
+"""Score a head on a feature cache with the task's metrics; plain dicts out."""
+
+from __future__ import annotations
+
+import torch
+
+from ..heads.model import MMDiffHead
+from .feature_cache import FeatureCache
+from .metrics import DepthMetrics, SaliencyMetrics, SegMetrics
+
+
+def predictions(task: str, out: torch.Tensor) -> torch.Tensor:
+    """Head output → label maps: seg ids (B, H, W) uint8, saliency (B, H, W) uint8 0–255, depth (B, H, W) metres."""
+    if task == "seg":
+        return out.argmax(1).to(torch.uint8)
+    if task == "saliency":
+        return (out[:, 0].float().sigmoid() * 255).round().to(torch.uint8)
+    return out[:, 0].float()
+
+
+@torch.no_grad()
+def evaluate_head(model: MMDiffHead, cfg, cache: FeatureCache, classes: list[str], batch_size: int = 32) -> dict:
+    """Metrics of `model` (trained with TrainConfig `cfg`) on every sample of `cache`."""
+    from .trainer import forward
+
+    model.eval()
+    device = next(model.parameters()).device
+    acc = {"seg": lambda: SegMetrics(len(classes)), "saliency": SaliencyMetrics, "depth": DepthMetrics}[cfg.task]()
+    for batch in cache.batches(batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        pred = predictions(cfg.task, forward(model, cfg, batch, cache.grid, cache.image_size)).cpu().numpy()
+        gt = batch[cfg.task].cpu().numpy()
+        for p, g in zip(pred, gt):
+            acc.update(p, g)
+    return acc.result()

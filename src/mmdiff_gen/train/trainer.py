@@ -1,0 +1,165 @@
+"""Train one head on a feature cache: AdamW (decoder at half rate), EMA, resumable, multi-GPU via accelerate."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..heads.checkpoint import HeadMeta, save_head
+from ..heads.inputs import head_inputs
+from ..heads.model import HeadConfig, MMDiffHead
+from .evaluate import evaluate_head
+from .feature_cache import FeatureCache
+from .losses import LOSSES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one head.
+
+    Args:
+        task: "seg", "saliency" or "depth".
+        epochs: passes over the cache (paper: 20 in the controlled comparison).
+        batch_size: samples per step (per process under accelerate).
+        lr: AdamW base rate for the aggregation modules (paper: 1e-4).
+        decoder_lr_scale: decoders train at this fraction of `lr` (paper: 0.5).
+        weight_decay: AdamW weight decay.
+        ema: EMA decay of the evaluated / saved weights (paper: 0.999).
+        timesteps: indices of the cache's sigmas to use (None: all); a single index makes a
+            single-timestep head (projection only).
+        side: "concepts" (concept maps), "cross" (averaged cross-attention), "both" or "none".
+        fusion: "learned" or "mean" (ablation).
+        head: HeadConfig overrides (dim, decoder_channels, aspp_rates, …).
+        seed: shuffling and initialisation seed.
+    """
+
+    task: str
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-4
+    decoder_lr_scale: float = 0.5
+    weight_decay: float = 0.01
+    ema: float = 0.999
+    timesteps: tuple[int, ...] | None = None
+    side: str = "concepts"
+    fusion: str = "learned"
+    head: tuple[tuple[str, object], ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in LOSSES:
+            raise KeyError(f"unknown task {self.task!r}; known: {', '.join(LOSSES)}")
+        if self.side not in ("concepts", "cross", "both", "none"):
+            raise KeyError(f"side must be concepts, cross, both or none, got {self.side!r}")
+
+
+def _sides(cfg: TrainConfig, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    cm = batch.get("concept_maps") if cfg.side in ("concepts", "both") else None
+    ca = batch.get("cross_attention") if cfg.side in ("cross", "both") else None
+    if cfg.side in ("concepts", "both") and cm is None:
+        raise ValueError("the cache has no concept maps: extract it with concepts")
+    if cfg.side in ("cross", "both") and ca is None:
+        raise ValueError("the cache has no cross-attention maps: extract it with cross_attention")
+    return cm, ca
+
+
+def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
+    first = cache.shard(cache.manifest["shards"][0])
+    _, l, t, _, c = first["features"].shape
+    t_used = t if cfg.timesteps is None else len(cfg.timesteps)
+    cm, ca = _sides(cfg, first)
+    k = (0 if cm is None else cm.shape[2]) + (0 if ca is None else 1)
+    h = cache.grid[0]
+    rates = tuple(sorted({max(1, round(r * h / 32)) for r in (6, 12, 18)}))  # DeepLabV3's rates at a 32-token grid
+    head_cfg = HeadConfig(task=cfg.task, feature_dim=c, num_layers=l, num_timesteps=t_used, num_concepts=k,
+                          num_classes=num_classes, fusion=cfg.fusion if t_used > 1 else "mean", aspp_rates=rates)
+    head_cfg = replace(head_cfg, **dict(cfg.head))
+    torch.manual_seed(cfg.seed)
+    return MMDiffHead(head_cfg)
+
+
+def forward(model: MMDiffHead, cfg: TrainConfig, batch: dict, grid, size) -> torch.Tensor:
+    cm, ca = _sides(cfg, batch)
+    feats, side = head_inputs(batch["features"], grid, list(cfg.timesteps) if cfg.timesteps else None, cm, ca)
+    return model(feats, grid, size, concepts=side)
+
+
+def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: list[str], palette: list | None = None,
+               eval_cache: FeatureCache | None = None, depth_unit: str = "") -> dict:
+    """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file).
+
+    Resumes from `out`.state.pt (per-epoch state). Returns the metrics.
+    """
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    out = Path(out)
+    num_classes = len(classes) if cfg.task == "seg" else 1
+    model = build_head(cache, cfg, num_classes)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW([
+        {"params": model.aggregators.parameters(), "lr": cfg.lr},
+        {"params": model.decoder.parameters(), "lr": cfg.lr * cfg.decoder_lr_scale},
+    ], weight_decay=cfg.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    state_path = out.with_suffix(".state.pt")
+    start = 0
+    if state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        acc.unwrap_model(model).load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        start = st["epoch"]
+    ema.to(acc.device)
+    grid, size = cache.grid, cache.image_size
+    loss_fn = LOSSES[cfg.task]
+    label = {"seg": "seg", "saliency": "saliency", "depth": "depth"}[cfg.task]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(cache) / cfg.batch_size)
+    for epoch in range(start, cfg.epochs):
+        gen.manual_seed(cfg.seed + epoch)
+        model.train()
+        t0, total, n = time.time(), 0.0, 0
+        for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen)):
+            if i % acc.num_processes != acc.process_index:
+                continue  # each process takes its share of batches
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            pred = forward(model, cfg, batch, grid, size)
+            loss = loss_fn(pred.float(), batch[label])
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), acc.unwrap_model(model).parameters()):
+                    e.lerp_(p.detach(), 1 - cfg.ema)
+                for e, b in zip(ema.buffers(), acc.unwrap_model(model).buffers()):
+                    e.copy_(b)
+            total, n = total + loss.item(), n + 1
+        if acc.is_main_process:
+            print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.epochs} loss {total / max(n, 1):.4f} "
+                  f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                        "opt": opt.state_dict(), "epoch": epoch + 1}, state_path)
+        acc.wait_for_everyone()
+    metrics = {}
+    if eval_cache is not None:
+        metrics = evaluate_head(ema, cfg, eval_cache, classes)
+    if acc.is_main_process:
+        spec = cache.spec
+        idx = list(range(len(spec.sigmas))) if cfg.timesteps is None else list(cfg.timesteps)
+        meta = HeadMeta(
+            config=ema.config, backbone=cache.manifest["backbone"], layers=list(cache.layers),
+            sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if cfg.side in ("concepts", "both") else [],
+            classes=list(classes) if cfg.task == "seg" else [cfg.task], palette=[list(p) for p in (palette or [])],
+            metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}},
+            depth_unit=depth_unit,
+        )
+        save_head(out, ema, meta)
+    return metrics

@@ -1,0 +1,65 @@
+"""Feature cache and head training end to end on a tiny backbone and a few toy-world scenes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiff_gen.capture import CaptureSpec
+from mmdiff_gen.heads.checkpoint import load_head
+from mmdiff_gen.io.readers import FilesDataset
+from mmdiff_gen.toy.render import write_scenes
+from mmdiff_gen.toy.world import CLASSES
+from mmdiff_gen.train.feature_cache import FeatureCache, build_cache
+from mmdiff_gen.train.trainer import TrainConfig, train_head
+
+HEAD = (("dim", 16), ("decoder_channels", 16))
+
+
+@pytest.fixture(scope="module")
+def caches(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    write_scenes(root / "train", 6, seed=0)
+    write_scenes(root / "val", 3, seed=100)
+    spec = CaptureSpec(concepts=("object", "background"), cross_attention=True)
+    out = []
+    for split in ("train", "val"):
+        ds = FilesDataset(root / split)
+        build_cache(tiny, ds, spec, root / f"{split}_cache", shard_size=4, batch_size=2)
+        out.append(FeatureCache(root / f"{split}_cache"))
+    return root, out[0], out[1]
+
+
+def test_cache_layout_and_resume(tiny, caches):
+    root, train, _ = caches
+    assert len(train) == 6 and len(train.manifest["shards"]) == 2 and train.grid == (8, 8)
+    b = next(train.batches(4))
+    assert b["features"].shape == (4, 4, 4, 64, tiny.feature_dim) and b["features"].dtype == torch.bfloat16
+    assert b["concept_maps"].shape == (4, 4, 2, 64) and b["cross_attention"].shape == (4, 4, 64)
+    assert b["seg"].shape == (4, 64, 64) and b["depth"].dtype == torch.float32
+    # Re-running a finished extraction does nothing; other settings in the same folder are refused.
+    before = (root / "train_cache" / "shard_00000.safetensors").stat().st_mtime_ns
+    ds = FilesDataset(root / "train")
+    build_cache(tiny, list(ds), CaptureSpec(concepts=("object", "background"), cross_attention=True),
+                root / "train_cache", shard_size=4, batch_size=2)
+    assert (root / "train_cache" / "shard_00000.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="other data or settings"):
+        build_cache(tiny, list(ds), CaptureSpec(), root / "train_cache", shard_size=4)
+
+
+@pytest.mark.parametrize("task, side, timesteps", [("seg", "concepts", None), ("saliency", "cross", None),
+                                                  ("depth", "none", (3,))])
+def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
+    _, train, val = caches
+    cfg = TrainConfig(task=task, epochs=2, batch_size=4, side=side, timesteps=timesteps, head=HEAD)
+    out = tmp_path / f"{task}.safetensors"
+    metrics = train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre")
+    key = {"seg": "miou", "saliency": "mae", "depth": "abs_rel"}[task]
+    assert np.isfinite(metrics[key])
+    model, meta = load_head(out, backbone=tiny.identity())
+    assert meta.layers == [0, 1, 2, 3] and meta.metrics[key] == metrics[key]
+    assert meta.sigmas == ([0.78, 0.52, 0.26, 0.001] if timesteps is None else [0.001])
+    assert json.loads(json.dumps(meta.metrics))
+    # Training resumes from its state file: a finished run does no further epochs.
+    assert out.with_suffix(".state.pt").is_file()
