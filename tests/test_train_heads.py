@@ -41,11 +41,11 @@ def test_cache_layout_and_resume(tiny, caches):
     # Re-running a finished extraction does nothing; other settings in the same folder are refused.
     before = (root / "train_cache" / "shard_00000.safetensors").stat().st_mtime_ns
     ds = FilesDataset(root / "train")
-    build_cache(tiny, list(ds), CaptureSpec(concepts=("object", "background"), cross_attention=True),
+    build_cache(tiny, ds, CaptureSpec(concepts=("object", "background"), cross_attention=True),
                 root / "train_cache", shard_size=4, batch_size=2)
     assert (root / "train_cache" / "shard_00000.safetensors").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="other data or settings"):
-        build_cache(tiny, list(ds), CaptureSpec(), root / "train_cache", shard_size=4)
+        build_cache(tiny, ds, CaptureSpec(), root / "train_cache", shard_size=4)
 
 
 @pytest.mark.parametrize("task, side, timesteps", [("seg", "concepts", None), ("saliency", "cross", None),
@@ -63,3 +63,24 @@ def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
     assert json.loads(json.dumps(meta.metrics))
     # Training resumes from its state file: a finished run does no further epochs.
     assert out.with_suffix(".state.pt").is_file()
+
+
+def test_cli_extract_train_eval(caches, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmdiff_gen.cli import app
+
+    root, _, _ = caches
+    run = CliRunner().invoke
+    res = run(app, ["extract", "--data", str(root / "train"), "--out", str(tmp_path / "c"), "--model", "tiny-random",
+                    "--tasks", "seg", "--device", "cpu", "--dtype", "float32", "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["train", "--cache", str(tmp_path / "c"), "--task", "seg", "--out", str(tmp_path / "h.safetensors"),
+                    "--epochs", "1", "--batch-size", "3", "--decoder-channels", "16"])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["eval", "--head", str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "c"),
+                    "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    assert "miou" in json.loads((tmp_path / "m.json").read_text())
+    res = run(app, ["train", "--cache", str(tmp_path / "c"), "--task", "normals", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown task" in res.output

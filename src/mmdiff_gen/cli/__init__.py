@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import backbone as _backbone
+from . import heads as _heads
 from . import toy as _toy
 
 app = typer.Typer(
@@ -16,6 +17,9 @@ app = typer.Typer(
 )
 app.command("inspect")(_backbone.inspect)
 app.command("capture")(_backbone.capture)
+app.command("extract")(_heads.extract)
+app.command("train")(_heads.train)
+app.command("eval")(_heads.evaluate)
 app.add_typer(_toy.app, name="toy")
 
 

@@ -35,6 +35,7 @@ class HeadMeta:
         palette: RGB per class, for previews.
         metrics: the metrics the head reached, with the data they were measured on.
         depth_unit: unit of depth outputs ("metre"), else "".
+        side: side maps the head reads: "concepts", "cross", "both" or "none".
     """
 
     config: HeadConfig
@@ -46,6 +47,14 @@ class HeadMeta:
     palette: list[list[int]] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     depth_unit: str = ""
+    side: str = "concepts"
+
+    def timestep_indices(self, captured: list[float]) -> tuple[int, ...]:
+        """Indices of this head's sigmas among a capture's sigmas; HeadMismatch if one is missing."""
+        missing = [s for s in self.sigmas if not any(abs(s - c) < 1e-6 for c in captured)]
+        if missing:
+            raise HeadMismatch(f"this head needs features at sigma {missing}; the capture has {captured}")
+        return tuple(next(i for i, c in enumerate(captured) if abs(s - c) < 1e-6) for s in self.sigmas)
 
     def check_backbone(self, identity: dict) -> None:
         """Raise HeadMismatch unless `identity` is the backbone this head was trained on."""

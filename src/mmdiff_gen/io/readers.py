@@ -37,6 +37,9 @@ class FilesDataset:
         self.keys = [m["key"] for m in self.meta]
         classes = self.root / "classes.txt"
         self.classes = classes.read_text().split() if classes.is_file() else []
+        palette = self.root / "palette.txt"
+        self.palette = ([[int(v) for v in ln.split()] for ln in palette.read_text().splitlines() if ln.strip()]
+                        if palette.is_file() else [])
 
     def __len__(self) -> int:
         return len(self.meta)

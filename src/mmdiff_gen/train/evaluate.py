@@ -19,17 +19,18 @@ def predictions(task: str, out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_head(model: MMDiffHead, cfg, cache: FeatureCache, classes: list[str], batch_size: int = 32) -> dict:
-    """Metrics of `model` (trained with TrainConfig `cfg`) on every sample of `cache`."""
+def evaluate_head(model: MMDiffHead, task: str, side: str, timesteps: tuple[int, ...] | None, cache: FeatureCache,
+                  classes: list[str], batch_size: int = 32) -> dict:
+    """Metrics of `model` on every sample of `cache` (side maps and timesteps as it was trained with)."""
     from .trainer import forward
 
     model.eval()
     device = next(model.parameters()).device
-    acc = {"seg": lambda: SegMetrics(len(classes)), "saliency": SaliencyMetrics, "depth": DepthMetrics}[cfg.task]()
+    acc = {"seg": lambda: SegMetrics(len(classes)), "saliency": SaliencyMetrics, "depth": DepthMetrics}[task]()
     for batch in cache.batches(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        pred = predictions(cfg.task, forward(model, cfg, batch, cache.grid, cache.image_size)).cpu().numpy()
-        gt = batch[cfg.task].cpu().numpy()
+        pred = predictions(task, forward(model, batch, cache.grid, cache.image_size, side, timesteps)).cpu().numpy()
+        gt = batch[task].cpu().numpy()
         for p, g in zip(pred, gt):
             acc.update(p, g)
     return acc.result()

@@ -55,6 +55,8 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         "shard_size": shard_size,
         "seed": seed,
         "labels": [k for k in LABELS if getattr(first, k) is not None],
+        "classes": list(getattr(samples, "classes", [])),
+        "palette": list(getattr(samples, "palette", [])),
         "shards": [],
     }
     manifest = json.loads(json.dumps(manifest))  # tuples → lists, as it will read back

@@ -59,12 +59,12 @@ class TrainConfig:
             raise KeyError(f"side must be concepts, cross, both or none, got {self.side!r}")
 
 
-def _sides(cfg: TrainConfig, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    cm = batch.get("concept_maps") if cfg.side in ("concepts", "both") else None
-    ca = batch.get("cross_attention") if cfg.side in ("cross", "both") else None
-    if cfg.side in ("concepts", "both") and cm is None:
+def _sides(side: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    cm = batch.get("concept_maps") if side in ("concepts", "both") else None
+    ca = batch.get("cross_attention") if side in ("cross", "both") else None
+    if side in ("concepts", "both") and cm is None:
         raise ValueError("the cache has no concept maps: extract it with concepts")
-    if cfg.side in ("cross", "both") and ca is None:
+    if side in ("cross", "both") and ca is None:
         raise ValueError("the cache has no cross-attention maps: extract it with cross_attention")
     return cm, ca
 
@@ -73,7 +73,7 @@ def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDif
     first = cache.shard(cache.manifest["shards"][0])
     _, l, t, _, c = first["features"].shape
     t_used = t if cfg.timesteps is None else len(cfg.timesteps)
-    cm, ca = _sides(cfg, first)
+    cm, ca = _sides(cfg.side, first)
     k = (0 if cm is None else cm.shape[2]) + (0 if ca is None else 1)
     h = cache.grid[0]
     rates = tuple(sorted({max(1, round(r * h / 32)) for r in (6, 12, 18)}))  # DeepLabV3's rates at a 32-token grid
@@ -84,10 +84,11 @@ def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDif
     return MMDiffHead(head_cfg)
 
 
-def forward(model: MMDiffHead, cfg: TrainConfig, batch: dict, grid, size) -> torch.Tensor:
-    cm, ca = _sides(cfg, batch)
-    feats, side = head_inputs(batch["features"], grid, list(cfg.timesteps) if cfg.timesteps else None, cm, ca)
-    return model(feats, grid, size, concepts=side)
+def forward(model: MMDiffHead, batch: dict, grid, size, side: str, timesteps: tuple[int, ...] | None) -> torch.Tensor:
+    """Run a head on a cache batch: select timesteps, build its side maps, predict at `size`."""
+    cm, ca = _sides(side, batch)
+    feats, maps = head_inputs(batch["features"], grid, list(timesteps) if timesteps else None, cm, ca)
+    return model(feats, grid, size, concepts=maps)
 
 
 def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: list[str], palette: list | None = None,
@@ -130,7 +131,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             if i % acc.num_processes != acc.process_index:
                 continue  # each process takes its share of batches
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            pred = forward(model, cfg, batch, grid, size)
+            pred = forward(model, batch, grid, size, cfg.side, cfg.timesteps)
             loss = loss_fn(pred.float(), batch[label])
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
@@ -150,7 +151,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         acc.wait_for_everyone()
     metrics = {}
     if eval_cache is not None:
-        metrics = evaluate_head(ema, cfg, eval_cache, classes)
+        metrics = evaluate_head(ema, cfg.task, cfg.side, cfg.timesteps, eval_cache, classes)
     if acc.is_main_process:
         spec = cache.spec
         idx = list(range(len(spec.sigmas))) if cfg.timesteps is None else list(cfg.timesteps)
@@ -159,7 +160,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if cfg.side in ("concepts", "both") else [],
             classes=list(classes) if cfg.task == "seg" else [cfg.task], palette=[list(p) for p in (palette or [])],
             metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}},
-            depth_unit=depth_unit,
+            depth_unit=depth_unit, side=cfg.side,
         )
         save_head(out, ema, meta)
     return metrics
