@@ -61,8 +61,10 @@ def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
     assert meta.layers == [0, 1, 2, 3] and meta.metrics[key] == metrics[key]
     assert meta.sigmas == ([0.78, 0.52, 0.26, 0.001] if timesteps is None else [0.001])
     assert json.loads(json.dumps(meta.metrics))
-    # Training resumes from its state file: a finished run does no further epochs.
-    assert out.with_suffix(".state.pt").is_file()
+    # Training resumes from its state file: re-running a finished run trains no further epoch.
+    assert torch.load(tmp_path / f".{task}.state.pt", weights_only=False)["epoch"] == 2
+    again = train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre")
+    assert again[key] == metrics[key]
 
 
 def test_cli_extract_train_eval(caches, tmp_path):

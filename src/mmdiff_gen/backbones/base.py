@@ -31,6 +31,7 @@ class Backbone(ABC):
         self.pipe = pipe
         self.name = name
         self.settings = dict(settings or {})
+        self._concept_tokens: dict = {}  # (words, device, dtype) → initial concept tokens
         pipe.transformer.eval().requires_grad_(False)
 
     # --- the transformer --------------------------------------------------------------------

@@ -72,11 +72,17 @@ class FluxBackbone(Backbone):
 
     @torch.no_grad()
     def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        """(K, C) initial concept-stream tokens.
+        """(K, C) initial concept-stream tokens (computed once per word set, then reused).
 
         ConceptAttention encodes each concept alone with T5, keeps output token 0 (one token per
         concept) and passes it through the transformer's context embedder, like the prompt.
         """
+        key = (tuple(words), self.device, self.dtype)
+        if key not in self._concept_tokens:
+            self._concept_tokens[key] = self._encode_concepts(key[0])
+        return self._concept_tokens[key]
+
+    def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
         tok = self.pipe.tokenizer_2(list(words), padding="longest", return_tensors="pt")
         t5 = self.pipe.text_encoder_2
         hidden = t5(tok.input_ids.to(t5.device), output_hidden_states=False)[0]  # (K, S, D_t5)

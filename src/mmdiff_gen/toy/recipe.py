@@ -48,7 +48,7 @@ class ToyRecipe:
     t_logit_mean: float = 0.3  # weights training towards noisier t, where layout and shape are decided
     ema: float = 0.999
     # oracle
-    oracle_steps: int = 1500
+    oracle_steps: int = 600
     oracle_batch: int = 64
     oracle_lr: float = 2e-3
     # sampling settings recorded beside the shipped pipeline

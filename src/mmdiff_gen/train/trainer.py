@@ -95,7 +95,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
                eval_cache: FeatureCache | None = None, depth_unit: str = "") -> dict:
     """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file).
 
-    Resumes from `out`.state.pt (per-epoch state). Returns the metrics.
+    Resumes from the hidden per-epoch state file beside `out` (.NAME.state.pt). Returns the metrics.
     """
     from accelerate import Accelerator
 
@@ -109,7 +109,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         {"params": model.decoder.parameters(), "lr": cfg.lr * cfg.decoder_lr_scale},
     ], weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
-    state_path = out.with_suffix(".state.pt")
+    state_path = out.with_name(f".{out.stem}.state.pt")  # hidden, git-ignored: resumable per-epoch state
     start = 0
     if state_path.is_file():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
