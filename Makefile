@@ -21,8 +21,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/mmdiff-gen capture --model tiny-random --prompts prompts/toy.txt --out $(DEMO_OUT) --size 64 --steps 12 --concepts seg --device cpu --dtype float32
-	$(BIN)/mmdiff-gen inspect --model tiny-random --size 64 --steps 12
+	$(BIN)/mmdiff-gen inspect --model toy
+	$(BIN)/mmdiff-gen capture --model toy --prompts prompts/toy.txt --out $(DEMO_OUT)/capture --concepts seg --device cpu --dtype float32
+	$(BIN)/mmdiff-gen toy fidelity --n 8 --objects 1,2 --sheet $(DEMO_OUT)/sheet.png
 
 bench: $(STAMP)
 	$(BIN)/python bench/capture_overhead.py

@@ -114,3 +114,14 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     assert torch.equal(head(feats, (H, W), (8, 12), concepts), again(feats, (H, W), (8, 12), concepts))
     with pytest.raises(HeadMismatch, match="trained on 'toy'"):
         load_head(tmp_path / "seg.safetensors", backbone={**ident, "name": "FLUX.1-dev", "config_sha256": "def"})
+
+
+def test_checkpoint_refuses_retrained_weights(tmp_path):
+    from mmdiff_gen.heads.checkpoint import HeadMeta, HeadMismatch
+
+    cfg = HeadConfig(task="depth", feature_dim=C, num_layers=L, num_timesteps=T)
+    meta = HeadMeta(config=cfg, backbone={"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w1"},
+                    layers=[0], sigmas=[0.5], concepts=[], classes=["depth"])
+    meta.check_backbone({"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w1"})
+    with pytest.raises(HeadMismatch, match="other weights"):
+        meta.check_backbone({"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w2"})

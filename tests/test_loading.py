@@ -32,3 +32,4 @@ def test_local_folder_round_trip(tiny_pipe, tmp_path):
     assert bb.dtype == torch.float32 and bb.device.type == "cpu"
     assert bb.identity()["config_sha256"] == FluxBackbone(tiny_pipe, "x").identity()["config_sha256"]
     assert not any(p.requires_grad for p in bb.transformer.parameters())
+    assert len(bb.identity()["weights"]) == 16  # fingerprint of the weight files, recorded by heads

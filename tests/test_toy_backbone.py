@@ -50,3 +50,19 @@ def test_shipped_pipeline_generates_in_seconds(toy):
     assert time.perf_counter() - t0 < 10
     assert gen.images.shape == (1, 64, 64, 3)
     assert gen.capture.features.shape == (1, 4, 4, 64, toy.feature_dim)
+
+
+def test_fidelity_protocol_runs_and_judges(tmp_path):
+    from mmdiff_gen.toy.fidelity import judge
+    from mmdiff_gen.toy.fidelity_run import fresh_scenes, run_fidelity
+
+    # The judge accepts a render against its exact labels and rejects a wrong colour.
+    scene = fresh_scenes(1, 2)[0]
+    assert judge(scene.image, scene.seg, scene.things).ok
+    wrong = [t.__class__(**{**t.__dict__, "color": "white" if t.color != "white" else "black"}) for t in scene.things]
+    assert not judge(scene.image, scene.seg, wrong).ok
+    result = run_fidelity("toy", 4, [1], batch_size=4, sheet=tmp_path / "sheet.png")
+    figures = result["1_object"]
+    assert set(figures) == {"generated", "ceiling_renders", "ceiling_vae"}
+    assert all(0 <= v <= 1 for v in figures.values())
+    assert (tmp_path / "sheet.png").is_file()

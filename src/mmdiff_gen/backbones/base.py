@@ -21,15 +21,17 @@ class Backbone(ABC):
     #: Short family name recorded in checkpoints and dataset manifests.
     family: str = ""
 
-    def __init__(self, pipe: Any, name: str, settings: dict | None = None):
+    def __init__(self, pipe: Any, name: str, settings: dict | None = None, weights_id: str = ""):
         """Args:
             pipe: the diffusers pipeline.
             name: how the user named it (hub id, folder, short name); recorded in outputs.
             settings: the folder's mmdiff.json, if any: recommended `sampling` kwargs and
                 `capture_layers`.
+            weights_id: a fingerprint of the weights (empty for pipelines built in memory).
         """
         self.pipe = pipe
         self.name = name
+        self.weights_id = weights_id
         self.settings = dict(settings or {})
         self._concept_tokens: dict = {}  # (words, device, dtype) → initial concept tokens
         pipe.transformer.eval().requires_grad_(False)
@@ -116,11 +118,12 @@ class Backbone(ABC):
 
     # --- identity ---------------------------------------------------------------------------
     def identity(self) -> dict[str, str]:
-        """Name and a hash of the transformer config: what heads check they were trained on."""
+        """Name, a hash of the transformer config and the weights fingerprint: what heads check."""
         cfg = dict(self.transformer.config)
         blob = json.dumps({k: v for k, v in sorted(cfg.items()) if not k.startswith("_")}, sort_keys=True, default=str)
         return {
             "family": self.family,
             "name": self.name,
             "config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16],
+            "weights": self.weights_id,
         }

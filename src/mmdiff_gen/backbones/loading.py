@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -84,6 +85,20 @@ BUILTIN_FOLDERS = {"toy": ASSETS / "toy"}
 BUILTIN = {"tiny-random": _tiny_random}
 
 
+def _weights_id(folder: Path) -> str:
+    """A cheap fingerprint of the weights: the Hub commit of a cached snapshot, else the transformer's
+    weight files (names and sizes) and mmdiff.json. Heads record it, so retrained weights are caught."""
+    if folder.parent.name == "snapshots":
+        return folder.name
+    h = hashlib.sha256()
+    for f in sorted((folder / "transformer").glob("*")):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    settings = folder / SETTINGS_FILE
+    if settings.is_file():
+        h.update(settings.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def load_backbone(
     model: str,
     *,
@@ -119,9 +134,9 @@ def load_backbone(
     pipe.set_progress_bar_config(disable=True)
     settings_file = Path(folder) / SETTINGS_FILE
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    return adapter(pipe, name=model, settings=settings)
+    return adapter(pipe, name=model, settings=settings, weights_id=_weights_id(Path(folder)))
 
 
-def wrap_pipeline(pipe: Any, name: str = "custom", settings: dict | None = None) -> Backbone:
+def wrap_pipeline(pipe: Any, name: str = "custom", settings: dict | None = None, weights_id: str = "") -> Backbone:
     """Wrap an already-built pipeline (tests, notebooks) in its family adapter."""
-    return _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings)
+    return _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings, weights_id=weights_id)

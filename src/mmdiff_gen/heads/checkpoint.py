@@ -59,11 +59,13 @@ class HeadMeta:
     def check_backbone(self, identity: dict) -> None:
         """Raise HeadMismatch unless `identity` is the backbone this head was trained on."""
         mine, theirs = self.backbone.get("config_sha256"), identity.get("config_sha256")
-        if mine != theirs or self.backbone.get("family") != identity.get("family"):
+        w_mine, w_theirs = self.backbone.get("weights", ""), identity.get("weights", "")
+        retrained = bool(w_mine and w_theirs and w_mine != w_theirs)
+        if mine != theirs or self.backbone.get("family") != identity.get("family") or retrained:
             raise HeadMismatch(
                 f"this {self.config.task} head was trained on {self.backbone.get('name')!r} "
                 f"({self.backbone.get('family')}, config {mine}); the loaded backbone is {identity.get('name')!r} "
-                f"({identity.get('family')}, config {theirs})"
+                f"({identity.get('family')}, config {theirs})" + (" with other weights" if retrained else "")
             )
 
 
