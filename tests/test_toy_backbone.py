@@ -63,6 +63,7 @@ def test_fidelity_protocol_runs_and_judges(tmp_path):
     assert not judge(scene.image, scene.seg, wrong).ok
     result = run_fidelity("toy", 4, [1], batch_size=4, sheet=tmp_path / "sheet.png")
     figures = result["1_object"]
-    assert set(figures) == {"generated", "ceiling_renders", "ceiling_vae"}
-    assert all(0 <= v <= 1 for v in figures.values())
+    assert set(figures) == {"generated", "ceiling_renders", "ceiling_vae", "vae_psnr_db"}
+    assert all(0 <= figures[k] <= 1 for k in ("generated", "ceiling_renders", "ceiling_vae"))
+    assert figures["vae_psnr_db"] > 20
     assert (tmp_path / "sheet.png").is_file()

@@ -12,7 +12,7 @@ from ..backbones import load_backbone
 from ..capture import CaptureSpec, generate
 from .fidelity import CAPTION_SEED, fidelity
 from .oracle import Oracle, _reconstruct
-from .train_vae import to_pixels
+from .train_vae import reconstruction_psnr, to_pixels
 from .world import caption_of, render_scene
 
 GEN_SEED = 8_000_000  # sampling noise seeds for fidelity runs
@@ -52,6 +52,7 @@ def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: 
             "generated": fidelity(images, oracle.predict(images)["seg"], layouts),
             "ceiling_renders": fidelity(renders, oracle.predict(renders)["seg"], layouts),
             "ceiling_vae": fidelity(recs, oracle.predict(recs)["seg"], layouts),
+            "vae_psnr_db": reconstruction_psnr(bb.pipe.vae, renders),
         }
         shown += list(zip(images[:16], captions[:16]))
     if sheet is not None:
