@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from ..backbones import load_backbone
 from ..capture import CaptureSpec, generate
 from .fidelity import CAPTION_SEED, fidelity
-from .oracle import Oracle, _reconstruct
-from .train_vae import reconstruction_psnr, to_pixels
+from .oracle import Oracle, reconstruct_images
+from .train_vae import reconstruction_psnr
 from .world import caption_of, render_scene
 
 GEN_SEED = 8_000_000  # sampling noise seeds for fidelity runs
@@ -46,8 +46,7 @@ def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: 
             images.append((gen.images * 255).round().astype(np.uint8))
         images = np.concatenate(images)
         renders = np.stack([sc.image for sc in scenes])
-        rec = torch.cat([_reconstruct(bb.pipe.vae, to_pixels(renders[i : i + 128])) for i in range(0, n, 128)])
-        recs = ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        recs = reconstruct_images(bb.pipe.vae, renders)
         result[f"{k}_object"] = {
             "generated": fidelity(images, oracle.predict(images)["seg"], layouts),
             "ceiling_renders": fidelity(renders, oracle.predict(renders)["seg"], layouts),

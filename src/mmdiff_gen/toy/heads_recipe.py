@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def toy_caches(work: Path, train_scenes: int, val_scenes: int, model: str = "toy
         data = work / f"{split}_scenes"
         if not (data / "meta.jsonl").is_file() or len((data / "meta.jsonl").read_text().splitlines()) != n:
             if data.exists():
-                import shutil
-
                 shutil.rmtree(data)
             write_scenes(data, n, seed)
         build_cache(bb, FilesDataset(data), spec, work / f"{split}_cache", batch_size=64)

@@ -109,6 +109,12 @@ def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
         return vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
 
 
+def reconstruct_images(vae, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    """VAE reconstructions of uint8 (N, H, W, 3) images, as uint8: what a generated image can at best be."""
+    rec = torch.cat([_reconstruct(vae, to_pixels(images[i : i + batch])) for i in range(0, len(images), batch)])
+    return ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
 def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None,
                  out: Path | None = None, eval_scenes: int = 500) -> dict:
     """Train the oracle (resuming from work/oracle.ckpt), evaluate on held-out renders, save it."""
@@ -141,10 +147,7 @@ def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: i
     model.eval()
     held = render_arrays(HELD_OUT_SEED, eval_scenes)
     metrics = {"renders": evaluate_oracle(model, held.images, held)}
-    with torch.no_grad():
-        rec = torch.cat([_reconstruct(vae, to_pixels(held.images[i : i + 128])) for i in range(0, len(held), 128)])
-    rec_u8 = ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    metrics["vae_reconstructions"] = evaluate_oracle(model, rec_u8, held)
+    metrics["vae_reconstructions"] = evaluate_oracle(model, reconstruct_images(vae, held.images), held)
     model.save(ORACLE_FILE if out is None else Path(out), metrics)
     print(json.dumps(metrics, indent=1))
     return metrics
