@@ -83,6 +83,8 @@ def _tiny_random(dtype: torch.dtype, device) -> Backbone:
 # "tiny-random" has random weights: for smoke tests only.
 BUILTIN_FOLDERS = {"toy": ASSETS / "toy"}
 BUILTIN = {"tiny-random": _tiny_random}
+# The heads a short name uses when `generate` is given none.
+DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
 
 
 def _weights_id(folder: Path) -> str:
@@ -127,7 +129,7 @@ def load_backbone(
     adapter = _adapter_for(index.get("_class_name", "?"))
     cls = _pipeline_class(index["_class_name"])
     try:
-        pipe = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **pipeline_kwargs)
+        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **pipeline_kwargs)
     except (OSError, EnvironmentError) as err:
         raise BackboneNotFound(f"could not load {model!r} from {folder}: {str(err).splitlines()[0]}") from None
     pipe.to(device)

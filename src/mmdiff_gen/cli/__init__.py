@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import backbone as _backbone
+from . import dataset as _dataset
 from . import heads as _heads
 from . import toy as _toy
 
@@ -15,6 +16,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("generate")(_dataset.generate)
+app.command("export")(_dataset.export)
+app.command("preview")(_dataset.preview)
 app.command("inspect")(_backbone.inspect)
 app.command("capture")(_backbone.capture)
 app.command("extract")(_heads.extract)

@@ -134,3 +134,12 @@ class MMDiffHead(nn.Module):
 
     def aggregator_parameters(self):
         return self.aggregators.parameters()
+
+
+def predictions(task: str, out: torch.Tensor) -> torch.Tensor:
+    """Head output → label maps: seg ids (B, H, W) uint8, saliency (B, H, W) uint8 0–255, depth (B, H, W) metres."""
+    if task == "seg":
+        return out.argmax(1).to(torch.uint8)
+    if task == "saliency":
+        return (out[:, 0].float().sigmoid() * 255).round().to(torch.uint8)
+    return out[:, 0].float()

@@ -1,0 +1,155 @@
+"""`generate`, `export`, `preview`: the dataset job, its COCO export and a contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ._errors import clean_errors, err, fail
+from ._options import Device, Dtype, Model, torch_dtype
+
+out = Console(stderr=True)
+TASK_NAMES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASK_NAMES]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown task {', '.join(bad) or '(none)'}; choose from seg, saliency (sal), depth")
+    return tuple(dict.fromkeys(TASK_NAMES[t] for t in names))
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-blank lines, stripped. An unreadable or empty file is a usage error (exit 2)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except IsADirectoryError:
+        fail(f"prompts file {path} is a folder", code=2)
+    except FileNotFoundError:
+        fail(f"prompts file {path} does not exist", code=2)
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompts file {path}: {type(e).__name__}: {e}", code=2)
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        fail(f"prompts file {path} has no prompts", code=2)
+    return prompts
+
+
+def generate(
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (blank lines are skipped).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder (re-run the same command to resume).")],
+    tasks: Annotated[str, typer.Option(help="Any of seg, saliency (sal), depth, comma-separated.")] = "seg,saliency,depth",
+    model: Model = "toy",
+    heads: Annotated[Path | None, typer.Option(help="Heads folder (seg/saliency/depth.safetensors) or one head file "
+                                                     "[the backbone's shipped heads].")] = None,
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", "-n", help="Samples per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Global seed; each sample's seed derives from (seed, prompt, repeat).")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation, else 28].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="FLUX distilled guidance [recommendation, else 3.5].")] = None,
+    true_cfg: Annotated[float | None, typer.Option(help="True CFG scale, 1 = off [recommendation, else 1].")] = None,
+    size: Annotated[int | None, typer.Option(help="Image side in pixels [recommendation, else 512].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
+    image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
+    fmt: Annotated[str, typer.Option("--format", help="webdataset (tar shards) or files (folders).")] = "webdataset",
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    rank: Annotated[int | None, typer.Option(help="This worker's rank [RANK, SLURM_PROCID, …, else 0].")] = None,
+    world_size: Annotated[int | None, typer.Option(help="Number of workers [WORLD_SIZE, SLURM_NTASKS, …, else 1].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Also redo finished shards that recorded failed samples.")] = False,
+    device: Device = "cuda",
+    dtype: Dtype = "bfloat16",
+) -> None:
+    """Generate images with their segmentation, saliency and depth in one pass per batch, as shards."""
+    from ..backbones.loading import DEFAULT_HEADS
+    from ..jobs.plan import local_device, worker_identity
+
+    task_list = _tasks(tasks)
+    texts = read_prompts(prompts)
+    if images_per_prompt < 1 or batch_size < 1 or shard_size < 1:
+        fail("--images-per-prompt, --batch-size and --shard-size must be ≥ 1", code=2)
+    if image_format not in ("jpg", "png"):
+        fail(f"--image-format must be jpg or png, got {image_format!r}", code=2)
+    if fmt not in ("webdataset", "files"):
+        fail(f"--format must be webdataset or files, got {fmt!r}", code=2)
+    torch_dt = torch_dtype(dtype)
+    with clean_errors():
+        r, w, source = worker_identity(rank, world_size)
+        if heads is None:
+            heads = DEFAULT_HEADS.get(model)
+            if heads is None:
+                fail(f"no default heads for {model!r}: pass --heads (a folder of seg/saliency/depth.safetensors)", code=2)
+        from ..backbones import load_backbone
+        from ..jobs.annotate import Annotator, head_files
+        from ..jobs.dataset_job import GenerateJob, overlong_prompts, run_generate
+
+        files = head_files(heads, list(task_list))  # before loading the backbone: fail fast on a missing head
+        dev = local_device(device)
+        bb = load_backbone(model, dtype=torch_dt, device=dev)
+        annotator = Annotator(files, bb.identity(), device=dev)
+        rec = bb.sampling
+        side = size or rec.get("height", 512)
+        max_len = min(rec.get("max_sequence_length", 512), bb.max_sequence_length)
+        job = GenerateJob(
+            out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size,
+            height=side, width=side, num_inference_steps=steps or rec.get("num_inference_steps", 28),
+            guidance_scale=guidance if guidance is not None else rec.get("guidance_scale", 3.5),
+            true_cfg_scale=true_cfg if true_cfg is not None else rec.get("true_cfg_scale", 1.0),
+            negative_prompt=rec.get("negative_prompt", ""), max_sequence_length=max_len,
+            image_format=image_format, format=fmt, shard_size=shard_size, overwrite=overwrite, retry_failed=retry_failed,
+        )
+        long = overlong_prompts(bb, texts, max_len)
+        if long:
+            i, n = long[0]
+            err.print(f"[yellow]warning:[/] {len(long)} prompt(s) exceed {max_len} text tokens and will be truncated "
+                      f"(first: line {i + 1}, {n} tokens)", highlight=False)
+        if w > 1:
+            out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False)
+        from ..jobs.dataset_job import Interrupted
+
+        try:
+            rep = run_generate(bb, annotator, texts, job, rank=r, world_size=w, dtype=dtype)
+        except Interrupted as e:
+            err.print(f"[bold red]interrupted[/] by {e}: the open shard was discarded, finished shards are kept; "
+                      "re-run the same command to resume", highlight=False)
+            raise typer.Exit(130) from None
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in rep.seconds.items())
+    out.print(f"{out_dir}: {rep.samples_written} samples written in {rep.shards_written} shard(s), "
+              f"{rep.shards_skipped} already finished, {rep.samples_failed} failed" + (f" ({stages})" if stages else ""),
+              highlight=False)
+    if rep.samples_failed:
+        err.print("failed samples are listed in the shards' *_stats.json; --retry-failed redoes them", highlight=False)
+
+
+def export(
+    src: Annotated[Path, typer.Option("--in", help="A `generate` output folder.")],
+    dest: Annotated[Path, typer.Option("--out", help="Export folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="coco.")] = "coco",
+    include_background: Annotated[bool, typer.Option(help="Annotate class 0 too.")] = False,
+) -> None:
+    """Export a generated dataset: COCO annotations.json (compressed RLE) + images, labels, saliency, depth."""
+    from ..io.coco import export_coco
+
+    if fmt != "coco":
+        fail(f"unknown export format {fmt!r}; supported: coco", code=2)
+    with clean_errors():
+        counts = export_coco(src, dest, include_background=include_background)
+    out.print(f"{dest}: {counts['images']} images, {counts['annotations']} annotations, "
+              f"{counts['categories']} categories (annotations.json)", highlight=False)
+
+
+def preview(
+    src: Annotated[Path, typer.Argument(help="A `generate` output folder.")],
+    sheet: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("preview.png"),
+    n: Annotated[int, typer.Option("--n", "-n", help="Samples (rows).")] = 16,
+) -> None:
+    """A contact sheet: image | segmentation overlay | saliency | depth colormap per sample."""
+    from ..io.preview import contact_sheet
+
+    with clean_errors():
+        rows = contact_sheet(src, sheet, n=n)
+    out.print(f"{sheet}: {rows} samples", highlight=False)
+

@@ -1,0 +1,82 @@
+"""Which samples exist, their seeds, how they fall into shards and which shards a worker owns.
+
+Everything here is a pure function of the inputs, so any worker, on any node, at any time, derives
+the same plan: that is what makes resume and many independent workers agree sample for sample.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """Sample `index` is repeat `repeat` of prompt `prompt_index`; it owns one generator seeded `seed`."""
+
+    index: int
+    prompt_index: int
+    repeat: int
+    prompt: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:09d}"
+
+
+SEED_POLICY = "seed of sample = numpy SeedSequence([seed, prompt_index, repeat]).generate_state(1, uint64)[0] mod 2^63"
+
+
+def sample_seed(seed: int, prompt_index: int, repeat: int) -> int:
+    """A per-sample seed that does not depend on batch size, shard size or worker count."""
+    return int(np.random.SeedSequence([seed, prompt_index, repeat]).generate_state(1, np.uint64)[0] % (1 << 63))
+
+
+def plan_samples(prompts: list[str], images_per_prompt: int, seed: int) -> list[PlannedSample]:
+    """Samples in key order: prompt-major, then repeat."""
+    return [PlannedSample(p * images_per_prompt + r, p, r, text, sample_seed(seed, p, r))
+            for p, text in enumerate(prompts) for r in range(images_per_prompt)]
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
+    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Round-robin: shard s belongs to worker s mod world_size."""
+    return [s for s in range(num_shards) if s % world_size == rank]
+
+
+_RANK_VARS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+              ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"))
+
+
+def worker_identity(rank: int | None = None, world_size: int | None = None,
+                    env: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """(rank, world size, where they came from): flags, else torchrun / accelerate, else SLURM, else job arrays."""
+    env = os.environ if env is None else env
+    if rank is not None or world_size is not None:
+        r, w, src = (rank or 0), (world_size or 1), "flags"
+    else:
+        r, w, src = 0, 1, "single worker"
+        for rk, wk in _RANK_VARS:
+            if rk in env and wk in env:
+                r, w, src = int(env[rk]), int(env[wk]), f"{rk}/{wk}"
+                if rk == "SLURM_ARRAY_TASK_ID":
+                    r -= int(env.get("SLURM_ARRAY_TASK_MIN", 0))  # arrays may start at 1
+                break
+    if w < 1 or not 0 <= r < w:
+        raise ValueError(f"worker rank {r} is not in 0…{w - 1} (from {src})")
+    return r, w, src
+
+
+def local_device(device: str, env: dict[str, str] | None = None) -> str:
+    """`cuda` means this worker's GPU: LOCAL_RANK (torchrun) or SLURM_LOCALID picks it; explicit indices stay."""
+    env = os.environ if env is None else env
+    if device != "cuda":
+        return device
+    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    return f"cuda:{int(local)}" if local is not None else device
