@@ -24,6 +24,8 @@ def clean_errors():
     """Turn library errors into one line on stderr and exit code 1."""
     try:
         yield
+    except typer.Exit:  # click's Exit is a RuntimeError: let a deliberate exit code through
+        raise
     except _EXPECTED as e:
         if os.environ.get("MMDIFF_DEBUG"):
             raise
