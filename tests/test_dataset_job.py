@@ -243,3 +243,19 @@ def test_worker_identity_from_flags_and_environment():
         worker_identity(4, 4, env={})
     assert local_device("cuda", env={"LOCAL_RANK": "1"}) == "cuda:1"
     assert local_device("cuda:0", env={"LOCAL_RANK": "1"}) == "cuda:0" and local_device("cpu", env={}) == "cpu"
+
+
+def test_huggingface_datasets_reader_is_lossless(reference):
+    """The README's `datasets` snippet: seg ids as uint8, depth as uint16 millimetres, bit for bit."""
+    from datasets import load_dataset
+
+    out, _ = reference
+    ds = load_dataset("webdataset", data_files={"train": sorted(str(p) for p in out.glob("*.tar"))}, split="train",
+                      cache_dir=str(out.parent / "hf_cache"))
+    ours = list(GeneratedDataset(out))
+    assert len(ds) == len(ours)
+    for ex, s in zip(ds, ours):
+        assert ex["__key__"] == s.key and ex["txt"] == s.prompt and ex["json"]["seed"] == s.meta["seed"]
+        assert np.array_equal(np.array(ex["seg.png"]), s.labels["seg"])
+        depth = np.array(ex["depth.png"])
+        assert depth.dtype == np.uint16 and np.array_equal(depth.astype(np.float32) / 1000, s.labels["depth"])

@@ -7,15 +7,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from mmdiff_gen.backbones import FluxBackbone
+from mmdiff_gen.backbones.flux import FLUX_DEV
 from mmdiff_gen.capture._gate import Active
 from mmdiff_gen.capture.features import FeatureTap
-
-# black-forest-labs/FLUX.1-dev transformer/config.json
-FLUX_DEV = dict(
-    attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
-    num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
-)
-
 
 @pytest.fixture(scope="module")
 def flux_dev():

@@ -9,6 +9,13 @@ from torch import nn
 
 from .base import Backbone
 
+# black-forest-labs/FLUX.1-dev transformer/config.json: builds the real architecture on the meta
+# device (geometry tests, FLOP counts) without the weights.
+FLUX_DEV = dict(
+    attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
+    num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
+)
+
 
 class FluxBackbone(Backbone):
     """FluxPipeline adapter.

@@ -1,0 +1,254 @@
+"""The dataset job against its alternatives, on the embedded toy backbone and its shipped heads.
+
+One command, one run:
+
+    python bench/generate_job.py [--heads DIR] [--repeats 7] [--json out.json]
+
+(a) `generate` (seg + saliency + depth) vs plain FluxPipeline generation of the same images, split into
+    backbone, capture, heads and writing time, with the transformer calls counted;
+(b) vs the two-stage alternative: plain generation, then real-image extraction of the generated
+    images and the same heads;
+(c) images per second against batch size (the whole job: generation, heads, encoding, shards);
+(d) peak resident memory of the job while the number of prompts grows tenfold (child processes);
+(e) at FLUX.1-dev scale, by FLOP count on the meta device, the heads' share of a 28-step 1024² generation.
+
+Times are minima of interleaved repeats (on a shared CPU, noise only ever adds time); medians are shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmdiff_gen.backbones import load_backbone
+from mmdiff_gen.backbones.loading import DEFAULT_HEADS
+from mmdiff_gen.capture import extract, generate, plan_schedule
+from mmdiff_gen.capture._noise import generators_for
+from mmdiff_gen.io.shards import ShardWriter
+from mmdiff_gen.jobs.annotate import Annotator, head_files
+from mmdiff_gen.jobs.dataset_job import GenerateJob, _members, run_generate
+from mmdiff_gen.jobs.plan import plan_samples
+from mmdiff_gen.toy.world import render_scene
+
+TASKS = ["seg", "saliency", "depth"]
+
+
+def prompts(n: int) -> list[str]:
+    return [render_scene(9_000_000 + i, 1 + i % 2).caption for i in range(n)]
+
+
+class CallCounter:
+    """Counts transformer forwards (true CFG calls it twice per step)."""
+
+    def __init__(self, transformer):
+        self.calls = 0
+        self.handle = transformer.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+
+def settings(bb) -> dict:
+    s = bb.sampling
+    return dict(height=s["height"], width=s["width"], num_inference_steps=s["num_inference_steps"],
+                true_cfg_scale=s["true_cfg_scale"], guidance_scale=s.get("guidance_scale", 1.0),
+                max_sequence_length=s["max_sequence_length"])
+
+
+def plain(bb, ann, texts, seeds, kw, _out):
+    plan = plan_schedule(bb, ann.spec(), kw["num_inference_steps"], kw["height"], kw["width"])
+    t0 = time.perf_counter()
+    images = bb.pipe(prompt=texts, negative_prompt="", generator=generators_for(seeds),
+                     sigmas=list(plan.pipeline_sigmas), **kw).images
+    return {"backbone": time.perf_counter() - t0}, images
+
+
+def _write(ann, texts, images, labels, cap, out):
+    """Encode and write one shard, as the job does."""
+    job = GenerateJob(out=out, tasks=tuple(TASKS))
+    with ShardWriter(out, 0, "webdataset") as w:
+        for i, s in enumerate(plan_samples(texts, 1, 0)):
+            lab = {t: v[i].numpy() for t, v in labels.items()}
+            w.write(s.key, _members(job, s, np.asarray(images[i]), lab, [float(x) for x in cap.sigmas[i]], ann.classes))
+        w.commit({"written": len(texts)})
+
+
+def ours(bb, ann, texts, seeds, kw, out):
+    t0 = time.perf_counter()
+    gen = generate(bb, texts, ann.spec(), seeds=seeds, negative_prompt="", **kw)
+    t1 = time.perf_counter()
+    labels = ann(gen.capture, (kw["height"], kw["width"]))
+    t2 = time.perf_counter()
+    _write(ann, texts, gen.images, labels, gen.capture, out)
+    return {"generate": t1 - t0, "heads": t2 - t1, "write": time.perf_counter() - t2}, gen.images
+
+
+def two_stage(bb, ann, texts, seeds, kw, out):
+    times, images = plain(bb, ann, texts, seeds, kw, out)
+    t1 = time.perf_counter()
+    cap = extract(bb, images, ann.spec(), captions=texts, seeds=seeds, guidance_scale=kw["guidance_scale"],
+                  max_sequence_length=kw["max_sequence_length"])
+    t2 = time.perf_counter()
+    labels = ann(cap, (kw["height"], kw["width"]))
+    t3 = time.perf_counter()
+    _write(ann, texts, images, labels, cap, out)
+    times.update({"extract": t2 - t1, "heads": t3 - t2, "write": time.perf_counter() - t3})
+    return times, images
+
+
+def compare(bb, ann, batch: int, repeats: int) -> dict:
+    kw = settings(bb)
+    texts, seeds = prompts(batch), list(range(batch))
+    variants = {"plain": plain, "generate (ours)": ours, "two-stage": two_stage}
+    counter = CallCounter(bb.transformer)
+    calls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in variants.items():  # warm-up, and the transformer calls of each variant
+            counter.calls = 0
+            fn(bb, ann, texts, seeds, kw, Path(tmp))
+            calls[name] = counter.calls
+        runs = {n: [] for n in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():  # interleaved: load drifts hit every variant alike
+                t0 = time.perf_counter()
+                stages, _ = fn(bb, ann, texts, seeds, kw, Path(tmp))
+                runs[name].append({"total": time.perf_counter() - t0, **stages})
+    counter.handle.remove()
+    best = {n: {k: min(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+    return {"best": best, "median": med, "calls": calls, "steps": kw["num_inference_steps"]}
+
+
+def throughput(bb, ann, batches: list[int], n: int) -> dict:
+    kw = settings(bb)
+    texts = prompts(n)
+    out = {}
+    for b in batches:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = GenerateJob(out=Path(tmp) / "ds", tasks=tuple(TASKS), batch_size=b, shard_size=n, **kw,
+                              negative_prompt="")
+            run_generate(bb, ann, texts[:b], job, progress=False)  # warm-up at this batch size
+            job = GenerateJob(out=Path(tmp) / "ds2", tasks=tuple(TASKS), batch_size=b, shard_size=n, **kw,
+                              negative_prompt="")
+            t0 = time.perf_counter()
+            run_generate(bb, ann, texts, job, progress=False)
+            out[b] = n / (time.perf_counter() - t0)
+    return out
+
+
+def memory_child(n: int, heads: str) -> None:
+    """Run the whole job on n prompts and print the peak RSS in MiB (called in a fresh process)."""
+    bb = load_backbone("toy", dtype=torch.float32, device="cpu")
+    ann = Annotator(head_files(Path(heads), TASKS), bb.identity())
+    with tempfile.TemporaryDirectory() as tmp:
+        job = GenerateJob(out=Path(tmp), tasks=tuple(TASKS), batch_size=8, shard_size=64, **settings(bb),
+                          negative_prompt="")
+        run_generate(bb, ann, prompts(n), job, progress=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def memory(heads: str, sizes: list[int]) -> dict:
+    out = {}
+    for n in sizes:
+        res = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--heads", heads],
+                             capture_output=True, text=True, check=True)
+        out[n] = float(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def flux_flops() -> dict:
+    """FLOPs of FLUX.1-dev's transformer at 1024² (28 steps + 1 extra forward) vs the three heads at FLUX widths."""
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmdiff_gen.backbones.flux import FLUX_DEV
+    from mmdiff_gen.capture import CONCEPT_SETS
+    from mmdiff_gen.heads.model import HeadConfig, MMDiffHead
+
+    n_img, n_txt, grid = 4096, 512, (64, 64)  # 1024² → 64×64 tokens; FLUX.1-dev pads text to 512
+    with torch.device("meta"):
+        tr = FluxTransformer2DModel(**FLUX_DEV)
+        args = dict(hidden_states=torch.empty(1, n_img, 64), encoder_hidden_states=torch.empty(1, n_txt, 4096),
+                    pooled_projections=torch.empty(1, 768), timestep=torch.empty(1), img_ids=torch.empty(n_img, 3),
+                    txt_ids=torch.empty(n_txt, 3), guidance=torch.empty(1), return_dict=False)
+        with FlopCounterMode(display=False) as fc:
+            tr(**args)
+        per_forward = fc.get_total_flops()
+        heads = {}
+        for task, classes in (("seg", 21), ("saliency", 1), ("depth", 1)):
+            k = len(CONCEPT_SETS[task])
+            head = MMDiffHead(HeadConfig(task=task, feature_dim=3072, num_layers=4, num_timesteps=4, num_concepts=k,
+                                         num_classes=classes))
+            with FlopCounterMode(display=False) as fc:
+                head(torch.empty(1, 4, 4, n_img, 3072), grid, (1024, 1024), concepts=torch.empty(1, k, *grid))
+            heads[task] = fc.get_total_flops()
+    generation = 29 * per_forward  # 28 steps (distilled guidance: one call each) + the σ = 0.001 forward
+    return {"transformer_forward": per_forward, "generation": generation, "heads": heads,
+            "heads_share": sum(heads.values()) / generation}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", default=str(DEFAULT_HEADS["toy"]))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--throughput-n", type=int, default=32)
+    ap.add_argument("--memory", default="16,160", help="prompt counts for the memory comparison")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.heads)
+
+    bb = load_backbone("toy", dtype=torch.float32, device="cpu")
+    ann = Annotator(head_files(Path(args.heads), TASKS), bb.identity())
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; toy backbone, {settings(bb)}")
+
+    cmp = compare(bb, ann, args.batch, args.repeats)
+    b, m = cmp["best"], cmp["median"]
+    base = b["plain"]["total"]
+    print(f"\n(a, b) batch {args.batch}, min (median) of {args.repeats} interleaved repeats; transformer calls per batch")
+    for name in b:
+        print(f"  {name:18s} total {b[name]['total']:.3f} s ({m[name]['total']:.3f}) = {b[name]['total'] / base:.3f}× plain"
+              f" (median {m[name]['total'] / m['plain']['total']:.3f}×); calls {cmp['calls'][name]}; "
+              + ", ".join(f"{k} {v:.3f}" for k, v in b[name].items() if k != "total"))
+    ours_wo_heads = b["generate (ours)"]["total"] - b["generate (ours)"]["heads"]
+    ours_wo_heads_med = m["generate (ours)"]["total"] - m["generate (ours)"]["heads"]
+    print(f"  ours without the heads' compute: {ours_wo_heads / base:.3f}× plain "
+          f"(median {ours_wo_heads_med / m['plain']['total']:.3f}×); goal ≤ 1.05")
+    print(f"  capture (generate − plain): {(b['generate (ours)']['generate'] - base) / base * 100:.1f}% of plain")
+    print(f"  two-stage / ours: {b['two-stage']['total'] / b['generate (ours)']['total']:.3f}× "
+          f"(median {m['two-stage']['total'] / m['generate (ours)']['total']:.3f}×)")
+
+    batches = [int(x) for x in args.batches.split(",")]
+    tp = throughput(bb, ann, batches, args.throughput_n)
+    print(f"\n(c) images/s, whole job, {args.throughput_n} prompts:", ", ".join(f"batch {k}: {v:.2f}" for k, v in tp.items()))
+
+    sizes = [int(x) for x in args.memory.split(",")]
+    mem = memory(args.heads, sizes)
+    print("(d) peak RSS:", ", ".join(f"{n} prompts: {v:.0f} MiB" for n, v in mem.items()),
+          f"→ ratio {mem[sizes[-1]] / mem[sizes[0]]:.3f}")
+
+    fl = flux_flops()
+    print(f"(e) FLUX.1-dev 1024², 28 steps + 1: transformer {fl['generation'] / 1e15:.1f} PFLOP; heads "
+          + ", ".join(f"{k} {v / 1e12:.2f} TFLOP" for k, v in fl["heads"].items())
+          + f" → heads share {fl['heads_share'] * 100:.2f}% (goal ≤ 1%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"compare": cmp, "throughput": tp, "memory": mem, "flops": fl}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
