@@ -21,12 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/mmdiff-gen inspect --model toy
-	$(BIN)/mmdiff-gen capture --model toy --prompts prompts/toy.txt --out $(DEMO_OUT)/capture --concepts seg --device cpu --dtype float32
-	$(BIN)/mmdiff-gen toy fidelity --n 8 --objects 1,2 --sheet $(DEMO_OUT)/sheet.png
+	$(BIN)/mmdiff-gen generate --prompts prompts/toy.txt --images-per-prompt 4 --out $(DEMO_OUT)/dataset --overwrite
+	$(BIN)/mmdiff-gen export --format coco --in $(DEMO_OUT)/dataset --out $(DEMO_OUT)/coco
+	$(BIN)/mmdiff-gen preview $(DEMO_OUT)/dataset --out $(DEMO_OUT)/preview.png
 
 bench: $(STAMP)
 	$(BIN)/python bench/capture_overhead.py
+	$(BIN)/python bench/generate_job.py
 
 clean:
 	rm -rf $(VENV) out

@@ -242,6 +242,7 @@ def test_worker_identity_from_flags_and_environment():
     with pytest.raises(ValueError, match="not in 0"):
         worker_identity(4, 4, env={})
     assert local_device("cuda", env={"LOCAL_RANK": "1"}) == "cuda:1"
+    assert local_device("cuda", env={"SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "3"}) == "cuda"
     assert local_device("cuda:0", env={"LOCAL_RANK": "1"}) == "cuda:0" and local_device("cpu", env={}) == "cpu"
 
 

@@ -27,7 +27,7 @@ def test_token_aggregation_shapes_init_and_weights():
     agg = TokenAggregation(C, 16, T, heads=8)
     assert agg.skip_gate.item() == pytest.approx(0.1)
     assert all(torch.allclose(b.ls1.gamma, torch.full((16,), 1e-4)) for b in agg.blocks)
-    assert len(agg.blocks) == 3 and agg.blocks[0].attn.num_heads == 8
+    assert len(agg.blocks) == 3 and agg.blocks[0].attn.heads == 8
     feats = torch.randn(B, T, H * W, C) * 50  # massive activations are normalised per timestep
     out = agg(feats, (H, W))
     assert out.shape == (B, 16, H, W)

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..backbones import load_backbone
 from ..capture import CONCEPT_SETS, CaptureSpec, plan_schedule
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, torch_dtype
+from ._options import Device, Dtype, Model, resolve_device, torch_dtype
 
 out = Console()
 
@@ -52,7 +52,7 @@ def inspect(
 ) -> None:
     """Show a backbone's capture geometry and the schedule that honours the target sigmas."""
     with clean_errors():
-        bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
         size = size or bb.sampling.get("height", 512)
         steps = steps or bb.sampling.get("num_inference_steps", 28)
         spec = CaptureSpec(sigmas=_sigmas(sigmas))
@@ -94,8 +94,8 @@ def capture(
     batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
     seed: Annotated[int, typer.Option(help="Global seed; prompt i uses seed + i.")] = 0,
     max_sequence_length: Annotated[int, typer.Option(help="T5 tokens.")] = 512,
-    device: Device = "cuda",
-    dtype: Dtype = "bfloat16",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Generate each prompt once and dump its image, captured features and concept maps."""
     from ..jobs.capture_job import CaptureJob, run_capture
@@ -111,7 +111,7 @@ def capture(
         fail("--batch-size must be ≥ 1", code=2)
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
-        bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
         rec = bb.sampling  # the backbone's recommended settings fill what the user left out
         size = size or rec.get("height", 512)
         job = CaptureJob(

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ._errors import clean_errors, err, fail
-from ._options import Device, Dtype, Model, torch_dtype
+from ._options import Device, Dtype, Model, resolve_device, torch_dtype
 
 out = Console(stderr=True)
 TASK_NAMES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
@@ -60,8 +60,8 @@ def generate(
     world_size: Annotated[int | None, typer.Option(help="Number of workers [WORLD_SIZE, SLURM_NTASKS, …, else 1].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Also redo finished shards that recorded failed samples.")] = False,
-    device: Device = "cuda",
-    dtype: Dtype = "bfloat16",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Generate images with their segmentation, saliency and depth in one pass per batch, as shards."""
     from ..backbones.loading import DEFAULT_HEADS
@@ -75,7 +75,8 @@ def generate(
         fail(f"--image-format must be jpg or png, got {image_format!r}", code=2)
     if fmt not in ("webdataset", "files"):
         fail(f"--format must be webdataset or files, got {fmt!r}", code=2)
-    torch_dt = torch_dtype(dtype)
+    dev = local_device(resolve_device(device))
+    torch_dt = torch_dtype(dtype, dev)
     with clean_errors():
         r, w, source = worker_identity(rank, world_size)
         if heads is None:
@@ -87,7 +88,6 @@ def generate(
         from ..jobs.dataset_job import GenerateJob, overlong_prompts, run_generate
 
         files = head_files(heads, list(task_list))  # before loading the backbone: fail fast on a missing head
-        dev = local_device(device)
         bb = load_backbone(model, dtype=torch_dt, device=dev)
         annotator = Annotator(files, bb.identity(), device=dev)
         rec = bb.sampling
@@ -111,7 +111,7 @@ def generate(
         from ..jobs.dataset_job import Interrupted
 
         try:
-            rep = run_generate(bb, annotator, texts, job, rank=r, world_size=w, dtype=dtype)
+            rep = run_generate(bb, annotator, texts, job, rank=r, world_size=w, dtype=str(torch_dt).removeprefix("torch."))
         except Interrupted as e:
             err.print(f"[bold red]interrupted[/] by {e}: the open shard was discarded, finished shards are kept; "
                       "re-run the same command to resume", highlight=False)

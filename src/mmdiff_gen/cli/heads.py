@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, torch_dtype
+from ._options import Device, Dtype, Model, resolve_device, torch_dtype
 
 out = Console()
 TASKS = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
@@ -33,8 +33,8 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Images per transformer forward (× number of sigmas).")] = 16,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
     seed: Annotated[int, typer.Option(help="Noise seed base; sample i uses seed + i.")] = 0,
-    device: Device = "cuda",
-    dtype: Dtype = "bfloat16",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Encode labelled images once in real-image mode and store features, concept maps and labels."""
     from ..backbones import load_backbone
@@ -45,7 +45,7 @@ def extract(
     task_list = [_task(t.strip()) for t in tasks.split(",") if t.strip()]
     with clean_errors():
         ds = FilesDataset(data)
-        bb = load_backbone(model, dtype=torch_dtype(dtype), device=device)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
         spec = CaptureSpec.for_tasks(task_list, cross_attention=cross_attention, store_device="cpu")
         build_cache(bb, ds, spec, out_dir, shard_size=shard_size, batch_size=batch_size, seed=seed)
     out.print(f"feature cache of {len(ds)} samples in {out_dir}")

@@ -106,4 +106,22 @@ def ablation(
         report.write_text(json.dumps(table, indent=1))
 
 
+@app.command()
+def consistency(
+    heads_dir: Annotated[Path | None, typer.Option("--heads", help="Heads folder [the packaged toy heads].")] = None,
+    n: Annotated[int, typer.Option("--n", help="Generated images (fresh captions, 1–3 objects).")] = 200,
+    batch_size: Annotated[int, typer.Option()] = 25,
+    report: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here.")] = None,
+) -> None:
+    """The consistency protocol: heads' labels of generated images scored against the oracle's."""
+    from ..backbones.loading import DEFAULT_HEADS
+    from ..toy.consistency import run_consistency
+
+    with clean_errors():
+        result = run_consistency(heads_dir or DEFAULT_HEADS["toy"], n=n, batch_size=batch_size)
+    out.print(json.dumps(result, indent=1))
+    if report is not None:
+        report.write_text(json.dumps(result, indent=1))
+
+
 _HEADS_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-heads"

@@ -74,9 +74,13 @@ def worker_identity(rank: int | None = None, world_size: int | None = None,
 
 
 def local_device(device: str, env: dict[str, str] | None = None) -> str:
-    """`cuda` means this worker's GPU: LOCAL_RANK (torchrun) or SLURM_LOCALID picks it; explicit indices stay."""
+    """`cuda` means this worker's GPU: LOCAL_RANK (torchrun) or SLURM_LOCALID picks it, unless the scheduler
+    already made one GPU visible per worker (CUDA_VISIBLE_DEVICES with one entry). Explicit indices stay."""
     env = os.environ if env is None else env
     if device != "cuda":
         return device
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
-    return f"cuda:{int(local)}" if local is not None else device
+    if local is None or len(visible) == 1:
+        return device
+    return f"cuda:{int(local)}"
