@@ -36,7 +36,7 @@ def test_bad_inputs_get_one_line_and_a_nonzero_exit(tmp_path):
     res = runner.invoke(app, ["capture", "--prompts", str(empty), "--out", str(tmp_path / "o"), *TINY])
     assert res.exit_code == 2 and "has no prompts" in res.output
     res = runner.invoke(app, ["capture", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path), *TINY])
-    assert res.exit_code == 2 and "cannot read prompts file" in res.output
+    assert res.exit_code == 2 and "does not exist" in res.output
     good = tmp_path / "p.txt"
     good.write_text("a red circle\n")
     res = runner.invoke(app, ["capture", "--prompts", str(good), "--out", str(tmp_path / "o"), "--sigmas", "0.5,2",

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from pathlib import Path
+
 import torch
 import typer
+
+from ._errors import fail
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Short name, local pipeline folder, or hub id (local HF cache).")]
 Device = Annotated[str, typer.Option(help="Torch device: auto (cuda if present, else cpu), cuda, cuda:1, cpu…")]
@@ -31,3 +35,31 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise typer.BadParameter(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+TASK_ALIASES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """"seg,sal" → ("seg", "saliency"): canonical names, in order, without repeats; a usage error otherwise."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASK_ALIASES]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown task {', '.join(bad) or '(none)'}; choose from seg, saliency (sal), depth")
+    return tuple(dict.fromkeys(TASK_ALIASES[t] for t in names))
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-blank lines, stripped. An unreadable or empty file is a usage error (exit 2)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except IsADirectoryError:
+        fail(f"prompts file {path} is a folder", code=2)
+    except FileNotFoundError:
+        fail(f"prompts file {path} does not exist", code=2)
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read prompts file {path}: {type(e).__name__}: {e}", code=2)
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        fail(f"prompts file {path} has no prompts", code=2)
+    return prompts

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..backbones import load_backbone
 from ..capture import CONCEPT_SETS, CaptureSpec, plan_schedule
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, resolve_device, torch_dtype
+from ._options import Device, Dtype, Model, read_prompts, resolve_device, torch_dtype
 
 out = Console()
 
@@ -100,13 +100,7 @@ def capture(
     """Generate each prompt once and dump its image, captured features and concept maps."""
     from ..jobs.capture_job import CaptureJob, run_capture
 
-    try:
-        lines = prompts.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read prompts file {prompts}: {e.__class__.__name__}", code=2)
-    texts = [ln.strip() for ln in lines if ln.strip()]
-    if not texts:
-        fail(f"prompts file {prompts} has no prompts", code=2)
+    texts = read_prompts(prompts)
     if batch_size < 1:
         fail("--batch-size must be ≥ 1", code=2)
     with clean_errors():

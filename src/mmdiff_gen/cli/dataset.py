@@ -9,34 +9,9 @@ import typer
 from rich.console import Console
 
 from ._errors import clean_errors, err, fail
-from ._options import Device, Dtype, Model, resolve_device, torch_dtype
+from ._options import Device, Dtype, Model, parse_tasks, read_prompts, resolve_device, torch_dtype
 
 out = Console(stderr=True)
-TASK_NAMES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
-
-
-def _tasks(text: str) -> tuple[str, ...]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in TASK_NAMES]
-    if bad or not names:
-        raise typer.BadParameter(f"unknown task {', '.join(bad) or '(none)'}; choose from seg, saliency (sal), depth")
-    return tuple(dict.fromkeys(TASK_NAMES[t] for t in names))
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Non-blank lines, stripped. An unreadable or empty file is a usage error (exit 2)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except IsADirectoryError:
-        fail(f"prompts file {path} is a folder", code=2)
-    except FileNotFoundError:
-        fail(f"prompts file {path} does not exist", code=2)
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read prompts file {path}: {type(e).__name__}: {e}", code=2)
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        fail(f"prompts file {path} has no prompts", code=2)
-    return prompts
 
 
 def generate(
@@ -67,7 +42,7 @@ def generate(
     from ..backbones.loading import DEFAULT_HEADS
     from ..jobs.plan import local_device, worker_identity
 
-    task_list = _tasks(tasks)
+    task_list = parse_tasks(tasks)
     texts = read_prompts(prompts)
     if images_per_prompt < 1 or batch_size < 1 or shard_size < 1:
         fail("--images-per-prompt, --batch-size and --shard-size must be ≥ 1", code=2)

@@ -11,17 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, resolve_device, torch_dtype
+from ._options import Device, Dtype, Model, parse_tasks, resolve_device, torch_dtype
 
 out = Console()
-TASKS = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
-
-
-def _task(name: str) -> str:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise typer.BadParameter(f"unknown task {name!r}; choose from seg, saliency (sal), depth") from None
 
 
 def extract(
@@ -42,7 +34,7 @@ def extract(
     from ..io.readers import FilesDataset
     from ..train.feature_cache import build_cache
 
-    task_list = [_task(t.strip()) for t in tasks.split(",") if t.strip()]
+    task_list = list(parse_tasks(tasks))
     with clean_errors():
         ds = FilesDataset(data)
         bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
@@ -68,7 +60,10 @@ def train(
     from ..train.feature_cache import FeatureCache
     from ..train.trainer import TrainConfig, train_head
 
-    t = _task(task)
+    picked = parse_tasks(task)
+    if len(picked) != 1:
+        raise typer.BadParameter(f"train one task at a time, got {task!r}")
+    t = picked[0]
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
     with clean_errors():
         steps = tuple(int(x) for x in timesteps.split(",")) if timesteps else None
