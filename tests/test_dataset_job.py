@@ -260,3 +260,15 @@ def test_huggingface_datasets_reader_is_lossless(reference):
         assert np.array_equal(np.array(ex["seg.png"]), s.labels["seg"])
         depth = np.array(ex["depth.png"])
         assert depth.dtype == np.uint16 and np.array_equal(depth.astype(np.float32) / 1000, s.labels["depth"])
+
+
+def test_progress_prints_plain_lines_off_a_terminal(capsys):
+    from mmdiff_gen.jobs._progress import JobProgress
+
+    bar = JobProgress(4, "worker 1/2", interval=0.0)
+    bar.add_time("backbone", 1.5)
+    bar.advance(2)
+    bar.advance(2)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[-1].startswith("[worker 1/2] 4/4 samples") and "backbone 1.5s" in lines[-1]
