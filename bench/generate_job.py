@@ -60,16 +60,14 @@ class CallCounter:
 
 
 def settings(bb) -> dict:
-    s = bb.sampling
-    return dict(height=s["height"], width=s["width"], num_inference_steps=s["num_inference_steps"],
-                true_cfg_scale=s["true_cfg_scale"], guidance_scale=s.get("guidance_scale", 1.0),
-                max_sequence_length=s["max_sequence_length"])
+    """The toy's recommended sampling kwargs (true CFG 5 with an empty negative prompt)."""
+    return bb.sampling_kwargs()
 
 
 def plain(bb, ann, texts, seeds, kw, _out):
     plan = plan_schedule(bb, ann.spec(), kw["num_inference_steps"], kw["height"], kw["width"])
     t0 = time.perf_counter()
-    images = bb.pipe(prompt=texts, negative_prompt="", generator=generators_for(seeds),
+    images = bb.pipe(prompt=texts, generator=generators_for(seeds),
                      sigmas=list(plan.pipeline_sigmas), **kw).images
     return {"backbone": time.perf_counter() - t0}, images
 
@@ -86,7 +84,7 @@ def _write(ann, texts, images, labels, cap, out):
 
 def ours(bb, ann, texts, seeds, kw, out):
     t0 = time.perf_counter()
-    gen = generate(bb, texts, ann.spec(), seeds=seeds, negative_prompt="", **kw)
+    gen = generate(bb, texts, ann.spec(), seeds=seeds, **kw)
     t1 = time.perf_counter()
     labels = ann(gen.capture, (kw["height"], kw["width"]))
     t2 = time.perf_counter()
@@ -136,11 +134,9 @@ def throughput(bb, ann, batches: list[int], n: int) -> dict:
     out = {}
     for b in batches:
         with tempfile.TemporaryDirectory() as tmp:
-            job = GenerateJob(out=Path(tmp) / "ds", tasks=tuple(TASKS), batch_size=b, shard_size=n, **kw,
-                              negative_prompt="")
+            job = GenerateJob(out=Path(tmp) / "ds", tasks=tuple(TASKS), batch_size=b, shard_size=n, **kw)
             run_generate(bb, ann, texts[:b], job, progress=False)  # warm-up at this batch size
-            job = GenerateJob(out=Path(tmp) / "ds2", tasks=tuple(TASKS), batch_size=b, shard_size=n, **kw,
-                              negative_prompt="")
+            job = GenerateJob(out=Path(tmp) / "ds2", tasks=tuple(TASKS), batch_size=b, shard_size=n, **kw)
             t0 = time.perf_counter()
             run_generate(bb, ann, texts, job, progress=False)
             out[b] = n / (time.perf_counter() - t0)
@@ -152,8 +148,7 @@ def memory_child(n: int, heads: str) -> None:
     bb = load_backbone("toy", dtype=torch.float32, device="cpu")
     ann = Annotator(head_files(Path(heads), TASKS), bb.identity())
     with tempfile.TemporaryDirectory() as tmp:
-        job = GenerateJob(out=Path(tmp), tasks=tuple(TASKS), batch_size=8, shard_size=64, **settings(bb),
-                          negative_prompt="")
+        job = GenerateJob(out=Path(tmp), tasks=tuple(TASKS), batch_size=8, shard_size=64, **settings(bb))
         run_generate(bb, ann, prompts(n), job, progress=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 

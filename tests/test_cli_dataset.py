@@ -59,13 +59,15 @@ def test_bad_inputs_one_line_nonzero_exit(heads, prompts, tmp_path):
         (gen("--heads", str(heads), prompts_file=tmp_path / "nope.txt"), 2, "does not exist"),
         (gen("--heads", str(heads), prompts_file=tmp_path), 2, "is a folder"),
         (gen("--heads", str(heads), "--tasks", "seg,normals"), 2, "unknown task"),
-        (gen("--heads", str(heads / "seg.safetensors"), "--tasks", "seg,depth"), 1, "no head for depth"),
-        (gen("--heads", str(tmp_path / "missing")), 1, "heads not found"),
+        (gen("--heads", str(heads / "seg.safetensors"), "--tasks", "seg,depth"), 2, "no head for depth"),
+        (gen("--heads", str(tmp_path / "missing")), 2, "heads not found"),
+        (gen("--heads", str(prompts)), 2, "not a safetensors head file"),
+        (gen("--heads", str(heads), "--seed", "-1"), 2, "--seed must be"),
         (gen("--heads", str(heads), "--image-format", "gif"), 2, "jpg or png"),
     ]
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the output folder should go")
-    cases.append((gen("--heads", str(heads), out="blocker/ds"), 1, "cannot create output folder"))
+    cases.append((gen("--heads", str(heads), out="blocker/ds"), 2, "cannot create output folder"))
     other = make_heads(load_backbone("tiny-random", dtype=torch.float32, device="cpu"), tmp_path / "other")
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
@@ -76,7 +78,7 @@ def test_bad_inputs_one_line_nonzero_exit(heads, prompts, tmp_path):
     meta["backbone"]["config_sha256"] = "0123456789abcdef"
     header["meta"] = json.dumps(meta)
     save_file(load_file(str(other / "seg.safetensors")), str(other / "seg.safetensors"), metadata=header)
-    cases.append((gen("--heads", str(other), "--tasks", "seg"), 1, "was trained on"))
+    cases.append((gen("--heads", str(other), "--tasks", "seg"), 2, "was trained on"))
     for res, code, text in cases:
         assert res.exit_code == code, (text, res.output)
         assert text in res.output and "Traceback" not in res.output, res.output
@@ -89,7 +91,7 @@ def test_overlong_prompt_is_warned(heads, tmp_path):
     res = run(app, ["generate", "--prompts", str(p), "--out", str(tmp_path / "ds"), "--heads", str(heads),
                     "--tasks", "seg", *FAST])
     assert res.exit_code == 0, res.output
-    assert "truncated" in res.output and "line 1" in res.output
+    assert "truncated" in res.output and "prompt 1" in res.output
 
 
 def _spawn(args, env=None):
@@ -123,7 +125,7 @@ def test_kill_and_sigterm_then_resume_equals_one_clean_run(heads, tmp_path):
     _wait_for(ds / "00002_stats.json", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+    assert proc.returncode == 128 + signal.SIGTERM and b"interrupted" in err and b"Traceback" not in err, err
     res = run(app, args + ["--out", str(ds)])
     assert res.exit_code == 0, res.output
     assert "already finished" in res.output

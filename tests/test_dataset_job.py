@@ -237,6 +237,8 @@ def test_worker_identity_from_flags_and_environment():
     assert worker_identity(1, 4, env={"RANK": "3", "WORLD_SIZE": "8"})[:2] == (1, 4)
     assert worker_identity(env={"RANK": "3", "WORLD_SIZE": "8"})[:2] == (3, 8)
     assert worker_identity(env={"SLURM_PROCID": "2", "SLURM_NTASKS": "4"})[:2] == (2, 4)
+    assert worker_identity(None, 4, env={"RANK": "3", "WORLD_SIZE": "4"})[:2] == (3, 4)  # a flag overrides only itself
+    assert worker_identity(2, None, env={"SLURM_PROCID": "0", "SLURM_NTASKS": "4"})[:2] == (2, 4)
     arr = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
     assert worker_identity(env=arr)[:2] == (2, 3)
     with pytest.raises(ValueError, match="not in 0"):

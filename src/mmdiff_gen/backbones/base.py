@@ -77,6 +77,21 @@ class Backbone(ABC):
         """Recommended sampling settings (steps, guidance, size…) from mmdiff.json, else empty."""
         return dict(self.settings.get("sampling", {}))
 
+    # FLUX.1-dev's usual settings, used where neither the caller nor mmdiff.json says otherwise.
+    SAMPLING_DEFAULTS = {"height": 512, "width": 512, "num_inference_steps": 28, "guidance_scale": 3.5,
+                         "true_cfg_scale": 1.0, "negative_prompt": None}
+
+    def sampling_kwargs(self, **overrides) -> dict:
+        """Complete sampling kwargs for `generate`: the caller's values (None = unset) over the backbone's
+        recommendation over SAMPLING_DEFAULTS; the text length never exceeds the tokenizer's limit."""
+        out = {**self.SAMPLING_DEFAULTS, **{k: v for k, v in self.sampling.items() if k != "max_sequence_length"}}
+        out.update({k: v for k, v in overrides.items() if v is not None})
+        rec_len = self.sampling.get("max_sequence_length", self.max_sequence_length)
+        out["max_sequence_length"] = min(overrides.get("max_sequence_length") or rec_len, self.max_sequence_length)
+        if out["true_cfg_scale"] > 1 and out["negative_prompt"] is None:
+            out["negative_prompt"] = ""  # true CFG needs an unconditional branch
+        return out
+
     @property
     def max_sequence_length(self) -> int:
         """Text tokens the pipeline should pad to: the T5 tokenizer's limit, at most FLUX's 512."""

@@ -20,8 +20,8 @@ def fail(message: str, code: int = 1) -> None:
 
 
 @contextmanager
-def clean_errors():
-    """Turn library errors into one line on stderr and exit code 1."""
+def clean_errors(usage: tuple[type[Exception], ...] = ()):
+    """Turn library errors into one line on stderr and exit code 1 (2 for the `usage` error types)."""
     try:
         yield
     except typer.Exit:  # click's Exit is a RuntimeError: let a deliberate exit code through
@@ -30,4 +30,4 @@ def clean_errors():
         if os.environ.get("MMDIFF_DEBUG"):
             raise
         text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        fail(str(text).splitlines()[0] if str(text) else type(e).__name__)
+        fail(str(text).splitlines()[0] if str(text) else type(e).__name__, code=2 if isinstance(e, usage) else 1)

@@ -53,8 +53,8 @@ def inspect(
     """Show a backbone's capture geometry and the schedule that honours the target sigmas."""
     with clean_errors():
         bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
-        size = size or bb.sampling.get("height", 512)
-        steps = steps or bb.sampling.get("num_inference_steps", 28)
+        kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps)
+        size, steps = kw["height"], kw["num_inference_steps"]
         spec = CaptureSpec(sigmas=_sigmas(sigmas))
         plan = plan_schedule(bb, spec, steps, size, size)
         h, w = bb.token_grid(size, size)
@@ -106,14 +106,9 @@ def capture(
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
         bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
-        rec = bb.sampling  # the backbone's recommended settings fill what the user left out
-        size = size or rec.get("height", 512)
-        job = CaptureJob(
-            out=out_dir, seed=seed, batch_size=batch_size, height=size, width=size,
-            num_inference_steps=steps or rec.get("num_inference_steps", 28),
-            guidance_scale=guidance if guidance is not None else rec.get("guidance_scale", 3.5),
-            true_cfg_scale=true_cfg if true_cfg is not None else rec.get("true_cfg_scale", 1.0),
-            max_sequence_length=min(max_sequence_length, bb.max_sequence_length),
-        )
+        kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                                true_cfg_scale=true_cfg, max_sequence_length=max_sequence_length)
+        kw.pop("negative_prompt")  # run_capture uses "" whenever true CFG is on
+        job = CaptureJob(out=out_dir, seed=seed, batch_size=batch_size, **kw)
         n = run_capture(bb, texts, spec, job)
     out.print(f"wrote {n} samples to {out_dir} (KEY.png, KEY.safetensors, KEY.json)")

@@ -44,15 +44,24 @@ def generate(
 
     task_list = parse_tasks(tasks)
     texts = read_prompts(prompts)
-    if images_per_prompt < 1 or batch_size < 1 or shard_size < 1:
-        fail("--images-per-prompt, --batch-size and --shard-size must be ≥ 1", code=2)
+    if min(images_per_prompt, batch_size, shard_size, steps or 1, size or 1) < 1:
+        fail("--images-per-prompt, --batch-size, --shard-size, --steps and --size must be ≥ 1", code=2)
+    if seed < 0:
+        fail("--seed must be ≥ 0", code=2)
     if image_format not in ("jpg", "png"):
         fail(f"--image-format must be jpg or png, got {image_format!r}", code=2)
     if fmt not in ("webdataset", "files"):
         fail(f"--format must be webdataset or files, got {fmt!r}", code=2)
     dev = local_device(resolve_device(device))
     torch_dt = torch_dtype(dtype, dev)
-    with clean_errors():
+    from ..heads.checkpoint import HeadMismatch
+    from ..jobs.dataset_job import FingerprintMismatch, Interrupted
+
+    try:  # before loading a backbone (minutes for FLUX): can we write there at all?
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create output folder {out_dir}: {e.strerror or type(e).__name__}", code=2)
+    with clean_errors(usage=(HeadMismatch, FingerprintMismatch)):
         r, w, source = worker_identity(rank, world_size)
         if heads is None:
             heads = DEFAULT_HEADS.get(model)
@@ -65,32 +74,24 @@ def generate(
         files = head_files(heads, list(task_list))  # before loading the backbone: fail fast on a missing head
         bb = load_backbone(model, dtype=torch_dt, device=dev)
         annotator = Annotator(files, bb.identity(), device=dev)
-        rec = bb.sampling
-        side = size or rec.get("height", 512)
-        max_len = min(rec.get("max_sequence_length", 512), bb.max_sequence_length)
-        job = GenerateJob(
-            out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size,
-            height=side, width=side, num_inference_steps=steps or rec.get("num_inference_steps", 28),
-            guidance_scale=guidance if guidance is not None else rec.get("guidance_scale", 3.5),
-            true_cfg_scale=true_cfg if true_cfg is not None else rec.get("true_cfg_scale", 1.0),
-            negative_prompt=rec.get("negative_prompt", ""), max_sequence_length=max_len,
-            image_format=image_format, format=fmt, shard_size=shard_size, overwrite=overwrite, retry_failed=retry_failed,
-        )
-        long = overlong_prompts(bb, texts, max_len)
+        kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                                true_cfg_scale=true_cfg)
+        job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
+                          batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,
+                          overwrite=overwrite, retry_failed=retry_failed, **kw)
+        long = overlong_prompts(bb, texts, job.max_sequence_length)
         if long:
             i, n = long[0]
-            err.print(f"[yellow]warning:[/] {len(long)} prompt(s) exceed {max_len} text tokens and will be truncated "
-                      f"(first: line {i + 1}, {n} tokens)", highlight=False)
+            err.print(f"[yellow]warning:[/] {len(long)} prompt(s) exceed {job.max_sequence_length} text tokens and will be truncated "
+                      f"(first: prompt {i + 1}, {n} tokens)", highlight=False)
         if w > 1:
             out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False)
-        from ..jobs.dataset_job import Interrupted
-
         try:
             rep = run_generate(bb, annotator, texts, job, rank=r, world_size=w, dtype=str(torch_dt).removeprefix("torch."))
         except Interrupted as e:
             err.print(f"[bold red]interrupted[/] by {e}: the open shard was discarded, finished shards are kept; "
                       "re-run the same command to resume", highlight=False)
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + e.signum) from None
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in rep.seconds.items())
     out.print(f"{out_dir}: {rep.samples_written} samples written in {rep.shards_written} shard(s), "
               f"{rep.shards_skipped} already finished, {rep.samples_failed} failed" + (f" ({stages})" if stages else ""),
@@ -124,6 +125,8 @@ def preview(
     """A contact sheet: image | segmentation overlay | saliency | depth colormap per sample."""
     from ..io.preview import contact_sheet
 
+    if n < 1:
+        fail("--n must be ≥ 1", code=2)
     with clean_errors():
         rows = contact_sheet(src, sheet, n=n)
     out.print(f"{sheet}: {rows} samples", highlight=False)

@@ -74,33 +74,35 @@ def fidelity(
 @app.command()
 def heads(
     work: Annotated[Path | None, typer.Option(help="Scenes and feature caches [~/.cache/mmdiff-gen/toy-heads].")] = None,
-    train_scenes: Annotated[int, typer.Option()] = 4000,
+    train_scenes: Annotated[int, typer.Option()] = 2000,
     val_scenes: Annotated[int, typer.Option()] = 500,
-    epochs: Annotated[int, typer.Option()] = 12,
+    epochs: Annotated[int, typer.Option()] = 6,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Head folder (default: the packaged toy heads).")] = None,
+    tasks: Annotated[str, typer.Option(help="Heads to train (more --epochs continues them).")] = "seg,saliency,depth",
 ) -> None:
-    """Train the toy backbone's default seg / saliency / depth heads (resumable)."""
+    """Train the toy backbone's default seg / saliency / depth heads (resumable; more epochs continue them)."""
     from ..toy.heads_recipe import train_toy_heads
+    from ._options import parse_tasks
 
     with clean_errors():
         metrics = train_toy_heads(work or _HEADS_WORK, train_scenes=train_scenes, val_scenes=val_scenes,
-                                  epochs=epochs, out=out_dir)
+                                  epochs=epochs, out=out_dir, tasks=parse_tasks(tasks))
     out.print(json.dumps(metrics, indent=1))
 
 
 @app.command()
 def ablation(
-    work: Annotated[Path | None, typer.Option(help="Scenes and feature caches [~/.cache/mmdiff-gen/toy-heads].")] = None,
-    train_scenes: Annotated[int, typer.Option()] = 4000,
+    work: Annotated[Path | None, typer.Option(help="Scenes and feature caches [~/.cache/mmdiff-gen/toy-ablation].")] = None,
+    train_scenes: Annotated[int, typer.Option()] = 1000,
     val_scenes: Annotated[int, typer.Option()] = 500,
-    epochs: Annotated[int, typer.Option()] = 12,
+    epochs: Annotated[int, typer.Option()] = 4,
     report: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
 ) -> None:
     """The paper's Table 5 on the toy world: single t ≈ 0, + cross-attention, + concepts, multi-t, mean fusion."""
     from ..toy.heads_recipe import run_ablation
 
     with clean_errors():
-        table = run_ablation(work or _HEADS_WORK, train_scenes=train_scenes, val_scenes=val_scenes, epochs=epochs)
+        table = run_ablation(work or _ABLATION_WORK, train_scenes=train_scenes, val_scenes=val_scenes, epochs=epochs)
     out.print(json.dumps(table, indent=1))
     if report is not None:
         report.write_text(json.dumps(table, indent=1))
@@ -125,3 +127,4 @@ def consistency(
 
 
 _HEADS_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-heads"
+_ABLATION_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-ablation"

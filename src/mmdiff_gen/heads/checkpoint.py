@@ -85,8 +85,13 @@ def save_head(path: Path, model: MMDiffHead, meta: HeadMeta) -> None:
 
 
 def read_meta(path: Path) -> HeadMeta:
-    with safe_open(str(path), "pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise HeadMismatch(f"{path} is not a safetensors head file ({type(e).__name__})") from None
     if "config" not in header:
         raise HeadMismatch(f"{path} is not an mmdiff-gen head checkpoint")
     if int(header.get("format_version", 0)) > FORMAT_VERSION:

@@ -46,7 +46,8 @@ class GeneratedDataset:
         self.tasks = list(self.info["tasks"])
         self.depth_scale = float(self.info.get("depth", {}).get("scale", 1000.0))
         n = self.info["num_shards"]
-        self.stats = {s: st for s in range(n) if (st := read_stats(self.root, s)) is not None}
+        fp = self.info["fingerprint"]  # shards left from other inputs (before --overwrite) are not this dataset
+        self.stats = {s: st for s in range(n) if (st := read_stats(self.root, s, fp)) is not None}
 
     @property
     def classes(self) -> list[str]:
@@ -92,8 +93,11 @@ class GeneratedDataset:
 
     def _files_sample(self, key: str) -> GeneratedSample:
         members = {}
+        image = self.info["image_format"]
         for suffix, (folder, ext) in FILES_LAYOUT.items():
             p = self.root / folder / f"{key}.{ext}"
-            if p.is_file() and (suffix != "png" or "jpg" not in members):
+            if suffix in ("jpg", "png") and suffix != image:
+                continue
+            if p.is_file():
                 members[suffix] = p.read_bytes()
         return self._decode(key, members)

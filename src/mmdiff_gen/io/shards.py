@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,11 @@ FORMATS = ("webdataset", "files")
 FILES_LAYOUT = {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("meta", "json"),
                 "txt": ("prompts", "txt"), "seg.png": ("seg", "png"), "sal.png": ("saliency", "png"),
                 "depth.png": ("depth", "png")}
+
+
+def _tmp_tag() -> str:
+    """Unique among workers sharing a file system (several nodes can have the same pid)."""
+    return f"{socket.gethostname()}.{os.getpid()}"
 
 
 def shard_name(shard: int) -> str:
@@ -32,23 +38,31 @@ def stats_path(root: Path, shard: int) -> Path:
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a unique temporary name, flush it to disk, then rename it over `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{_tmp_tag()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def read_stats(root: Path, shard: int) -> dict | None:
-    """A finished shard's stats, or None if the shard is not finished."""
+def read_stats(root: Path, shard: int, fingerprint: str | None = None) -> dict | None:
+    """A finished shard's stats, or None if the shard is not finished (or, given `fingerprint`, was
+    made from other inputs: such a shard is not part of this dataset)."""
     p = stats_path(root, shard)
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        st = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None  # a damaged marker means: redo the shard
+    if fingerprint is not None and st.get("fingerprint") != fingerprint:
+        return None
+    return st
 
 
 class ShardWriter:
@@ -65,10 +79,9 @@ class ShardWriter:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         self.root, self.shard, self.fmt = Path(root), shard, fmt
         self.count = 0
-        stats_path(self.root, shard).unlink(missing_ok=True)  # the shard is being redone: not done any more
         if fmt == "webdataset":
             self.path = self.root / f"{shard_name(shard)}.tar"
-            self._tmp = self.root / f".{self.path.name}.{os.getpid()}.tmp"
+            self._tmp = self.root / f".{self.path.name}.{_tmp_tag()}.tmp"
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -82,6 +95,8 @@ class ShardWriter:
                 info.uname = info.gname = ""
                 self._tar.addfile(info, io.BytesIO(members[suffix]))
         else:
+            if self.count == 0:  # files are rewritten in place: the old done marker no longer holds
+                stats_path(self.root, self.shard).unlink(missing_ok=True)
             for suffix, data in members.items():
                 folder, ext = FILES_LAYOUT[suffix]
                 d = self.root / folder
@@ -97,13 +112,19 @@ class ShardWriter:
             self._tar.close()
             with open(self._tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            stats_path(self.root, self.shard).unlink(missing_ok=True)  # an older marker must not vouch for the new tar
             os.replace(self._tmp, self.path)
         write_json_atomic(stats_path(self.root, self.shard), stats)
 
     def abort(self) -> None:
+        """Discard the unfinished shard; an older finished version of it (if any) stays as it was."""
         if self.fmt == "webdataset":
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
+            try:
+                self._tar.close()  # may fail again on a full disk
+            except OSError:
+                pass
+            finally:
+                self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -23,10 +23,12 @@ class JobProgress:
         self._t0 = self._last = time.perf_counter()
         self._bar = None
         if enabled and sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stages]}"), transient=False)
+                                 TimeRemainingColumn(), TextColumn("{task.fields[stages]}"), transient=False,
+                                 console=Console(stderr=True))
             self._task = self._bar.add_task(label, total=total, stages="")
             self._bar.start()
 

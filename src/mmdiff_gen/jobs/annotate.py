@@ -27,7 +27,7 @@ def head_files(source: Path, tasks: list[str]) -> dict[str, Path]:
     elif source.is_dir():
         found = {t: source / f for t, f in HEAD_FILES.items() if (source / f).is_file()}
     else:
-        raise FileNotFoundError(f"heads not found: {source}")
+        raise HeadMismatch(f"heads not found: {source}")
     missing = [t for t in tasks if t not in found]
     if missing:
         raise HeadMismatch(f"{source} has no head for {', '.join(missing)} (it has: {', '.join(found) or 'none'})")

@@ -30,11 +30,19 @@ from .annotate import Annotator
 from .plan import SEED_POLICY, PlannedSample, owned_shards, plan_samples, shard_ranges
 
 FORMAT_VERSION = 1
+MAX_FAILED_SHARDS = 3  # consecutive shards in which every sample failed: stop the job
 DEPTH_SCALE = 1000.0  # depth PNG value per unit (metres → millimetres, the NYU convention)
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM / SIGUSR1 reached the job; the open shard was discarded."""
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM / SIGUSR1 reached the job; the open shard was discarded.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way can swallow it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class FingerprintMismatch(ValueError):
@@ -153,14 +161,15 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
         "classes": annotator.classes,
         "palette": annotator.palette,
         "ignore_index": IGNORE_INDEX,
-        "depth": {"unit": annotator.depth_unit or "metre", "scale": DEPTH_SCALE, "invalid": 0,
+        "config": job_config(job),
+        "depth": {"unit": annotator.depth_unit or "relative", "scale": DEPTH_SCALE, "invalid": 0,
                   "encoding": "uint16 PNG, value = depth × scale"},
         "saliency": {"encoding": "uint8 PNG, 0–255"},
         "segmentation": {"encoding": "uint8 PNG of class ids, 255 = ignore"},
     }
 
 
-def prepare_output(job: GenerateJob, info: dict, rank: int) -> None:
+def prepare_output(job: GenerateJob, info: dict) -> None:
     """Create the folder and dataset.json, or check that an existing one was made from the same inputs."""
     out = job.out
     try:
@@ -176,15 +185,23 @@ def prepare_output(job: GenerateJob, info: dict, rank: int) -> None:
             raise FingerprintMismatch(
                 f"{out} holds a dataset made from other inputs (prompts, settings, backbone or heads); "
                 "use another --out, or --overwrite to replace it")
-        if rank == 0:  # shards past the new end would otherwise linger; the others fail the fingerprint check
-            _remove_shards(out, range(info["num_shards"], old.get("num_shards", 0)))
     write_json_atomic(path, info)
 
 
-def _remove_shards(out: Path, shards) -> None:
-    for s in shards:
-        stats_path(out, s).unlink(missing_ok=True)
-        (out / f"{shard_name(s)}.tar").unlink(missing_ok=True)
+def _remove_foreign_shards(out: Path, fingerprint: str, keep: set[int]) -> None:
+    """Delete finished shards made from other inputs (left by --overwrite), except those in `keep`, which
+    their workers redo anyway. Readers already ignore them; this frees the space."""
+    for marker in out.glob("[0-9]*_stats.json"):
+        shard = int(marker.name.split("_")[0])
+        st = read_stats(out, shard)
+        if shard in keep or st is None or st.get("fingerprint") == fingerprint:
+            continue
+        marker.unlink(missing_ok=True)
+        (out / f"{shard_name(shard)}.tar").unlink(missing_ok=True)
+        for rec in st.get("samples", []):  # files layout
+            for folder in ("images", "meta", "prompts", "seg", "saliency", "depth"):
+                for f in (out / folder).glob(f"{rec['key']}.*"):
+                    f.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -194,9 +211,12 @@ def _signals_raise():
         yield
         return
     names = [s for s in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, s)]
+    fired = []
 
     def handler(signum, _frame):
-        raise Interrupted(signal.Signals(signum).name)
+        if not fired:  # a second signal must not cut the clean-up of the first short
+            fired.append(signum)
+            raise Interrupted(signum)
 
     old = {n: signal.signal(getattr(signal, n), handler) for n in names}
     try:
@@ -232,7 +252,7 @@ class _Runner:
     def batch(self, samples: list[PlannedSample]) -> list[tuple[np.ndarray, dict, list[float]] | str]:
         try:
             return self._batch(samples)
-        except (Interrupted, KeyboardInterrupt, OSError):
+        except OSError:  # disk trouble is the job's, not the sample's
             raise
         except Exception as e:  # noqa: BLE001 — recorded per sample, the run goes on
             if len(samples) == 1:
@@ -271,37 +291,49 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
     if missing:
         raise ValueError(f"the heads have no {', '.join(missing)} head")
     info = dataset_info(job, prompts, backbone, annotator, dtype)
-    prepare_output(job, info, rank)
+    prepare_output(job, info)
     plan = plan_samples(prompts, job.images_per_prompt, job.seed)
     ranges = shard_ranges(len(plan), job.shard_size)
     mine = owned_shards(len(ranges), rank, world_size)
     for stale in job.out.glob(".*.tmp"):  # temporaries of killed runs (only this worker's shards)
-        if stale.name[1:6].isdigit() and int(stale.name[1:6]) in mine:
+        head = stale.name[1:].split(".")[0].split("_")[0]
+        if head.isdigit() and int(head) in mine:
             stale.unlink(missing_ok=True)
+    if rank == 0:  # shards past the end of a replaced dataset: nobody will redo them
+        _remove_foreign_shards(job.out, info["fingerprint"], keep=set(range(len(ranges))))
     report = JobReport(rank=rank, world_size=world_size, shards_owned=len(mine))
     todo = []
     for s in mine:
-        st = read_stats(job.out, s)
-        if st is not None and st.get("fingerprint") == info["fingerprint"] and not (job.retry_failed and st["failed"]):
+        st = read_stats(job.out, s, info["fingerprint"])
+        if st is not None and not (job.retry_failed and st["failed"]):
             report.shards_skipped += 1
         else:
             todo.append(s)
     bar = JobProgress(sum(len(ranges[s]) for s in todo), f"worker {rank}/{world_size}" if world_size > 1 else "generate",
                       enabled=progress)
-    runner = _Runner(backbone, annotator, job, bar)
+    failed_in_a_row = 0
     try:
+        runner = _Runner(backbone, annotator, job, bar)
         with _signals_raise():
             for s in todo:
-                _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar)
+                failed, attempted = _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar)
+                failed_in_a_row = failed_in_a_row + 1 if failed == attempted else 0
+                if failed_in_a_row == MAX_FAILED_SHARDS:  # not bad luck: something is broken; stop burning GPU time
+                    first = read_stats(job.out, s)["samples"][0]["error"]
+                    raise RuntimeError(f"every sample of the last {MAX_FAILED_SHARDS} shards failed; first error: {first}")
     finally:
         bar.close()
         report.seconds = dict(bar.stages)
-        _write_sizes(job.out, info["num_shards"])
+        try:
+            _write_sizes(job.out, info["num_shards"], info["fingerprint"])
+        except OSError:
+            pass  # best effort: never hide the error that brought us here
     return report
 
 
 def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job: GenerateJob, info: dict,
-                 report: JobReport, bar: JobProgress) -> None:
+                 report: JobReport, bar: JobProgress) -> tuple[int, int]:
+    """Generate, annotate and write one shard; returns (failed, attempted) samples."""
     t_start = time.perf_counter()
     records = []
     with ShardWriter(job.out, shard, job.format) as writer:
@@ -320,19 +352,19 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
             bar.add_time("write", time.perf_counter() - t0)
             bar.advance(len(batch))
         failed = [r for r in records if r["status"] != "ok"]
-        if failed and len(failed) == len(records):
-            raise RuntimeError(f"every sample of shard {shard_name(shard)} failed; first error: {failed[0]['error']}")
         writer.commit({"shard": shard_name(shard), "fingerprint": info["fingerprint"], "attempted": len(records),
                        "written": len(records) - len(failed), "failed": len(failed),
                        "seconds": round(time.perf_counter() - t_start, 3), "samples": records})
     report.shards_written += 1
     report.samples_written += len(records) - len(failed)
     report.samples_failed += len(failed)
+    return len(failed), len(records)
 
 
-def _write_sizes(out: Path, num_shards: int) -> None:
+def _write_sizes(out: Path, num_shards: int, fingerprint: str) -> None:
     """sizes.json ({shard file: samples}) over every finished shard, as open_clip-style loaders read it."""
-    sizes = {f"{shard_name(s)}.tar": st["written"] for s in range(num_shards) if (st := read_stats(out, s))}
+    sizes = {f"{shard_name(s)}.tar": st["written"] for s in range(num_shards)
+             if (st := read_stats(out, s, fingerprint))}
     write_json_atomic(out / "sizes.json", sizes)
 
 

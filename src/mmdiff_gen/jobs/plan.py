@@ -58,16 +58,17 @@ def worker_identity(rank: int | None = None, world_size: int | None = None,
                     env: dict[str, str] | None = None) -> tuple[int, int, str]:
     """(rank, world size, where they came from): flags, else torchrun / accelerate, else SLURM, else job arrays."""
     env = os.environ if env is None else env
-    if rank is not None or world_size is not None:
-        r, w, src = (rank or 0), (world_size or 1), "flags"
-    else:
-        r, w, src = 0, 1, "single worker"
-        for rk, wk in _RANK_VARS:
-            if rk in env and wk in env:
-                r, w, src = int(env[rk]), int(env[wk]), f"{rk}/{wk}"
-                if rk == "SLURM_ARRAY_TASK_ID":
-                    r -= int(env.get("SLURM_ARRAY_TASK_MIN", 0))  # arrays may start at 1
-                break
+    r, w, src = 0, 1, "single worker"
+    for rk, wk in _RANK_VARS:
+        if rk in env and wk in env:
+            r, w, src = int(env[rk]), int(env[wk]), f"{rk}/{wk}"
+            if rk == "SLURM_ARRAY_TASK_ID":
+                r -= int(env.get("SLURM_ARRAY_TASK_MIN", 0))  # arrays may start at 1
+            break
+    if rank is not None or world_size is not None:  # a flag overrides its own value only
+        r = r if rank is None else rank
+        w = w if world_size is None else world_size
+        src = "flags" if src == "single worker" else f"flags and {src}"
     if w < 1 or not 0 <= r < w:
         raise ValueError(f"worker rank {r} is not in 0…{w - 1} (from {src})")
     return r, w, src

@@ -29,16 +29,14 @@ def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str 
     bb = load_backbone(model, dtype=torch.float32, device="cpu")
     ann = Annotator(head_files(Path(heads), TASKS), bb.identity())
     oracle = Oracle.from_checkpoint()
-    s = bb.sampling
-    size = (s["height"], s["width"])
+    kw = bb.sampling_kwargs()
+    size = (kw["height"], kw["width"])
     seg, sal, dep = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics()
     captions = [render_scene(CONSISTENCY_SEED + i).caption for i in range(n)]
     for i in range(0, n, batch_size):
         batch = captions[i : i + batch_size]
         gen = generate(bb, batch, ann.spec(), seeds=[CONSISTENCY_SEED + j for j in range(i, i + len(batch))],
-                       height=size[0], width=size[1], num_inference_steps=s["num_inference_steps"],
-                       true_cfg_scale=s["true_cfg_scale"], negative_prompt=s.get("negative_prompt", ""),
-                       guidance_scale=s.get("guidance_scale", 1.0), output_type="np")
+                       output_type="np", **kw)
         images = (gen.images * 255).round().astype(np.uint8)  # (B, H, W, 3), what a dataset would store
         ours = {k: v.numpy() for k, v in ann(gen.capture, size).items()}
         ref = oracle.predict(images)

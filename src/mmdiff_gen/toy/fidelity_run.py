@@ -39,10 +39,7 @@ def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: 
         for i in range(0, n, batch_size):
             gen = generate(bb, captions[i : i + batch_size], CaptureSpec(sigmas=(0.5,)),
                            seeds=[GEN_SEED + 1000 * k + j for j in range(i, min(n, i + batch_size))],
-                           height=s.get("height", 64), width=s.get("width", 64),
-                           num_inference_steps=s.get("num_inference_steps", 24),
-                           true_cfg_scale=s.get("true_cfg_scale", 1.0), negative_prompt=s.get("negative_prompt"),
-                           guidance_scale=s.get("guidance_scale", 1.0), output_type="np")
+                           output_type="np", **bb.sampling_kwargs())
             images.append((gen.images * 255).round().astype(np.uint8))
         images = np.concatenate(images)
         renders = np.stack([sc.image for sc in scenes])

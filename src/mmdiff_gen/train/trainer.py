@@ -30,7 +30,7 @@ class TrainConfig:
         lr: AdamW base rate for the aggregation modules (paper: 1e-4).
         decoder_lr_scale: decoders train at this fraction of `lr` (paper: 0.5).
         weight_decay: AdamW weight decay.
-        ema: EMA decay of the evaluated / saved weights (paper: 0.999).
+        ema: EMA decay of the evaluated / saved weights (paper: 0.999), warmed up as (1 + step) / (10 + step).
         timesteps: indices of the cache's sigmas to use (None: all); a single index makes a
             single-timestep head (projection only).
         side: "concepts" (concept maps), "cross" (averaged cross-attention), "both" or "none".
@@ -136,9 +136,11 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
+            step = epoch * steps_per_epoch + i // acc.num_processes
+            decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights must not dominate short runs
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), acc.unwrap_model(model).parameters()):
-                    e.lerp_(p.detach(), 1 - cfg.ema)
+                    e.lerp_(p.detach(), 1 - decay)
                 for e, b in zip(ema.buffers(), acc.unwrap_model(model).buffers()):
                     e.copy_(b)
             total, n = total + loss.item(), n + 1
