@@ -83,21 +83,21 @@ def generate(
         if long:
             i, n = long[0]
             err.print(f"[yellow]warning:[/] {len(long)} prompt(s) exceed {job.max_sequence_length} text tokens and will be truncated "
-                      f"(first: prompt {i + 1}, {n} tokens)", highlight=False)
+                      f"(first: prompt {i + 1}, {n} tokens)", highlight=False, soft_wrap=True)
         if w > 1:
-            out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False)
+            out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False, soft_wrap=True)
         try:
             rep = run_generate(bb, annotator, texts, job, rank=r, world_size=w, dtype=str(torch_dt).removeprefix("torch."))
         except Interrupted as e:
             err.print(f"[bold red]interrupted[/] by {e}: the open shard was discarded, finished shards are kept; "
-                      "re-run the same command to resume", highlight=False)
+                      "re-run the same command to resume", highlight=False, soft_wrap=True)
             raise typer.Exit(128 + e.signum) from None
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in rep.seconds.items())
     out.print(f"{out_dir}: {rep.samples_written} samples written in {rep.shards_written} shard(s), "
               f"{rep.shards_skipped} already finished, {rep.samples_failed} failed" + (f" ({stages})" if stages else ""),
-              highlight=False)
+              highlight=False, soft_wrap=True)
     if rep.samples_failed:
-        err.print("failed samples are listed in the shards' *_stats.json; --retry-failed redoes them", highlight=False)
+        err.print("failed samples are listed in the shards' *_stats.json; --retry-failed redoes them", highlight=False, soft_wrap=True)
 
 
 def export(
@@ -114,7 +114,7 @@ def export(
     with clean_errors():
         counts = export_coco(src, dest, include_background=include_background)
     out.print(f"{dest}: {counts['images']} images, {counts['annotations']} annotations, "
-              f"{counts['categories']} categories (annotations.json)", highlight=False)
+              f"{counts['categories']} categories (annotations.json)", highlight=False, soft_wrap=True)
 
 
 def preview(
@@ -129,5 +129,5 @@ def preview(
         fail("--n must be ≥ 1", code=2)
     with clean_errors():
         rows = contact_sheet(src, sheet, n=n)
-    out.print(f"{sheet}: {rows} samples", highlight=False)
+    out.print(f"{sheet}: {rows} samples", highlight=False, soft_wrap=True)
 
