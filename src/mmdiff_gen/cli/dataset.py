@@ -98,6 +98,8 @@ def generate(
               highlight=False, soft_wrap=True)
     if rep.samples_failed:
         err.print("failed samples are listed in the shards' *_stats.json; --retry-failed redoes them", highlight=False, soft_wrap=True)
+        if not rep.samples_written:
+            raise typer.Exit(1)  # nothing worked: a batch job must see it
 
 
 def export(
