@@ -8,8 +8,6 @@ One annotation per (image, category present), the COCO convention for semantic s
 from __future__ import annotations
 
 import datetime
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from .dataset import GeneratedDataset
 from .members import IGNORE_INDEX, encode_depth, encode_gray
-from .shards import write_json_atomic
+from .shards import write_bytes_atomic, write_json_atomic
 
 
 def rle_annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -> dict:
@@ -54,18 +52,18 @@ def export_coco(src: Path, out: Path, include_background: bool = False) -> dict:
     for image_id, sample in enumerate(ds, start=1):
         h, w = sample.image.shape[:2]
         name = f"{sample.key}.{ext}"
-        _write(out / "images" / name, sample.image_bytes)  # the stored bytes: no second JPEG pass
+        write_bytes_atomic(out / "images" / name, sample.image_bytes)  # the stored bytes: no second JPEG pass
         images.append({"id": image_id, "file_name": name, "height": h, "width": w, "caption": sample.prompt,
                        "seed": sample.meta.get("seed")})
         seg = sample.labels["seg"]
-        _write(out / "labels" / f"{sample.key}.png", encode_gray(seg))
+        write_bytes_atomic(out / "labels" / f"{sample.key}.png", encode_gray(seg))
         for cid in np.unique(seg):
             if int(cid) in known and cid != IGNORE_INDEX:
                 annotations.append(rle_annotation(seg == cid, len(annotations) + 1, image_id, int(cid)))
         if folders["saliency"]:
-            _write(out / "saliency" / f"{sample.key}.png", encode_gray(sample.labels["saliency"]))
+            write_bytes_atomic(out / "saliency" / f"{sample.key}.png", encode_gray(sample.labels["saliency"]))
         if folders["depth"]:
-            _write(out / "depth" / f"{sample.key}.png", encode_depth(sample.labels["depth"], ds.depth_scale))
+            write_bytes_atomic(out / "depth" / f"{sample.key}.png", encode_depth(sample.labels["depth"], ds.depth_scale))
     coco = {
         "info": {"description": f"mmdiff-gen synthetic dataset from {Path(src).resolve().name}",
                  "version": str(ds.info.get("format_version")), "date_created": datetime.date.today().isoformat(),
@@ -78,10 +76,3 @@ def export_coco(src: Path, out: Path, include_background: bool = False) -> dict:
     }
     write_json_atomic(out / "annotations.json", coco)
     return {"images": len(images), "annotations": len(annotations), "categories": len(categories)}
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-

@@ -8,29 +8,15 @@ sees half a file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-DEPTH_SCALE = 1000.0  # depth PNG value per metre
+from .members import decode_depth, encode_depth, encode_gray, encode_image
+from .shards import write_bytes_atomic
+
 FOLDERS = {"image": "images", "seg": "seg", "saliency": "saliency", "depth": "depth"}
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def depth_to_png(depth_m: np.ndarray) -> np.ndarray:
-    """Metres (float) → uint16 millimetres, clipped to the PNG range."""
-    return np.clip(np.round(depth_m * DEPTH_SCALE), 0, 65535).astype(np.uint16)
-
-
-def depth_from_png(png: np.ndarray) -> np.ndarray:
-    return png.astype(np.float32) / DEPTH_SCALE
 
 
 class FilesWriter:
@@ -49,13 +35,13 @@ class FilesWriter:
     def write(self, key: str, *, image: np.ndarray, meta: dict, seg: np.ndarray | None = None,
               saliency: np.ndarray | None = None, depth: np.ndarray | None = None) -> None:
         """One sample: image (H, W, 3) uint8, seg (H, W) uint8, saliency (H, W) uint8, depth (H, W) metres."""
-        _save_png(image, self.root / FOLDERS["image"] / f"{key}.png")
+        write_bytes_atomic(self.root / FOLDERS["image"] / f"{key}.png", encode_image(image, "png"))
         if seg is not None:
-            _save_png(seg.astype(np.uint8), self.root / FOLDERS["seg"] / f"{key}.png")
+            write_bytes_atomic(self.root / FOLDERS["seg"] / f"{key}.png", encode_gray(seg))
         if saliency is not None:
-            _save_png(saliency.astype(np.uint8), self.root / FOLDERS["saliency"] / f"{key}.png")
+            write_bytes_atomic(self.root / FOLDERS["saliency"] / f"{key}.png", encode_gray(saliency))
         if depth is not None:
-            _save_png(depth_to_png(depth), self.root / FOLDERS["depth"] / f"{key}.png")
+            write_bytes_atomic(self.root / FOLDERS["depth"] / f"{key}.png", encode_depth(depth))
         self._meta.write(json.dumps({"key": key, **meta}) + "\n")  # last: the sample is complete
         self._meta.flush()
 
@@ -73,5 +59,5 @@ def read_sample(root: Path, key: str) -> dict[str, np.ndarray]:
             out[name] = np.asarray(Image.open(p))
     p = root / "depth" / f"{key}.png"
     if p.is_file():
-        out["depth"] = depth_from_png(np.asarray(Image.open(p)))
+        out["depth"] = decode_depth(p.read_bytes())
     return out

@@ -14,6 +14,7 @@ from PIL import Image
 
 TASK_MEMBER = {"seg": "seg.png", "saliency": "sal.png", "depth": "depth.png"}
 IGNORE_INDEX = 255
+DEPTH_SCALE = 1000.0  # depth PNG value per unit: metres → millimetres, the NYU convention
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -35,9 +36,14 @@ def encode_gray(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_depth(depth: np.ndarray, scale: float) -> bytes:
-    """(H, W) depth → 16-bit PNG of round(depth × scale), clipped to 0…65535 (0 = invalid)."""
-    png = np.clip(np.round(np.asarray(depth, dtype=np.float64) * scale), 0, 65535).astype(np.uint16)
+def depth_to_uint16(depth: np.ndarray, scale: float = DEPTH_SCALE) -> np.ndarray:
+    """(H, W) depth → round(depth × scale) as uint16, clipped to 0…65535 (0 = invalid)."""
+    return np.clip(np.round(np.asarray(depth, dtype=np.float64) * scale), 0, 65535).astype(np.uint16)
+
+
+def encode_depth(depth: np.ndarray, scale: float = DEPTH_SCALE) -> bytes:
+    """(H, W) depth → 16-bit PNG bytes of depth_to_uint16."""
+    png = depth_to_uint16(depth, scale)
     buf = io.BytesIO()
     Image.fromarray(png).save(buf, format="PNG")
     return buf.getvalue()
@@ -56,6 +62,6 @@ def decode_gray(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def decode_depth(data: bytes, scale: float) -> np.ndarray:
+def decode_depth(data: bytes, scale: float = DEPTH_SCALE) -> np.ndarray:
     """16-bit PNG → (H, W) float32 depth in the dataset's unit."""
     return np.asarray(Image.open(io.BytesIO(data))).astype(np.float32) / scale

@@ -35,6 +35,18 @@ def stats_path(root: Path, shard: int) -> Path:
     return Path(root) / f"{shard_name(shard)}_stats.json"
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary name beside `path`, then rename: readers see the whole file or none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{_tmp_tag()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a unique temporary name, flush it to disk, then rename it over `path`."""
     path = Path(path)
@@ -99,11 +111,8 @@ class ShardWriter:
                 stats_path(self.root, self.shard).unlink(missing_ok=True)
             for suffix, data in members.items():
                 folder, ext = FILES_LAYOUT[suffix]
-                d = self.root / folder
-                d.mkdir(exist_ok=True)
-                tmp = d / f".{key}.{ext}.tmp"
-                tmp.write_bytes(data)
-                os.replace(tmp, d / f"{key}.{ext}")
+                (self.root / folder).mkdir(exist_ok=True)
+                write_bytes_atomic(self.root / folder / f"{key}.{ext}", data)
         self.count += 1
 
     def commit(self, stats: dict) -> None:

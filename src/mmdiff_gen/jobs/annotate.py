@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..capture import CaptureResult, CaptureSpec
-from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head
+from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head, read_meta
 from ..heads.inputs import head_inputs
 from ..heads.model import MMDiffHead, predictions
 
@@ -20,8 +20,6 @@ def head_files(source: Path, tasks: list[str]) -> dict[str, Path]:
     """Head file per task from a heads folder (seg/saliency/depth.safetensors) or a single head file."""
     source = Path(source)
     if source.is_file():
-        from ..heads.checkpoint import read_meta
-
         task = read_meta(source).config.task
         found = {task: source}
     elif source.is_dir():

@@ -23,15 +23,14 @@ from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
 from ..io.dataset import DATASET_FILE
-from ..io.members import IGNORE_INDEX, TASK_MEMBER, encode_depth, encode_gray, encode_image, encode_json
-from ..io.shards import ShardWriter, read_stats, shard_name, stats_path, write_json_atomic
+from ..io.members import DEPTH_SCALE, IGNORE_INDEX, TASK_MEMBER, encode_depth, encode_gray, encode_image, encode_json
+from ..io.shards import ShardWriter, read_stats, shard_name, write_json_atomic
 from ._progress import JobProgress
 from .annotate import Annotator
 from .plan import SEED_POLICY, PlannedSample, owned_shards, plan_samples, shard_ranges
 
 FORMAT_VERSION = 1
 MAX_FAILED_SHARDS = 3  # consecutive shards in which every sample failed: stop the job
-DEPTH_SCALE = 1000.0  # depth PNG value per unit (metres → millimetres, the NYU convention)
 
 
 class Interrupted(BaseException):
