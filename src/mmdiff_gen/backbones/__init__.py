@@ -4,12 +4,14 @@ from .base import Backbone
 from .flux import FluxBackbone
 from .loading import BackboneNotFound, load_backbone, wrap_pipeline
 from .schedule import ContractSchedule, contract_schedule
+from .sd3 import SD3Backbone
 
 __all__ = [
     "Backbone",
     "BackboneNotFound",
     "ContractSchedule",
     "FluxBackbone",
+    "SD3Backbone",
     "contract_schedule",
     "load_backbone",
     "wrap_pipeline",

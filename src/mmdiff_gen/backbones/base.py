@@ -1,4 +1,4 @@
-"""What capture needs to know about a backbone, whatever its family (FLUX now, SD3 later)."""
+"""What capture needs to know about a backbone, whatever its family (FLUX, SD3 / SD3.5)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ class Backbone(ABC):
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
         """The flow-matching sigma in [0, 1] from the transformer's `timestep` argument."""
 
+    @abstractmethod
+    def timestep_for(self, sigma: float) -> float:
+        """The transformer's `timestep` value for a flow-matching sigma (the inverse of `sigma_of`)."""
+
     @property
     def sampling(self) -> dict:
         """Recommended sampling settings (steps, guidance, size…) from mmdiff.json, else empty."""
@@ -130,6 +134,34 @@ class Backbone(ABC):
         n = len(self.joint_blocks)
         k = max(1, round(4 * n / 19))
         return tuple(range(n - k, n))
+
+    # --- sampling ---------------------------------------------------------------------------
+    #: The pipeline's fallback for the scheduler's max_shift (FluxPipeline 1.15, SD3 1.16).
+    MAX_SHIFT_DEFAULT = 1.15
+
+    def schedule_mu(self, image_seq_len: int) -> float | None:
+        """The resolution-dependent shift the pipeline passes to its scheduler (None: static shift)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = self.pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting"):
+            return None
+        return calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", self.MAX_SHIFT_DEFAULT),
+        )
+
+    def conditional_rows(self, rows: int, batch_size: int) -> slice:
+        """Which rows of a transformer call of `rows` rows are the conditional branch of a batch of
+        `batch_size` samples. FLUX runs its branches in separate calls: every row."""
+        return slice(0, rows)
+
+    def pipeline_kwargs(self, sampling: dict) -> dict:
+        """`sampling_kwargs` output → the keyword arguments this family's pipeline call accepts."""
+        return dict(sampling)
 
     # --- identity ---------------------------------------------------------------------------
     def identity(self) -> dict[str, str]:

@@ -41,25 +41,13 @@ class FluxBackbone(Backbone):
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
         return timestep
 
+    def timestep_for(self, sigma: float) -> float:
+        return sigma
+
     @property
     def pixels_per_token(self) -> int:
         # FLUX packs 2×2 latent pixels into one token; transformer patch_size is 1.
         return int(self.pipe.vae_scale_factor) * 2 * int(self.transformer.config.patch_size)
-
-    def schedule_mu(self, image_seq_len: int) -> float | None:
-        """The resolution-dependent shift FluxPipeline passes to its scheduler."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        cfg = self.pipe.scheduler.config
-        if not cfg.get("use_dynamic_shifting"):
-            return None
-        return calculate_shift(
-            image_seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
 
     # --- text side --------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,14 +12,16 @@ import torch
 
 from .base import Backbone
 from .flux import FluxBackbone
+from .sd3 import SD3Backbone
 
 # Optional file beside model_index.json: recommended sampling settings and capture defaults.
 SETTINGS_FILE = "mmdiff.json"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-# Pipeline class name (model_index.json "_class_name") → adapter. SD3 / SD3.5 slot in here.
+# Pipeline class name (model_index.json "_class_name") → adapter.
 _ADAPTERS: dict[str, type[Backbone]] = {
     "FluxPipeline": FluxBackbone,
+    "StableDiffusion3Pipeline": SD3Backbone,
 }
 
 
@@ -71,18 +73,20 @@ def _read_model_index(model: str) -> tuple[str, dict]:
     return folder, json.loads(index.read_text())
 
 
-def _tiny_random(dtype: torch.dtype, device) -> Backbone:
-    from .tiny import build_tiny_flux
+def _tiny_random(build: str):
+    def load(dtype: torch.dtype, device) -> Backbone:
+        from . import tiny
 
-    pipe = build_tiny_flux(seed=0)  # float32 weights
-    pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
-    return _adapter_for(type(pipe).__name__)(pipe, name="tiny-random")
+        pipe = getattr(tiny, build)(seed=0)  # float32 weights
+        pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
+        return _adapter_for(type(pipe).__name__)(pipe, name=f"tiny-random{'-sd3' if 'sd3' in build else ''}")
+    return load
 
 
 # Short names. "toy" is the embedded default, shipped in the package and loaded like any folder;
-# "tiny-random" has random weights: for smoke tests only.
+# "tiny-random" (FLUX) and "tiny-random-sd3" have random weights: for smoke tests only.
 BUILTIN_FOLDERS = {"toy": ASSETS / "toy"}
-BUILTIN = {"tiny-random": _tiny_random}
+BUILTIN = {"tiny-random": _tiny_random("build_tiny_flux"), "tiny-random-sd3": _tiny_random("build_tiny_sd3")}
 # The heads a short name uses when `generate` is given none.
 DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
 

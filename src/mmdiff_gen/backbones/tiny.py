@@ -1,4 +1,4 @@
-"""Tiny FLUX-architecture pipelines built from configs: word-level tokenizers, random weights, no downloads.
+"""Tiny FLUX- and SD3-architecture pipelines built from configs: word-level tokenizers, random weights, no downloads.
 
 Used by the tests and benchmarks, and as the skeleton the toy backbone is trained from. The
 pitfalls each choice avoids are in the comments.
@@ -67,35 +67,18 @@ def build_tiny_flux(
     Geometry: the VAE downsamples by 2^(len(vae_channels) − 1) (4 by default), FLUX packs 2×2 latents
     per token, so a 64×64 image has 8×8 = 64 image tokens. RoPE axes sum to the head dim.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     clip_tok = word_tokenizer(words, model_max_length=77, add_bos=True)
     t5_tok = word_tokenizer(words, model_max_length=t5_max_length, add_bos=False)
-    vocab = len(clip_tok)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=text_width,
-            pad_token_id=clip_tok.pad_token_id, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-        )
-    ).eval()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab, d_model=text_width, d_kv=text_width // 2, d_ff=2 * text_width, num_layers=text_layers,
-            num_heads=2, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    ).eval()
-    n_vae = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
-        block_out_channels=tuple(vae_channels), layers_per_block=1, latent_channels=latent_channels,
-        norm_num_groups=8,  # must divide every block width
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
-    ).eval()
+    clip = _clip(clip_tok, text_width, text_layers, with_projection=False)
+    t5 = _t5(t5_tok, text_width, text_layers)
+    vae = _vae(vae_channels, latent_channels)
     axis = dim_head // 4 // 2 * 2  # even sizes summing to dim_head
     rope = (dim_head - 2 * axis, axis, axis)
     transformer = FluxTransformer2DModel(
@@ -113,3 +96,86 @@ def build_tiny_flux(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_sd3(
+    *,
+    words: Sequence[str] = BASIC_WORDS + CONCEPT_WORDS,
+    dim_head: int = 16,
+    heads: int = 2,
+    blocks: int = 4,
+    clip_width: int = 16,
+    t5_width: int = 32,
+    vae_channels: Sequence[int] = (16, 32, 32),
+    qk_norm: str | None = None,
+    dual_attention_layers: tuple[int, ...] = (),
+    t5_max_length: int = 32,
+    seed: int = 0,
+):
+    """A StableDiffusion3Pipeline with random weights (two CLIPs with projection + T5, like SD3).
+
+    Geometry: VAE 4× by default, transformer patch 2, so a 64×64 image has 8×8 image tokens.
+    `qk_norm="rms_norm"` and `dual_attention_layers` give the SD3.5 variants. The two CLIP widths
+    add up to at most the T5 width: the pipeline pads CLIP embeddings to the T5 width and silently
+    crops them when they are wider.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    if 2 * clip_width > t5_width:
+        raise ValueError(f"two CLIPs of width {clip_width} exceed the T5 width {t5_width}: SD3 would crop them")
+    torch.manual_seed(seed)
+    clip_tok = word_tokenizer(words, model_max_length=77, add_bos=True)
+    t5_tok = word_tokenizer(words, model_max_length=t5_max_length, add_bos=False)
+    inner = heads * dim_head
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=blocks, attention_head_dim=dim_head,
+        num_attention_heads=heads, joint_attention_dim=t5_width, caption_projection_dim=inner,
+        pooled_projection_dim=2 * clip_width, out_channels=16, pos_embed_max_size=32, qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(vae_channels, 16),
+        text_encoder=_clip(clip_tok, clip_width, 2, with_projection=True), tokenizer=clip_tok,
+        text_encoder_2=_clip(clip_tok, clip_width, 2, with_projection=True), tokenizer_2=clip_tok,
+        text_encoder_3=_t5(t5_tok, t5_width, 2), tokenizer_3=t5_tok,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip(tok, width: int, layers: int, *, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=width,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )).eval()
+
+
+def _t5(tok, width: int, layers: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=width, d_kv=width // 2, d_ff=2 * width, num_layers=layers, num_heads=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+    )).eval()
+
+
+def _vae(channels: Sequence[int], latent_channels: int):
+    """A 16-channel AutoencoderKL downsampling by 2^(len(channels) − 1)."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(channels), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=8,  # must divide every block width
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+    ).eval()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,11 +24,13 @@ class Gate:
     A step is identified by the sigma the transformer actually received (never by a call counter,
     which drifts under classifier-free guidance). The first call that reaches a target is the one
     captured: FLUX runs the conditional branch first, so the unconditional second call of true CFG
-    finds its targets already filled and is ignored.
+    finds its targets already filled and is ignored. When one call carries both branches (SD3's
+    [uncond; cond] batch), `cond_rows` says which rows are conditional; only those are captured.
     """
 
     sigmas: tuple[float, ...]
     batch_size: int
+    cond_rows: Callable[[int, int], slice] = lambda rows, _batch: slice(0, rows)
     received: dict[int, torch.Tensor] = field(default_factory=dict)  # target → (B,) sigmas received
     active: list[Active] = field(default_factory=list)
     cond_kwargs: dict[str, Any] | None = None
@@ -39,15 +41,16 @@ class Gate:
         # One ulp of the dtype the timestep was sent in (bf16 on GPU), plus float32 round-off.
         eps = torch.finfo(sigma.dtype).eps
         values = sigma.detach().float().flatten().tolist()  # one device sync per call
+        cond = range(len(values))[self.cond_rows(len(values), self.batch_size)]
         if self._last_sigma is None or values[0] != self._last_sigma:
-            self.cond_kwargs = kwargs  # a new step: the conditional call (see class doc)
+            self.cond_kwargs = _rows_of(kwargs, cond, len(values))  # a new step: its conditional call
         self._last_sigma = values[0]
         self.active = []
         for j, target in enumerate(self.sigmas):
             if j in self.received:
                 continue
             tol = eps * max(target, 1e-3) + 1e-6
-            rows = [r for r, v in enumerate(values) if abs(v - target) <= tol]
+            rows = [r for r in cond if abs(values[r] - target) <= tol]
             if not rows:
                 continue
             if len(rows) != self.batch_size:
@@ -64,3 +67,12 @@ class Gate:
     @property
     def missing(self) -> list[float]:
         return [s for j, s in enumerate(self.sigmas) if j not in self.received]
+
+
+def _rows_of(kwargs: dict[str, Any], rows: range, total: int) -> dict[str, Any]:
+    """The call's keyword arguments restricted to `rows` (tensors whose first axis is the batch)."""
+    if len(rows) == total:
+        return kwargs
+    pick = slice(rows.start, rows.stop)
+    return {k: (v[pick] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == total else v)
+            for k, v in kwargs.items()}

@@ -1,9 +1,11 @@
 """Concept attention (MMDiff §3.2, after ConceptAttention) and the averaged cross-attention baseline.
 
-A separate stream of concept tokens runs through the joint (double-stream) blocks with the text
-stream's weights. Concept queries attend to [concept keys; image keys]; image and text queries never
-see concept keys, so generation is untouched. The stock block runs unchanged: hooks read the image
-keys, values and attention output it computes, and the concept update below reuses them.
+A separate stream of concept tokens runs through the joint blocks (FLUX double-stream blocks, SD3
+JointTransformerBlocks) with the text stream's weights. Concept queries attend to [concept keys;
+image keys]; image and text queries never see concept keys, so generation is untouched. The stock
+block runs unchanged: hooks read the image projections and attention output it computes, and the
+concept update below reuses them. Both families' blocks share these module names; SD3-medium has
+no q/k norms (None) and its last block is `context_pre_only` (no text output).
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 
+def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H·D) → (B, S, H, D)."""
+    return x.unflatten(-1, (attn.heads, -1))
+
+
+def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
+
+
 def concept_block_update(
     block: nn.Module,
     concepts: torch.Tensor,
@@ -24,31 +35,40 @@ def concept_block_update(
     image_keys: torch.Tensor,
     image_values: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One FLUX double-stream block applied to the concept stream.
+    """One joint block applied to the concept stream.
 
-    Mirrors the text branch of diffusers 0.42 `FluxTransformerBlock.forward` (AdaLN-Zero with
-    `norm1_context`, `add_*_proj`, `norm_added_*`, `to_add_out`, gated residuals, `ff_context`).
+    Mirrors the text branch of diffusers 0.42 `FluxTransformerBlock.forward` and
+    `JointTransformerBlock.forward` (AdaLN-Zero with `norm1_context`, `add_*_proj`, `norm_added_*`,
+    `to_add_out`, gated residuals, `ff_context`). A `context_pre_only` block (SD3's last) only
+    normalises its text with `norm1_context(x, temb)` and has no text output: the concept attention
+    output is still computed (it gives the map), and the stream ends unchanged.
 
     Args:
-        block: a FluxTransformerBlock.
+        block: a FluxTransformerBlock or JointTransformerBlock.
         concepts: (B, K, C) concept stream entering the block.
-        temb: (B, C) concept modulation (time + guidance embedding, zero pooled text).
-        image_keys: (B, N, H, D) image keys after `norm_k` and RoPE, as the block computed them.
+        temb: (B, C) concept modulation (time (+ guidance) embedding, zero pooled text).
+        image_keys: (B, N, H, D) image keys after `norm_k` (and RoPE for FLUX), as the block computed them.
         image_values: (B, N, H, D) image values.
 
     Returns:
         (concepts after the block (B, K, C), concept attention output before `to_add_out` (B, K, H·D)).
     """
     attn = block.attn
-    normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=temb)
-    q = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, attn.head_dim)))
-    k = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, attn.head_dim)))
-    v = attn.add_v_proj(normed).unflatten(-1, (-1, attn.head_dim))
+    last = getattr(block, "context_pre_only", False)
+    if last:
+        normed = block.norm1_context(concepts, temb)
+    else:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=temb)
+    q = _norm(attn.norm_added_q, _heads(attn, attn.add_q_proj(normed)))
+    k = _norm(attn.norm_added_k, _heads(attn, attn.add_k_proj(normed)))
+    v = _heads(attn, attn.add_v_proj(normed))
     # Concept positions are zero: RoPE is the identity on them.
     keys = torch.cat([k, image_keys], dim=1).transpose(1, 2)  # (B, H, K+N, D)
     values = torch.cat([v, image_values], dim=1).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # (B, H, K, D)
     out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, K, H·D)
+    if last:
+        return concepts, out
 
     concepts = concepts + gate_msa.unsqueeze(1) * attn.to_add_out(out)
     normed = block.norm2_context(concepts) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -81,14 +101,14 @@ def cross_attention_map(
     each image query gives to one prompt token (padding excluded).
 
     Args:
-        image_queries: (B, N, H, D) after `norm_q` and RoPE.
-        text_keys: (B, S, H, D) after `norm_added_k` and RoPE.
-        image_keys: (B, N, H, D) after `norm_k` and RoPE.
+        image_queries: (B, N, H, D) after `norm_q` (and RoPE).
+        text_keys: (B, S, H, D) after `norm_added_k` (and RoPE).
+        image_keys: (B, N, H, D) after `norm_k` (and RoPE).
         text_mask: (B, S) bool, True on prompt tokens; None = every text token.
     """
     b, n, h, d = image_queries.shape
     s = text_keys.shape[1]
-    keys = torch.cat([text_keys, image_keys], dim=1)  # (B, S+N, H, D)
+    keys = torch.cat([text_keys, image_keys], dim=1)  # (B, S+N, H, D); key order is irrelevant to the softmax
     total = image_queries.new_zeros(b, n, s, dtype=torch.float32)
     for head in range(h):  # one head at a time: (B, N, S+N) stays small at 1024²
         logits = torch.einsum("bnd,bmd->bnm", image_queries[:, :, head].float(), keys[:, :, head].float())
@@ -104,7 +124,7 @@ class ConceptTap:
     """Hooks on the joint blocks that run the concept stream and accumulate maps per target sigma.
 
     Args:
-        blocks: the backbone's joint blocks (FLUX double-stream blocks).
+        blocks: the backbone's joint blocks (FLUX double-stream blocks, SD3 joint blocks).
         layers: block indices whose maps are averaged; the stream runs through blocks 0..max(layers).
         init_concepts: (K, C) initial concept tokens, or None when only cross-attention is wanted.
         make_temb: callable(timestep (R,), guidance (R,) | None) → (R, C) concept modulation.
@@ -150,15 +170,15 @@ class ConceptTap:
             attn = blk.attn
             self.handles += [
                 blk.register_forward_pre_hook(self._on_block_start, with_kwargs=True),
-                attn.norm_k.register_forward_hook(self._keep("image_keys")),
+                attn.to_k.register_forward_hook(self._keep("image_keys")),  # (B, N, H·D), before norm_k
                 attn.to_v.register_forward_hook(self._keep("image_values")),
                 attn.to_out[0].register_forward_pre_hook(self._keep_input("image_out")),
                 blk.register_forward_hook(self._on_block_end(idx)),
             ]
             if self.cross:
                 self.handles += [
-                    attn.norm_q.register_forward_hook(self._keep("image_queries")),
-                    attn.norm_added_k.register_forward_hook(self._keep("text_keys")),
+                    attn.to_q.register_forward_hook(self._keep("image_queries")),
+                    attn.add_k_proj.register_forward_hook(self._keep("text_keys")),
                 ]
 
     def detach(self) -> None:
@@ -221,13 +241,13 @@ class ConceptTap:
     def _run(self, block: nn.Module, idx: int) -> None:
         sc, rows = self._scratch, self._rows
         attn = block.attn
-        image_keys = sc["image_keys"][rows]  # (R, N, H, D), normed, not yet rotated
+        image_keys = _norm(attn.norm_k, _heads(attn, sc["image_keys"][rows]))  # (R, N, H, D), not yet rotated
         n = image_keys.shape[1]
         rotary = sc["rotary"]
         img_rot = None if rotary is None else (rotary[0][-n:], rotary[1][-n:])
         if img_rot is not None:
             image_keys = apply_rotary_emb(image_keys, img_rot, sequence_dim=1)
-        image_values = sc["image_values"][rows].unflatten(-1, (-1, attn.head_dim))
+        image_values = _heads(attn, sc["image_values"][rows])
 
         if self.init is not None:
             self._stream, concept_out = concept_block_update(block, self._stream, self._temb, image_keys, image_values)
@@ -235,8 +255,8 @@ class ConceptTap:
                 maps = concept_map(sc["image_out"][rows], concept_out)  # (R, N, K)
                 self._accumulate(self.concept_sum, maps)
         if self.cross and idx in self.layers:
-            q = sc["image_queries"][rows]
-            tk = sc["text_keys"][rows]
+            q = _norm(attn.norm_q, _heads(attn, sc["image_queries"][rows]))
+            tk = _norm(attn.norm_added_k, _heads(attn, sc["text_keys"][rows]))
             if rotary is not None:
                 q = apply_rotary_emb(q, img_rot, sequence_dim=1)
                 s = tk.shape[1]

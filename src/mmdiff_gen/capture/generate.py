@@ -66,7 +66,8 @@ def generate(
         spec: what to capture.
         seeds: B seeds; image b uses its own CPU generator seeded with seeds[b].
         height, width: image size in pixels.
-        num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, output_type: as in FluxPipeline.
+        num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, output_type: as in FluxPipeline
+            (SD3: guidance_scale is its classifier-free guidance and true_cfg_scale must stay 1).
         max_sequence_length: text tokens; None = the backbone's tokenizer limit (512 for FLUX.1-dev).
     """
     prompts = list(prompts)
@@ -86,7 +87,7 @@ def generate(
         return kwargs
 
     with Capture(backbone, spec, batch_size=len(prompts), height=height, width=width, text_mask=text_mask) as cap:
-        out = backbone.pipe(
+        out = backbone.pipe(**backbone.pipeline_kwargs(dict(
             prompt=prompts,
             negative_prompt=negative_prompt,
             true_cfg_scale=true_cfg_scale,
@@ -99,9 +100,9 @@ def generate(
             max_sequence_length=max_sequence_length,
             output_type=output_type,
             callback_on_step_end=keep_final if schedule.extra else None,
-        )
+        )))
         if schedule.extra:
-            x0 = final["latents"]  # (B, N, C) packed clean latents
+            x0 = final["latents"]  # clean latents: (B, N, C) packed (FLUX) or (B, C, h, w) (SD3)
             noise = per_sample_noise(tuple(x0.shape[1:]), generators, x0.device, x0.dtype)
             for sigma in schedule.extra:
                 cap.forward_at(noise_to(x0, noise, sigma), sigma)

@@ -46,10 +46,11 @@ def extract(
     t = len(spec.sigmas)
     max_sequence_length = max_sequence_length or backbone.max_sequence_length
 
-    x0 = backbone.encode_images(pixels)  # (B, N, C_lat)
+    x0 = backbone.encode_images(pixels)  # (B, N, C_lat) packed (FLUX) or (B, C_lat, h, w) (SD3)
     noise = per_sample_noise(tuple(x0.shape[1:]), generators_for(seeds), x0.device, x0.dtype)
     sigma = torch.tensor(spec.sigmas, dtype=torch.float32, device=x0.device).repeat_interleave(b)  # (T·B,) sigma-major
-    latents = noise_to(x0.repeat(t, 1, 1), noise.repeat(t, 1, 1), sigma)
+    rep = (t,) + (1,) * (x0.dim() - 1)
+    latents = noise_to(x0.repeat(rep), noise.repeat(rep), sigma)
 
     cond = backbone.encode_prompts(captions, max_sequence_length)
     cond = {k: (v.repeat(t, *[1] * (v.dim() - 1)) if k != "txt_ids" else v) for k, v in cond.items()}

@@ -98,7 +98,7 @@ class Capture:
         self.grid = backbone.token_grid(height, width)
         self.layers = spec.layers if spec.layers is not None else backbone.default_layers()
         self.concept_layers = spec.concept_layers if spec.concept_layers is not None else backbone.default_concept_layers()
-        self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size)
+        self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cond_rows=backbone.conditional_rows)
         self.features = FeatureTap(
             backbone.feature_blocks,
             self.layers,
@@ -174,7 +174,7 @@ class Capture:
             raise RuntimeError("forward_at needs a prior transformer call to take its conditioning from")
         kwargs = dict(kwargs)
         ts = kwargs["timestep"]
-        kwargs["timestep"] = torch.full_like(ts, sigma)
+        kwargs["timestep"] = torch.full_like(ts, self.backbone.timestep_for(sigma))
         kwargs["hidden_states"] = latents.to(kwargs["hidden_states"].dtype)
         self.backbone.transformer(**kwargs)
 
