@@ -11,7 +11,9 @@ from rich.console import Console
 from ..backbones import BackboneNotFound
 
 err = Console(stderr=True)
-_EXPECTED = (BackboneNotFound, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError)
+# ImportError: an optional reader's package is missing (its message says what to install).
+_EXPECTED = (BackboneNotFound, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError,
+             ImportError)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -16,9 +16,50 @@ from ._options import Device, Dtype, Model, parse_tasks, resolve_device, torch_d
 out = Console()
 
 
+Data = Annotated[str | None, typer.Option(
+    "--data", help="Labelled images: voc:PATH, duts:PATH, nyu:PATH (PNG list root or labelled .mat), folder:PATH, "
+                   "or a files-layout folder (e.g. from `toy render`).")]
+Split = Annotated[str | None, typer.Option(help="Dataset split (VOC train_aug/train/val, DUTS TR/TE, NYU file list "
+                                                "or train/test…; default: the reader's).")]
+Size = Annotated[int | None, typer.Option(help="Resize the shorter side, then center-crop to SIZE×SIZE "
+                                               "(real datasets mix sizes; 512 for FLUX.1-dev).")]
+Captions = Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"caption\"} lines: the prompt each image "
+                                                    "is conditioned on (default: empty).")]
+
+
+def _finished(folder: Path) -> bool:
+    from ..train.feature_cache import FeatureCache
+
+    try:
+        FeatureCache(folder)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _build_cache(data: str, split: str | None, size: int | None, captions: Path | None, out_dir: Path, model: str,
+                 tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int, seed: int, device: str,
+                 dtype: str) -> int:
+    """Real-image-mode features of a dataset into a resumable cache; returns the sample count."""
+    from ..backbones import load_backbone
+    from ..capture import CaptureSpec
+    from ..io.datasets import open_dataset
+    from ..train.feature_cache import build_cache
+
+    ds = open_dataset(data, split=split, size=size, captions=captions)
+    dev = resolve_device(device)
+    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
+    spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu")
+    build_cache(bb, ds, spec, out_dir, shard_size=shard_size, batch_size=batch_size, seed=seed)
+    return len(ds)
+
+
 def extract(
-    data: Annotated[Path, typer.Option(help="Labelled images (files layout, e.g. from `toy render`).")],
+    data: Data,
     out_dir: Annotated[Path, typer.Option("--out", help="Feature-cache folder (resumable).")],
+    split: Split = None,
+    size: Size = None,
+    captions: Captions = None,
     model: Model = "toy",
     tasks: Annotated[str, typer.Option(help="Tasks whose paper concept sets are captured.")] = "seg,saliency,depth",
     cross_attention: Annotated[bool, typer.Option(help="Also store averaged cross-attention maps.")] = False,
@@ -29,25 +70,31 @@ def extract(
     dtype: Dtype = "auto",
 ) -> None:
     """Encode labelled images once in real-image mode and store features, concept maps and labels."""
-    from ..backbones import load_backbone
-    from ..capture import CaptureSpec
-    from ..io.readers import FilesDataset
-    from ..train.feature_cache import build_cache
-
     task_list = list(parse_tasks(tasks))
+    if data is None:
+        fail("--data is required (a dataset: voc:PATH, duts:PATH, nyu:PATH, folder:PATH or a files-layout folder)",
+             code=2)
     with clean_errors():
-        ds = FilesDataset(data)
-        bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
-        spec = CaptureSpec.for_tasks(task_list, cross_attention=cross_attention, store_device="cpu")
-        build_cache(bb, ds, spec, out_dir, shard_size=shard_size, batch_size=batch_size, seed=seed)
-    out.print(f"feature cache of {len(ds)} samples in {out_dir}")
+        n = _build_cache(data, split, size, captions, out_dir, model, task_list, cross_attention, batch_size,
+                         shard_size, seed, device, dtype)
+    out.print(f"feature cache of {n} samples in {out_dir}")
 
 
 def train(
-    cache: Annotated[Path, typer.Option(help="Training feature cache.")],
+    cache: Annotated[Path, typer.Option(help="Training feature cache (filled from --data first when given).")],
     task: Annotated[str, typer.Option(help="seg, saliency (sal) or depth.")],
     out_path: Annotated[Path, typer.Option("--out", help="Head file to write (.safetensors).")],
-    eval_cache: Annotated[Path | None, typer.Option(help="Validation feature cache, scored at the end.")] = None,
+    eval_cache: Annotated[Path | None, typer.Option(help="Validation feature cache, scored at the end "
+                                                         "(filled from --eval-data first when given).")] = None,
+    data: Data = None,
+    split: Split = None,
+    eval_data: Annotated[str | None, typer.Option(help="Validation dataset, as --data.")] = None,
+    eval_split: Annotated[str | None, typer.Option(help="Validation split, as --split.")] = None,
+    size: Size = None,
+    captions: Captions = None,
+    model: Model = "toy",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     epochs: Annotated[int, typer.Option()] = 20,
     batch_size: Annotated[int, typer.Option()] = 16,
     lr: Annotated[float, typer.Option()] = 1e-4,
@@ -65,7 +112,14 @@ def train(
         raise typer.BadParameter(f"train one task at a time, got {task!r}")
     t = picked[0]
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
+    if eval_data is not None and eval_cache is None:
+        fail("--eval-data needs --eval-cache (the folder its features go to)", code=2)
     with clean_errors():
+        # Datasets are extracted first (resumable), with the side maps this head reads.
+        for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
+            if src is not None and not _finished(folder):
+                _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), 16, 256, 0,
+                             device, dtype)
         steps = tuple(int(x) for x in timesteps.split(",")) if timesteps else None
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head)
@@ -81,15 +135,26 @@ def train(
 
 def evaluate(
     head: Annotated[Path, typer.Option(help="Head file (.safetensors).")],
-    cache: Annotated[Path, typer.Option(help="Feature cache to score on.")],
+    cache: Annotated[Path, typer.Option(help="Feature cache to score on (filled from --data first when given).")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    data: Data = None,
+    split: Split = None,
+    size: Size = None,
+    captions: Captions = None,
+    model: Model = "toy",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
-    """Score a head on a feature cache: prints a table, optionally writes JSON."""
-    from ..heads.checkpoint import load_head
+    """Score a head on a feature cache (or on a dataset, extracted first): prints a table, optionally writes JSON."""
+    from ..heads.checkpoint import load_head, read_meta
     from ..train.evaluate import evaluate_head
     from ..train.feature_cache import FeatureCache
 
     with clean_errors():
+        if data is not None and not _finished(cache):
+            m = read_meta(head)
+            _build_cache(data, split, size, captions, cache, model, [m.config.task], m.side in ("cross", "both"),
+                         16, 256, 0, device, dtype)
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
         steps = meta.timestep_indices(list(fc.spec.sigmas))
