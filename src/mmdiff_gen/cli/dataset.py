@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ._errors import clean_errors, err, fail
-from ._options import Device, Dtype, Model, parse_tasks, read_prompts, resolve_device, torch_dtype
+from ._options import Device, Dino, Dtype, Model, parse_tasks, read_prompts, resolve_device, torch_dtype
 
 out = Console(stderr=True)
 
@@ -35,6 +35,7 @@ def generate(
     world_size: Annotated[int | None, typer.Option(help="Number of workers [WORLD_SIZE, SLURM_NTASKS, …, else 1].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Also redo finished shards that recorded failed samples.")] = False,
+    dino: Dino = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -73,7 +74,12 @@ def generate(
 
         files = head_files(heads, list(task_list))  # before loading the backbone: fail fast on a missing head
         bb = load_backbone(model, dtype=torch_dt, device=dev)
-        annotator = Annotator(files, bb.identity(), device=dev)
+        dino_features = None
+        if dino is not None:
+            from ..backbones.dino import DinoFeatures
+
+            dino_features = DinoFeatures.load(dino, device=dev, dtype=torch_dt)
+        annotator = Annotator(files, bb.identity(), device=dev, dino=dino_features)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg)
         job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, parse_tasks, resolve_device, torch_dtype
+from ._options import Device, Dino, Dtype, Model, parse_tasks, resolve_device, torch_dtype
 
 out = Console()
 
@@ -39,7 +39,7 @@ def _finished(folder: Path) -> bool:
 
 def _build_cache(data: str, split: str | None, size: int | None, captions: Path | None, out_dir: Path, model: str,
                  tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int, seed: int, device: str,
-                 dtype: str) -> int:
+                 dtype: str, dino: Path | None = None) -> int:
     """Real-image-mode features of a dataset into a resumable cache; returns the sample count."""
     from ..backbones import load_backbone
     from ..capture import CaptureSpec
@@ -50,7 +50,12 @@ def _build_cache(data: str, split: str | None, size: int | None, captions: Path 
     dev = resolve_device(device)
     bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
     spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu")
-    build_cache(bb, ds, spec, out_dir, shard_size=shard_size, batch_size=batch_size, seed=seed)
+    features = None
+    if dino is not None:
+        from ..backbones.dino import DinoFeatures
+
+        features = DinoFeatures.load(dino, device=dev, dtype=torch_dtype(dtype, dev))
+    build_cache(bb, ds, spec, out_dir, shard_size=shard_size, batch_size=batch_size, seed=seed, dino=features)
     return len(ds)
 
 
@@ -66,6 +71,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Images per transformer forward (× number of sigmas).")] = 16,
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
     seed: Annotated[int, typer.Option(help="Noise seed base; sample i uses seed + i.")] = 0,
+    dino: Dino = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -76,7 +82,7 @@ def extract(
              code=2)
     with clean_errors():
         n = _build_cache(data, split, size, captions, out_dir, model, task_list, cross_attention, batch_size,
-                         shard_size, seed, device, dtype)
+                         shard_size, seed, device, dtype, dino)
     out.print(f"feature cache of {n} samples in {out_dir}")
 
 
@@ -93,6 +99,7 @@ def train(
     size: Size = None,
     captions: Captions = None,
     model: Model = "toy",
+    dino: Dino = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     epochs: Annotated[int, typer.Option()] = 20,
@@ -119,10 +126,10 @@ def train(
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None and not _finished(folder):
                 _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), 16, 256, 0,
-                             device, dtype)
+                             device, dtype, dino)
         steps = tuple(int(x) for x in timesteps.split(",")) if timesteps else None
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
-                          fusion=fusion, head=head)
+                          fusion=fusion, head=head, dino=dino is not None)
         tr = FeatureCache(cache)
         ev = FeatureCache(eval_cache) if eval_cache else None
         classes = tr.manifest.get("classes") or []
@@ -142,6 +149,7 @@ def evaluate(
     size: Size = None,
     captions: Captions = None,
     model: Model = "toy",
+    dino: Dino = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -154,9 +162,14 @@ def evaluate(
         if data is not None and not _finished(cache):
             m = read_meta(head)
             _build_cache(data, split, size, captions, cache, model, [m.config.task], m.side in ("cross", "both"),
-                         16, 256, 0, device, dtype)
+                         16, 256, 0, device, dtype, dino)
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
+        cached = fc.manifest.get("dino", {})
+        if meta.dino and (cached.get("config_sha256"), cached.get("layers")) != (meta.dino["config_sha256"],
+                                                                                meta.dino["layers"]):
+            fail(f"the head reads DINOv3 maps of {meta.dino['name']!r}; {cache} has "
+                 + (f"those of {cached['name']!r}" if cached else "none (extract it with --dino PATH)"), code=2)
         steps = meta.timestep_indices(list(fc.spec.sigmas))
         metrics = evaluate_head(model, meta.config.task, meta.side, steps, fc, meta.classes)
     _print_metrics(meta.config.task, metrics)

@@ -36,6 +36,8 @@ class HeadMeta:
         metrics: the metrics the head reached, with the data they were measured on.
         depth_unit: unit of depth outputs ("metre"), else "".
         side: side maps the head reads: "concepts", "cross", "both" or "none".
+        dino: identity of the DINOv3 features it reads as extra maps (name, config hash, layers,
+            weights); empty for diffusion features only.
     """
 
     config: HeadConfig
@@ -48,6 +50,7 @@ class HeadMeta:
     metrics: dict = field(default_factory=dict)
     depth_unit: str = ""
     side: str = "concepts"
+    dino: dict = field(default_factory=dict)
 
     def timestep_indices(self, captured: list[float]) -> tuple[int, ...]:
         """Indices of this head's sigmas among a capture's sigmas; HeadMismatch if one is missing."""

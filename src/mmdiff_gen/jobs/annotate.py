@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureResult, CaptureSpec
 from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head, read_meta
 from ..heads.inputs import head_inputs
@@ -54,14 +55,22 @@ class Annotator:
         files: head file per task ("seg", "saliency", "depth").
         backbone: the backbone's identity(); a head trained on another backbone is refused.
         device: where the heads run (the backbone's device, so features never leave it).
+        dino: the DINOv3 features, needed exactly when a head was trained with them.
     """
 
-    def __init__(self, files: dict[str, Path], backbone: dict, device: str | torch.device = "cpu"):
+    def __init__(self, files: dict[str, Path], backbone: dict, device: str | torch.device = "cpu",
+                 dino: DinoFeatures | None = None):
         self.heads: dict[str, _Head] = {}
+        self.dino = dino
         for task, path in files.items():
             model, meta = load_head(path, backbone=backbone, device=device)
             if meta.config.task != task:
                 raise HeadMismatch(f"{path} is a {meta.config.task} head, not a {task} head")
+            if meta.dino and dino is None:
+                raise HeadMismatch(f"the {task} head was trained with DINOv3 features ({meta.dino.get('name')}): "
+                                   "pass --dino PATH")
+            if meta.dino:
+                dino.check(meta.dino, f"the {task} head")
             self.heads[task] = _Head(model, meta, Path(path))
         metas = [h.meta for h in self.heads.values()]
         # One capture serves every head: the union of their layers, sigmas and concepts.
@@ -86,7 +95,7 @@ class Annotator:
         """Per task: the file name and sha256, what it reads, and the metrics it reports."""
         return {t: {"file": h.path.name, "sha256": _sha256(h.path), "classes": h.meta.classes, "layers": h.meta.layers,
                     "sigmas": h.meta.sigmas, "concepts": h.meta.concepts, "side": h.meta.side,
-                    "metrics": h.meta.metrics} for t, h in self.heads.items()}
+                    "dino": h.meta.dino, "metrics": h.meta.metrics} for t, h in self.heads.items()}
 
     @property
     def classes(self) -> list[str]:
@@ -101,9 +110,16 @@ class Annotator:
         return self.heads["depth"].meta.depth_unit if "depth" in self.heads else ""
 
     @torch.no_grad()
-    def __call__(self, cap: CaptureResult, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Label maps per task at `size` (H, W): seg (B, H, W) uint8 ids, saliency uint8 0–255, depth float metres."""
+    def __call__(self, cap: CaptureResult, size: tuple[int, int], images=None) -> dict[str, torch.Tensor]:
+        """Label maps per task at `size` (H, W): seg (B, H, W) uint8 ids, saliency uint8 0–255, depth float metres.
+
+        `images` (the generated PIL images) feed the DINOv3 features of heads trained with them."""
         out = {}
+        extra = None
+        if any(h.meta.dino for h in self.heads.values()):
+            if images is None:
+                raise ValueError("these heads read DINOv3 features of the images: pass the images")
+            extra = self.dino(images_tensor(images), cap.grid)  # (B, E, h, w)
         for task, h in self.heads.items():
             m = h.meta
             feats = cap.features[:, [cap.layers.index(i) for i in m.layers]]  # (B, L_head, T, N, C)
@@ -113,5 +129,6 @@ class Annotator:
                 cm = cap.concept_maps[:, :, [cap.concepts.index(w) for w in m.concepts]]  # (B, T, K_head, N)
             ca = cap.cross_attention if m.side in ("cross", "both") else None
             feats, side = head_inputs(feats, cap.grid, steps, cm, ca)
-            out[task] = predictions(task, h.model(feats, cap.grid, size, concepts=side)).cpu()
+            pred = h.model(feats, cap.grid, size, concepts=side, extra=extra if m.dino else None)
+            out[task] = predictions(task, pred).cpu()
         return out

@@ -268,7 +268,7 @@ class _Runner:
                        max_sequence_length=j.max_sequence_length)
         t1 = time.perf_counter()
         cap = gen.capture
-        labels = self.ann(cap, (j.height, j.width))
+        labels = self.ann(cap, (j.height, j.width), images=gen.images)
         t2 = time.perf_counter()
         self.progress.add_time("backbone", t1 - t0)
         self.progress.add_time("heads", t2 - t1)

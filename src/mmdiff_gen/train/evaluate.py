@@ -20,7 +20,8 @@ def evaluate_head(model: MMDiffHead, task: str, side: str, timesteps: tuple[int,
     acc = {"seg": lambda: SegMetrics(len(classes)), "saliency": SaliencyMetrics, "depth": DepthMetrics}[task]()
     for batch in cache.batches(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        pred = predictions(task, forward(model, batch, cache.grid, cache.image_size, side, timesteps)).cpu().numpy()
+        out = forward(model, batch, cache.grid, cache.image_size, side, timesteps, model.config.extra_channels > 0)
+        pred = predictions(task, out).cpu().numpy()
         gt = batch[task].cpu().numpy()
         for p, g in zip(pred, gt):
             acc.update(p, g)

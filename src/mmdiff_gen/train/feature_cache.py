@@ -3,7 +3,7 @@
 Layout: DIR/cache.json (backbone identity, capture spec, grid, image size, shard list) and
 DIR/shard_00000.safetensors … holding, per sample: features (L, T, N, C) in the spec's store dtype
 (bf16 by default: FLUX's massive activations overflow fp16), concept_maps (T, K, N) and
-cross_attention (T, N) when captured, and the labels present (seg, saliency uint8; depth float32 metres). A shard
+cross_attention (T, N) when captured, dino (E, h, w) bf16 DINOv3 maps when asked for, and the labels present (seg, saliency uint8; depth float32 metres). A shard
 is written then renamed and listed in cache.json last, so a killed extraction resumes at the
 first missing shard.
 """
@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..backbones.base import Backbone
+from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureSpec, extract
 from ..io.readers import Sample
 
@@ -30,13 +31,14 @@ LABELS = ("seg", "saliency", "depth")
 
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
                 shard_size: int = 256, batch_size: int = 16, seed: int = 0,
-                on_batch: Callable[[int], None] | None = None) -> Path:
+                on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None) -> Path:
     """Extract features of every sample into `out` (resumable: finished shards are kept).
 
     `samples` is any sequence of Sample; a dataset reader (with a `keys` list) is read lazily,
     one shard at a time.
 
-    Noise seeds are seed + sample index, so a cache is reproducible whatever the batch size.
+    Noise seeds are seed + sample index, so a cache is reproducible whatever the batch size. With
+    `dino`, the DINOv3 maps of every image are stored too (MMDiff §3.3's optional features).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,7 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         "labels": [k for k in LABELS if getattr(first, k) is not None],
         "classes": list(getattr(samples, "classes", [])),
         "palette": list(getattr(samples, "palette", [])),
+        "dino": dino.identity() if dino is not None else {},
         "shards": [],
     }
     manifest = json.loads(json.dumps(manifest))  # tuples → lists, as it will read back
@@ -74,8 +77,11 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         tensors: dict[str, list[torch.Tensor]] = {}
         for b in range(0, len(part), batch_size):
             batch = part[b : b + batch_size]
-            res = extract(backbone, [Image.fromarray(x.image) for x in batch], spec, captions=[x.caption for x in batch],
+            images = [Image.fromarray(x.image) for x in batch]
+            res = extract(backbone, images, spec, captions=[x.caption for x in batch],
                           seeds=[seed + start + b + i for i in range(len(batch))])
+            if dino is not None:
+                tensors.setdefault("dino", []).append(dino(images_tensor(images), res.grid).to(torch.bfloat16).cpu())
             tensors.setdefault("features", []).append(res.features.cpu())
             if res.concept_maps is not None:
                 tensors.setdefault("concept_maps", []).append(res.concept_maps.cpu())

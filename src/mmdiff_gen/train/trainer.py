@@ -36,6 +36,7 @@ class TrainConfig:
         side: "concepts" (concept maps), "cross" (averaged cross-attention), "both" or "none".
         fusion: "learned" or "mean" (ablation).
         head: HeadConfig overrides (dim, decoder_channels, aspp_rates, …).
+        dino: also read the cache's DINOv3 maps (concatenated with the side maps, MMDiff §3.3).
         seed: shuffling and initialisation seed.
     """
 
@@ -50,6 +51,7 @@ class TrainConfig:
     side: str = "concepts"
     fusion: str = "learned"
     head: tuple[tuple[str, object], ...] = ()
+    dino: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -75,20 +77,30 @@ def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDif
     t_used = t if cfg.timesteps is None else len(cfg.timesteps)
     cm, ca = _sides(cfg.side, first)
     k = (0 if cm is None else cm.shape[2]) + (0 if ca is None else 1)
+    extra = _dino(cfg.dino, first)
+    e = 0 if extra is None else extra.shape[1]
     h = cache.grid[0]
     rates = tuple(sorted({max(1, round(r * h / 32)) for r in (6, 12, 18)}))  # DeepLabV3's rates at a 32-token grid
     head_cfg = HeadConfig(task=cfg.task, feature_dim=c, num_layers=l, num_timesteps=t_used, num_concepts=k,
-                          num_classes=num_classes, fusion=cfg.fusion if t_used > 1 else "mean", aspp_rates=rates)
+                          num_classes=num_classes, fusion=cfg.fusion if t_used > 1 else "mean", aspp_rates=rates,
+                          extra_channels=e)
     head_cfg = replace(head_cfg, **dict(cfg.head))
     torch.manual_seed(cfg.seed)
     return MMDiffHead(head_cfg)
 
 
-def forward(model: MMDiffHead, batch: dict, grid, size, side: str, timesteps: tuple[int, ...] | None) -> torch.Tensor:
+def _dino(use: bool, batch: dict) -> torch.Tensor | None:
+    if use and "dino" not in batch:
+        raise ValueError("the cache has no DINOv3 maps: extract it with --dino PATH")
+    return batch["dino"] if use else None
+
+
+def forward(model: MMDiffHead, batch: dict, grid, size, side: str, timesteps: tuple[int, ...] | None,
+            dino: bool = False) -> torch.Tensor:
     """Run a head on a cache batch: select timesteps, build its side maps, predict at `size`."""
     cm, ca = _sides(side, batch)
     feats, maps = head_inputs(batch["features"], grid, list(timesteps) if timesteps else None, cm, ca)
-    return model(feats, grid, size, concepts=maps)
+    return model(feats, grid, size, concepts=maps, extra=_dino(dino, batch))
 
 
 def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: list[str], palette: list | None = None,
@@ -131,7 +143,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             if i % acc.num_processes != acc.process_index:
                 continue  # each process takes its share of batches
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            pred = forward(model, batch, grid, size, cfg.side, cfg.timesteps)
+            pred = forward(model, batch, grid, size, cfg.side, cfg.timesteps, cfg.dino)
             loss = loss_fn(pred.float(), batch[label])
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
@@ -162,7 +174,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if cfg.side in ("concepts", "both") else [],
             classes=list(classes) if cfg.task == "seg" else [cfg.task], palette=[list(p) for p in (palette or [])],
             metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}},
-            depth_unit=depth_unit, side=cfg.side,
+            depth_unit=depth_unit, side=cfg.side, dino=cache.manifest.get("dino", {}) if cfg.dino else {},
         )
         save_head(out, ema, meta)
     return metrics
