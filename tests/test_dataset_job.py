@@ -104,7 +104,7 @@ def test_webdataset_reader_snippet_is_lossless(reference, tiny, annotator):
 
     gen = generate(tiny, [PROMPTS[0]], annotator.spec(), seeds=[sample_seed(5, 0, 0)], height=64, width=64,
                    num_inference_steps=4, guidance_scale=3.5)
-    labels = annotator(gen.capture, (64, 64))
+    labels = annotator(gen.capture, (64, 64)).labels
     assert np.array_equal(first["seg.png"], labels["seg"][0].numpy())
     # Depth keeps full uint16 precision: within 1 mm of a batch-of-one recomputation (float sums vary with batch).
     assert np.abs(first["depth.png"] - labels["depth"][0].numpy()).max() <= 0.0015

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,12 @@ class Backbone(ABC):
         """The multi-modal (text + image) blocks that carry the concept stream."""
 
     @property
+    def attention_blocks(self) -> list[nn.Module]:
+        """Every block that mixes text and image, in forward order (the text-attention layer index)."""
+        blocks = list(self.joint_blocks)
+        return blocks + [b for b in self.feature_blocks if all(b is not j for j in blocks)]
+
+    @property
     def feature_dim(self) -> int:
         cfg = self.transformer.config
         return int(cfg.num_attention_heads * cfg.attention_head_dim)
@@ -101,6 +107,46 @@ class Backbone(ABC):
         """Text tokens the pipeline should pad to: the T5 tokenizer's limit, at most FLUX's 512."""
         tok = getattr(self.pipe, "tokenizer_2", None)
         return int(min(512, getattr(tok, "model_max_length", 512) or 512))
+
+    # --- grounding (Seg4Diff) -----------------------------------------------------------------
+    def default_grounding(self) -> dict:
+        """Where zero-shot segmentation reads attention unless told: mmdiff.json's "openseg" (what
+        `probe-layers` found), else the family's rule, at σ 0.52 (Seg4Diff reads σ ≈ 0.5)."""
+        rec = dict(self.settings.get("openseg", {}))
+        return {"layer": rec.get("layer", self.GROUNDING_LAYER(len(self.attention_blocks), len(self.joint_blocks))),
+                "sigma": rec.get("sigma", 0.52), "threshold": rec.get("threshold", 0.5)}
+
+    #: (attention blocks, joint blocks) → default grounding layer. FLUX: the last double-stream block.
+    GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: n_joint - 1)
+
+    def grounding_tokenizer(self) -> tuple[Any, int, int]:
+        """(tokenizer, offset of its tokens in the transformer's text sequence, padded length) for
+        reading per-word attention. FLUX: T5 (the only text tokens its blocks see)."""
+        return self.pipe.tokenizer_2, 0, self.max_sequence_length
+
+    def class_token_positions(self, prompts: Sequence[str], classes: Sequence[str]) -> list[dict[int, list[int]]]:
+        """Per prompt: class id → text positions of that class name's sub-word tokens (every occurrence).
+
+        Prompts are tokenized exactly as the pipeline pads them; a class name matches as a contiguous
+        run of its own tokens (lower-case or capitalised). Class 0 (the background) is never looked up.
+        """
+        tok, offset, length = self.grounding_tokenizer()
+        ids = tok(list(prompts), padding="max_length", max_length=length, truncation=True).input_ids
+        forms = {c: [tok(v, add_special_tokens=False).input_ids for v in (name.lower(), name.capitalize())]
+                 for c, name in enumerate(classes) if c > 0}
+        out = []
+        for row in ids:
+            found: dict[int, list[int]] = {}
+            for c, variants in forms.items():
+                for pat in variants:
+                    k = len(pat)
+                    for i in range(len(row) - k + 1):
+                        if k and row[i : i + k] == pat:
+                            found.setdefault(c, []).extend(offset + i + j for j in range(k))
+                if c in found:
+                    found[c] = sorted(set(found[c]))
+            out.append(found)
+        return out
 
     # --- geometry ---------------------------------------------------------------------------
     @property

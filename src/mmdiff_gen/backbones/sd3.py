@@ -62,6 +62,9 @@ class SD3Backbone(Backbone):
         tok = getattr(self.pipe, "tokenizer_3", None)
         return int(min(256, getattr(tok, "model_max_length", 256) or 256))
 
+    # Seg4Diff's expert layer of SD3-medium is block 9 of 24: the same relative depth elsewhere.
+    GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: round(9 * n_blocks / 24))
+
     # --- sampling ---------------------------------------------------------------------------
     def conditional_rows(self, rows: int, batch_size: int) -> slice:
         # CFG: latent_model_input = cat([latents] * 2) with prompt embeds [negative; positive].
@@ -74,6 +77,10 @@ class SD3Backbone(Backbone):
         return kw
 
     # --- text side --------------------------------------------------------------------------
+    def grounding_tokenizer(self):
+        """CLIP-L's 77 tokens open the joint context (Seg4Diff reads SD3's CLIP part)."""
+        return self.pipe.tokenizer, 0, self.pipe.tokenizer_max_length
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
         """Transformer conditioning kwargs for a list of prompts (the pipeline's own encoders, no CFG)."""

@@ -10,13 +10,14 @@ no q/k norms (None) and its last block is `context_pre_only` (no text output).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
+
+from .text_attention import text_attention
 
 
 def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,14 +107,7 @@ def cross_attention_map(
         image_keys: (B, N, H, D) after `norm_k` (and RoPE).
         text_mask: (B, S) bool, True on prompt tokens; None = every text token.
     """
-    b, n, h, d = image_queries.shape
-    s = text_keys.shape[1]
-    keys = torch.cat([text_keys, image_keys], dim=1)  # (B, S+N, H, D); key order is irrelevant to the softmax
-    total = image_queries.new_zeros(b, n, s, dtype=torch.float32)
-    for head in range(h):  # one head at a time: (B, N, S+N) stays small at 1024²
-        logits = torch.einsum("bnd,bmd->bnm", image_queries[:, :, head].float(), keys[:, :, head].float())
-        total += (logits / math.sqrt(d)).softmax(dim=-1)[..., :s]
-    probs = total / h  # (B, N, S)
+    probs = text_attention(image_queries, text_keys, image_keys)  # (B, N, S)
     if text_mask is None:
         return probs.mean(dim=-1)
     m = text_mask.to(probs.device, torch.float32)  # (B, S)

@@ -12,6 +12,7 @@ from ._gate import Gate
 from .concepts import ConceptTap
 from .features import FeatureTap
 from .spec import CaptureSpec
+from .text_attention import TextAttentionTap
 
 
 @dataclass
@@ -27,6 +28,8 @@ class CaptureResult:
         concepts: concept words, in the order of the K axis.
         concept_maps: (B, T, K, N) float32 softmax-over-concepts maps, mean over concept layers.
         cross_attention: (B, T, N) float32 averaged image→prompt attention, mean over concept layers.
+        text_attention: (B, T, L', N, S) float32 image→text attention per text token at the spec's
+            text-attention layers (Backbone.attention_blocks indices), mean over heads.
     """
 
     features: torch.Tensor
@@ -37,6 +40,8 @@ class CaptureResult:
     concepts: tuple[str, ...] = ()
     concept_maps: torch.Tensor | None = None
     cross_attention: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
+    text_attention_layers: tuple[int, ...] = ()
 
     def feature_maps(self) -> torch.Tensor:
         """(B, L, T, C, h, w) view of the features as spatial maps."""
@@ -63,6 +68,8 @@ class CaptureResult:
             concepts=self.concepts,
             concept_maps=None if self.concept_maps is None else self.concept_maps[pick],
             cross_attention=None if self.cross_attention is None else self.cross_attention[pick],
+            text_attention=None if self.text_attention is None else self.text_attention[pick],
+            text_attention_layers=self.text_attention_layers,
         )
 
 
@@ -118,6 +125,9 @@ class Capture:
                 spec.cross_attention,
                 text_mask,
             )
+        self.text: TextAttentionTap | None = None
+        if spec.text_attention_layers:
+            self.text = TextAttentionTap(backbone.attention_blocks, spec.text_attention_layers)
         self._handles: list[Any] = []
 
     # --- context manager --------------------------------------------------------------------
@@ -139,8 +149,9 @@ class Capture:
 
     def _detach_taps(self) -> None:
         self.features.detach()
-        if self.concepts is not None:
-            self.concepts.detach()
+        for tap in (self.concepts, self.text):
+            if tap is not None:
+                tap.detach()
 
     def _on_call_start(self, _module, _args, kwargs):
         timestep = kwargs["timestep"]
@@ -153,6 +164,9 @@ class Capture:
             self.concepts.attach()
             with torch.no_grad():
                 self.concepts.begin_call(self.gate.active, timestep, kwargs.get("guidance"))
+        if self.text is not None:
+            self.text.attach()
+            self.text.begin_call(self.gate.active)
 
     def _on_call_end(self, _module, _args, _output):
         if self.gate.active:
@@ -160,6 +174,8 @@ class Capture:
             self._detach_taps()
             if self.concepts is not None:
                 self.concepts.end_call()
+            if self.text is not None:
+                self.text.end_call()
         self.gate.end_call()
 
     # --- extra forward for sigmas below the schedule -----------------------------------------
@@ -196,6 +212,11 @@ class Capture:
                 cross = torch.stack(
                     [self.concepts.cross_sum[j] / n_layers for j in range(len(self.spec.sigmas))], dim=1
                 ).to(dev)  # (B, T, N)
+        text = None
+        if self.text is not None:
+            slots = range(len(self.spec.text_attention_layers))
+            text = torch.stack([torch.stack([self.text.store[j][s] for s in slots], dim=1)
+                                for j in range(len(self.spec.sigmas))], dim=1).to(dev)  # (B, T, L', N, S)
         return CaptureResult(
             features=self.features.buffer,
             sigmas=sig,
@@ -205,4 +226,6 @@ class Capture:
             concepts=self.spec.concepts,
             concept_maps=concept_maps,
             cross_attention=cross,
+            text_attention=text,
+            text_attention_layers=self.spec.text_attention_layers,
         )

@@ -42,6 +42,8 @@ class CaptureSpec:
         concepts: concept words for concept attention; empty disables the concept stream.
         concept_layers: joint-block indices whose maps are averaged; None = the backbone default.
         cross_attention: also record the averaged text→image cross-attention map (ablation baseline).
+        text_attention_layers: blocks (Backbone.attention_blocks indices) whose image→text attention
+            is recorded per prompt token (Seg4Diff's zero-shot segmentation, the layer probe).
     """
 
     layers: tuple[int, ...] | None = None
@@ -51,6 +53,7 @@ class CaptureSpec:
     concepts: tuple[str, ...] = ()
     concept_layers: tuple[int, ...] | None = None
     cross_attention: bool = False
+    text_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         sig = tuple(sorted({float(s) for s in self.sigmas}, reverse=True))
@@ -61,9 +64,9 @@ class CaptureSpec:
         object.__setattr__(self, "sigmas", sig)
         if self.store_dtype not in _DTYPES:
             raise ValueError(f"store_dtype must be one of {', '.join(_DTYPES)}, got {self.store_dtype!r}")
-        for name in ("layers", "concept_layers"):
+        for name in ("layers", "concept_layers", "text_attention_layers"):
             v = getattr(self, name)
-            if v is not None:
+            if v is not None and (v or name != "text_attention_layers"):
                 v = tuple(int(i) for i in v)
                 if not v or len(set(v)) != len(v) or min(v) < 0:
                     raise ValueError(f"{name} must be distinct non-negative indices, got {v}")

@@ -39,7 +39,7 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
         raise typer.BadParameter(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
 
 
-TASK_ALIASES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth"}
+TASK_ALIASES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth", "openseg": "openseg"}
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
@@ -47,7 +47,8 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in TASK_ALIASES]
     if bad or not names:
-        raise typer.BadParameter(f"unknown task {', '.join(bad) or '(none)'}; choose from seg, saliency (sal), depth")
+        raise typer.BadParameter(f"unknown task {', '.join(bad) or '(none)'}; choose from seg, saliency (sal), depth, "
+                                 "openseg")
     return tuple(dict.fromkeys(TASK_ALIASES[t] for t in names))
 
 

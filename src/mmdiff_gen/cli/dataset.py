@@ -17,7 +17,8 @@ out = Console(stderr=True)
 def generate(
     prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (blank lines are skipped).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder (re-run the same command to resume).")],
-    tasks: Annotated[str, typer.Option(help="Any of seg, saliency (sal), depth, comma-separated.")] = "seg,saliency,depth",
+    tasks: Annotated[str, typer.Option(help="Any of seg, saliency (sal), depth, openseg (zero-shot, no head), "
+                                            "comma-separated.")] = "seg,saliency,depth",
     model: Model = "toy",
     heads: Annotated[Path | None, typer.Option(help="Heads folder (seg/saliency/depth.safetensors) or one head file "
                                                      "[the backbone's shipped heads].")] = None,
@@ -36,6 +37,14 @@ def generate(
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Also redo finished shards that recorded failed samples.")] = False,
     dino: Dino = None,
+    classes: Annotated[str | None, typer.Option(help="openseg: class names, background first, comma-separated "
+                                                     "[the seg head's classes].")] = None,
+    openseg_layer: Annotated[int | None, typer.Option(help="openseg: attention block [mmdiff.json, else the "
+                                                           "family's default; see probe-layers].")] = None,
+    openseg_sigma: Annotated[float | None, typer.Option(help="openseg: sigma whose attention is read [0.52].")] = None,
+    openseg_threshold: Annotated[float | None, typer.Option(help="openseg: background threshold [0.5].")] = None,
+    min_quality: Annotated[float | None, typer.Option(help="Drop samples whose quality score is below this "
+                                                           "(0–1; recorded as filtered in the shard stats).")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -72,19 +81,40 @@ def generate(
         from ..jobs.annotate import Annotator, head_files
         from ..jobs.dataset_job import GenerateJob, overlong_prompts, run_generate
 
-        files = head_files(heads, list(task_list))  # before loading the backbone: fail fast on a missing head
+        trained = [t for t in task_list if t != "openseg"]
+        files = head_files(heads, trained) if trained else {}  # before loading the backbone: fail fast
+        names = None
+        if "openseg" in task_list:
+            from ..heads.checkpoint import read_meta
+
+            seg_head = files.get("seg") or (heads / "seg.safetensors" if Path(heads).is_dir() else None)
+            names = ([c.strip() for c in classes.split(",") if c.strip()] if classes else
+                     read_meta(seg_head).classes if seg_head is not None and Path(seg_head).is_file() else None)
+            if not names:
+                fail("openseg needs class names: pass --classes background,cat,dog,…", code=2)
+        if min_quality is not None and not {"seg", "saliency", "openseg"} & set(task_list):
+            fail("--min-quality needs a task with a quality signal: seg, saliency or openseg", code=2)
         bb = load_backbone(model, dtype=torch_dt, device=dev)
         dino_features = None
         if dino is not None:
             from ..backbones.dino import DinoFeatures
 
             dino_features = DinoFeatures.load(dino, device=dev, dtype=torch_dt)
-        annotator = Annotator(files, bb.identity(), device=dev, dino=dino_features)
+        openseg = None
+        if names:
+            from ..heads.openseg import OpenSegConfig
+
+            g = bb.default_grounding()
+            openseg = OpenSegConfig(classes=tuple(names), layer=g["layer"] if openseg_layer is None else openseg_layer,
+                                    sigma=g["sigma"] if openseg_sigma is None else openseg_sigma,
+                                    threshold=g["threshold"] if openseg_threshold is None else openseg_threshold)
+        annotator = Annotator(files, bb.identity(), device=dev, dino=dino_features, openseg=openseg,
+                              token_positions=bb.class_token_positions)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg)
         job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
                           batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,
-                          overwrite=overwrite, retry_failed=retry_failed, **kw)
+                          overwrite=overwrite, retry_failed=retry_failed, min_quality=min_quality, **kw)
         long = overlong_prompts(bb, texts, job.max_sequence_length)
         if long:
             i, n = long[0]
@@ -100,7 +130,9 @@ def generate(
             raise typer.Exit(128 + e.signum) from None
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in rep.seconds.items())
     out.print(f"{out_dir}: {rep.samples_written} samples written in {rep.shards_written} shard(s), "
-              f"{rep.shards_skipped} already finished, {rep.samples_failed} failed" + (f" ({stages})" if stages else ""),
+              f"{rep.shards_skipped} already finished, {rep.samples_failed} failed"
+              + (f", {rep.samples_filtered} below --min-quality" if rep.samples_filtered else "")
+              + (f" ({stages})" if stages else ""),
               highlight=False, soft_wrap=True)
     if rep.samples_failed:
         err.print("failed samples are listed in the shards' *_stats.json; --retry-failed redoes them", highlight=False, soft_wrap=True)

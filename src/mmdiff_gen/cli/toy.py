@@ -114,13 +114,19 @@ def consistency(
     n: Annotated[int, typer.Option("--n", help="Generated images (fresh captions, 1–3 objects).")] = 200,
     batch_size: Annotated[int, typer.Option()] = 25,
     report: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here.")] = None,
+    openseg_layer: Annotated[int | None, typer.Option(help="openseg's attention block [the backbone's].")] = None,
+    openseg_sigma: Annotated[float | None, typer.Option(help="openseg's sigma [the backbone's].")] = None,
+    openseg_threshold: Annotated[float | None, typer.Option(help="openseg's background threshold.")] = None,
 ) -> None:
-    """The consistency protocol: heads' labels of generated images scored against the oracle's."""
+    """The consistency protocol: heads' (and openseg's) labels of generated images scored against the
+    oracle's, and how much filtering by each quality signal raises the segmentation consistency."""
     from ..backbones.loading import DEFAULT_HEADS
     from ..toy.consistency import run_consistency
 
     with clean_errors():
-        result = run_consistency(heads_dir or DEFAULT_HEADS["toy"], n=n, batch_size=batch_size)
+        result = run_consistency(heads_dir or DEFAULT_HEADS["toy"], n=n, batch_size=batch_size,
+                                 grounding={"layer": openseg_layer, "sigma": openseg_sigma,
+                                            "threshold": openseg_threshold})
     out.print(json.dumps(result, indent=1))
     if report is not None:
         report.write_text(json.dumps(result, indent=1))

@@ -12,7 +12,7 @@ import json
 import numpy as np
 from PIL import Image
 
-TASK_MEMBER = {"seg": "seg.png", "saliency": "sal.png", "depth": "depth.png"}
+TASK_MEMBER = {"seg": "seg.png", "saliency": "sal.png", "depth": "depth.png", "openseg": "openseg.png"}
 IGNORE_INDEX = 255
 DEPTH_SCALE = 1000.0  # depth PNG value per unit: metres → millimetres, the NYU convention
 

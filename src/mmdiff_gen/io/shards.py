@@ -19,7 +19,7 @@ FORMATS = ("webdataset", "files")
 # files layout: member suffix → (folder, extension)
 FILES_LAYOUT = {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("meta", "json"),
                 "txt": ("prompts", "txt"), "seg.png": ("seg", "png"), "sal.png": ("saliency", "png"),
-                "depth.png": ("depth", "png")}
+                "depth.png": ("depth", "png"), "openseg.png": ("openseg", "png")}
 
 
 def _tmp_tag() -> str:

@@ -54,7 +54,7 @@ class GenerateJob:
 
     Args:
         out: output folder.
-        tasks: subset of "seg", "saliency", "depth".
+        tasks: subset of "seg", "saliency", "depth", "openseg" (zero-shot, from the grounding attention).
         images_per_prompt: samples per prompt (repeat r of prompt p has seed sample_seed(seed, p, r)).
         seed: global seed.
         batch_size: prompts per generation pass (does not change which samples exist or their seeds).
@@ -64,6 +64,7 @@ class GenerateJob:
         format: "webdataset" (NNNNN.tar shards) or "files" (images/, seg/, saliency/, depth/, meta/).
         shard_size: samples per shard.
         store_dtype: dtype of the captured features (bfloat16 keeps FLUX's large activations).
+        min_quality: samples whose quality score is below it are not written (status "filtered").
         overwrite: replace a dataset made from other inputs instead of refusing.
         retry_failed: also redo finished shards that recorded failed samples.
     """
@@ -84,6 +85,7 @@ class GenerateJob:
     format: str = "webdataset"
     shard_size: int = 1000
     store_dtype: str = "bfloat16"
+    min_quality: float | None = None
     overwrite: bool = False
     retry_failed: bool = False
 
@@ -91,7 +93,7 @@ class GenerateJob:
         object.__setattr__(self, "out", Path(self.out))
         bad = [t for t in self.tasks if t not in TASK_MEMBER]
         if bad or not self.tasks:
-            raise ValueError(f"unknown tasks {bad}; choose from seg, saliency, depth")
+            raise ValueError(f"unknown tasks {bad}; choose from seg, saliency, depth, openseg")
         for name in ("images_per_prompt", "batch_size", "shard_size", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -118,6 +120,7 @@ class JobReport:
     shards_written: int = 0
     samples_written: int = 0
     samples_failed: int = 0
+    samples_filtered: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -135,6 +138,7 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
     heads = annotator.identity()
     inputs = {"prompts": prompts, "tasks": list(job.tasks), "sampling": job.sampling(), "dtype": dtype,
               "backbone": backbone.identity(), "heads": {t: h["sha256"] for t, h in heads.items()},
+              "openseg": heads.get("openseg"), "min_quality": job.min_quality,
               "shard_size": job.shard_size, "format": job.format, "image_format": job.image_format}
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     n = len(prompts) * job.images_per_prompt
@@ -165,6 +169,10 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
                   "encoding": "uint16 PNG, value = depth × scale"},
         "saliency": {"encoding": "uint8 PNG, 0–255"},
         "segmentation": {"encoding": "uint8 PNG of class ids, 255 = ignore"},
+        "openseg": annotator.openseg.to_dict() | {"encoding": "uint8 PNG of ids into openseg.classes, 0 = background"}
+        if annotator.openseg else None,
+        "quality": {"field": "json member's quality.score (mean of the signals beside it)",
+                    "min_quality": job.min_quality},
     }
 
 
@@ -198,7 +206,7 @@ def _remove_foreign_shards(out: Path, fingerprint: str, keep: set[int]) -> None:
         marker.unlink(missing_ok=True)
         (out / f"{shard_name(shard)}.tar").unlink(missing_ok=True)
         for rec in st.get("samples", []):  # files layout
-            for folder in ("images", "meta", "prompts", "seg", "saliency", "depth"):
+            for folder in ("images", "meta", "prompts", "seg", "saliency", "depth", "openseg"):
                 for f in (out / folder).glob(f"{rec['key']}.*"):
                     f.unlink(missing_ok=True)
 
@@ -226,8 +234,9 @@ def _signals_raise():
 
 
 def _members(job: GenerateJob, s: PlannedSample, image: np.ndarray, labels: dict[str, np.ndarray],
-             sigmas: list[float], classes: list[str]) -> dict[str, bytes]:
-    meta = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat, "seed": s.seed, "sigmas": sigmas}
+             sigmas: list[float], quality: dict, classes: list[str]) -> dict[str, bytes]:
+    meta = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat, "seed": s.seed, "sigmas": sigmas,
+            "quality": quality}
     out = {job.image_format: encode_image(image, job.image_format), "txt": s.prompt.encode("utf-8")}
     if "seg" in labels:
         ids = labels["seg"]
@@ -237,6 +246,8 @@ def _members(job: GenerateJob, s: PlannedSample, image: np.ndarray, labels: dict
         out["sal.png"] = encode_gray(labels["saliency"])
     if "depth" in labels:
         out["depth.png"] = encode_depth(labels["depth"], DEPTH_SCALE)
+    if "openseg" in labels:
+        out["openseg.png"] = encode_gray(labels["openseg"])
     out["json"] = encode_json(meta)
     return out
 
@@ -248,7 +259,7 @@ class _Runner:
         self.bb, self.ann, self.job, self.progress = backbone, annotator, job, progress
         self.spec = annotator.spec(store_dtype=job.store_dtype)
 
-    def batch(self, samples: list[PlannedSample]) -> list[tuple[np.ndarray, dict, list[float]] | str]:
+    def batch(self, samples: list[PlannedSample]) -> list[tuple[np.ndarray, dict, list[float], dict] | str]:
         try:
             return self._batch(samples)
         except OSError:  # disk trouble is the job's, not the sample's
@@ -268,7 +279,7 @@ class _Runner:
                        max_sequence_length=j.max_sequence_length)
         t1 = time.perf_counter()
         cap = gen.capture
-        labels = self.ann(cap, (j.height, j.width), images=gen.images)
+        ann = self.ann(cap, (j.height, j.width), images=gen.images, prompts=[s.prompt for s in samples])
         t2 = time.perf_counter()
         self.progress.add_time("backbone", t1 - t0)
         self.progress.add_time("heads", t2 - t1)
@@ -278,8 +289,8 @@ class _Runner:
             if not finite[i]:
                 results.append("non-finite features (float16 overflow? use bfloat16 or float32)")
                 continue
-            results.append((np.asarray(image.convert("RGB")), {t: v[i].numpy() for t, v in labels.items()},
-                            [float(x) for x in cap.sigmas[i]]))
+            results.append((np.asarray(image.convert("RGB")), {t: v[i].numpy() for t, v in ann.labels.items()},
+                            [float(x) for x in cap.sigmas[i]], ann.quality[i]))
         return results
 
 
@@ -345,18 +356,25 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
                     records.append({"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat,
                                     "status": "error", "error": r})
                     continue
-                image, labels, sigmas = r
-                writer.write(s.key, _members(job, s, image, labels, sigmas, info["classes"]))
-                records.append({"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat, "status": "ok"})
+                image, labels, sigmas, quality = r
+                record = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat,
+                          "quality": quality.get("score")}
+                if job.min_quality is not None and not quality.get("score", 0.0) >= job.min_quality:
+                    records.append({**record, "status": "filtered"})  # deterministic: a re-run would drop it again
+                    continue
+                writer.write(s.key, _members(job, s, image, labels, sigmas, quality, info["classes"]))
+                records.append({**record, "status": "ok"})
             bar.add_time("write", time.perf_counter() - t0)
             bar.advance(len(batch))
-        failed = [r for r in records if r["status"] != "ok"]
+        failed = [r for r in records if r["status"] == "error"]
+        filtered = sum(r["status"] == "filtered" for r in records)
         writer.commit({"shard": shard_name(shard), "fingerprint": info["fingerprint"], "attempted": len(records),
-                       "written": len(records) - len(failed), "failed": len(failed),
+                       "written": len(records) - len(failed) - filtered, "failed": len(failed), "filtered": filtered,
                        "seconds": round(time.perf_counter() - t_start, 3), "samples": records})
     report.shards_written += 1
-    report.samples_written += len(records) - len(failed)
+    report.samples_written += len(records) - len(failed) - filtered
     report.samples_failed += len(failed)
+    report.samples_filtered += filtered
     return len(failed), len(records)
 
 

@@ -2,7 +2,9 @@
 the oracle's labels of the same pixels.
 
 Fresh captions (seeds no training scene uses) → one generation pass with capture → the heads' seg,
-saliency and depth → compared with what the pixel-space oracle reads from the generated image.
+saliency and depth, and the zero-shot openseg → compared with what the pixel-space oracle reads from
+the generated image. The per-sample quality scores are checked the same way: keeping only the
+best-scored samples should raise the segmentation consistency (`quality_filter`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from ..backbones import load_backbone
 from ..capture import generate
+from ..heads.openseg import OpenSegConfig
 from ..jobs.annotate import Annotator, head_files
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from .oracle import Oracle
@@ -24,24 +27,53 @@ TASKS = ["seg", "saliency", "depth"]
 
 
 @torch.no_grad()
-def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str = "toy") -> dict:
-    """Metrics of the heads against the oracle on n generated images (1–3 objects per caption)."""
+def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str = "toy",
+                    keep: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25), grounding: dict | None = None) -> dict:
+    """Metrics of the heads (and openseg) against the oracle on n generated images (1–3 objects per
+    caption), and the seg consistency of the best-scored `keep` fractions under each quality signal.
+
+    `grounding` overrides openseg's layer / sigma / threshold (default: the backbone's)."""
     bb = load_backbone(model, dtype=torch.float32, device="cpu")
-    ann = Annotator(head_files(Path(heads), TASKS), bb.identity())
+    g = bb.default_grounding() | {k: v for k, v in (grounding or {}).items() if v is not None}
+    openseg = OpenSegConfig(classes=CLASSES, layer=g["layer"], sigma=g["sigma"], threshold=g["threshold"])
+    ann = Annotator(head_files(Path(heads), TASKS), bb.identity(), openseg=openseg,
+                    token_positions=bb.class_token_positions)
     oracle = Oracle.from_checkpoint()
     kw = bb.sampling_kwargs()
     size = (kw["height"], kw["width"])
-    seg, sal, dep = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics()
+    seg, sal, dep, zero = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics(), SegMetrics(len(CLASSES))
     captions = [render_scene(CONSISTENCY_SEED + i).caption for i in range(n)]
+    pairs, quality = [], []  # per sample: (heads' seg, oracle's seg), quality record
     for i in range(0, n, batch_size):
         batch = captions[i : i + batch_size]
         gen = generate(bb, batch, ann.spec(), seeds=[CONSISTENCY_SEED + j for j in range(i, i + len(batch))],
                        output_type="np", **kw)
         images = (gen.images * 255).round().astype(np.uint8)  # (B, H, W, 3), what a dataset would store
-        ours = {k: v.numpy() for k, v in ann(gen.capture, size).items()}
+        a = ann(gen.capture, size, prompts=batch)
+        ours = {k: v.numpy() for k, v in a.labels.items()}
         ref = oracle.predict(images)
         for j in range(len(batch)):
             seg.update(ours["seg"][j], ref["seg"][j])
+            zero.update(ours["openseg"][j], ref["seg"][j])
             sal.update(ours["saliency"][j], np.where(ref["saliency"][j] >= 128, 255, 0).astype(np.uint8))
             dep.update(ours["depth"][j], ref["depth"][j])
-    return {"n": n, "seg": seg.result(), "saliency": sal.result(), "depth": dep.result()}
+            pairs.append((ours["seg"][j], ref["seg"][j]))
+        quality += a.quality
+    return {"n": n, "seg": seg.result(), "saliency": sal.result(), "depth": dep.result(),
+            "openseg": {**zero.result(), **openseg.to_dict()}, "quality_filter": quality_filter(pairs, quality, keep)}
+
+
+def quality_filter(pairs: list[tuple[np.ndarray, np.ndarray]], quality: list[dict], keep: tuple[float, ...]) -> list:
+    """Seg mIoU over the top `keep` fraction of samples ranked by each quality signal (ties by index)."""
+    rows = []
+    for signal in quality[0]:
+        scores = np.array([q[signal] for q in quality], dtype=np.float64)
+        order = np.argsort(-scores, kind="stable")
+        for frac in keep:
+            k = max(1, round(frac * len(pairs)))
+            m = SegMetrics(len(CLASSES))
+            for i in order[:k]:
+                m.update(*pairs[i])
+            rows.append({"signal": signal, "keep": frac, "kept": k, "min_score": float(scores[order[k - 1]]),
+                         "seg_miou": m.result()["miou"]})
+    return rows
