@@ -134,7 +134,8 @@ def probe_layers(
     import json
 
     from ..io.datasets import open_dataset
-    from ..jobs.probe import describe_layer, probe_layers as run
+    from ..jobs.probe import describe_layer
+    from ..jobs.probe import probe_layers as run
 
     with clean_errors():
         ds = open_dataset(data, split=split, size=size, captions=captions)
