@@ -355,3 +355,20 @@ def test_cli_trains_and_evaluates_straight_from_a_dataset(duts, tmp_path):
     assert set(json.loads((tmp_path / "m.json").read_text())) >= {"max_f", "mae"}
     res = CliRunner().invoke(app, ["extract", "--data", f"nope:{root}", "--out", str(tmp_path / "x"), *common])
     assert res.exit_code == 1 and "unknown dataset kind" in res.output
+
+
+def test_shipped_prompt_files():
+    """prompts/voc.txt names every VOC class ≥ 10 times; every file fits CLIP's 77 tokens comfortably."""
+    from pathlib import Path
+
+    from mmdiff_gen.cli._options import read_prompts
+
+    root = Path(__file__).resolve().parent.parent / "prompts"
+    files = {name: read_prompts(root / f"{name}.txt") for name in ("voc", "duts", "nyu")}
+    assert {k: len(v) >= 150 for k, v in files.items()} == {"voc": True, "duts": True, "nyu": True}
+    assert max(len(p.split()) for v in files.values() for p in v) < 60
+    natural = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
+               "motorbike": "motorbike", "aeroplane": "aeroplane"}
+    for cls in VOC_CLASSES[1:]:
+        word = natural.get(cls, cls)
+        assert sum(word in p.lower() for p in files["voc"]) >= 10, cls

@@ -148,6 +148,15 @@ class Backbone(ABC):
             out.append(found)
         return out
 
+    # --- latents ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def vae_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C_vae, H/f, W/f) posterior means of images (B, 3, H, W) in [−1, 1], shifted and scaled
+        as the transformer sees them (deterministic: the mode, not a sample)."""
+        vae = self.pipe.vae
+        lat = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        return (lat - vae.config.shift_factor) * vae.config.scaling_factor
+
     # --- geometry ---------------------------------------------------------------------------
     @property
     @abstractmethod

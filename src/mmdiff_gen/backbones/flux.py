@@ -98,10 +98,7 @@ class FluxBackbone(Backbone):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Clean packed latents x0 (B, N, 4·C_vae) from images (B, 3, H, W) in [−1, 1]."""
-        vae = self.pipe.vae
-        x = images.to(device=vae.device, dtype=vae.dtype)
-        lat = vae.encode(x).latent_dist.mode()  # deterministic: the posterior mean
-        lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+        lat = self.vae_latents(images)
         b, c, h, w = lat.shape
         return self.pipe._pack_latents(lat, b, c, h, w).to(self.dtype)
 

@@ -127,9 +127,7 @@ class SD3Backbone(Backbone):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Clean latents x0 (B, C_vae, H/8, W/8) from images (B, 3, H, W) in [−1, 1]: SD3 patchifies inside."""
-        vae = self.pipe.vae
-        lat = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        return ((lat - vae.config.shift_factor) * vae.config.scaling_factor).to(self.dtype)
+        return self.vae_latents(images).to(self.dtype)
 
     def transformer_inputs(
         self,
