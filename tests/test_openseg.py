@@ -68,6 +68,10 @@ def test_text_attention_matches_a_by_hand_softmax(tiny, family):
 
 def test_class_token_positions(tiny):
     assert tiny.class_token_positions(CAPTIONS, CLASSES) == [{1: [2]}, {3: [2], 2: [6]}]
+    # Any case, plurals, compound names written apart (VOC's "diningtable"); "category" is not a cat.
+    assert tiny.class_token_positions(["Two Stars and a dining table"], ("background", "star", "diningtable")) == \
+        [{1: [1], 2: [4, 5]}]
+    assert tiny.class_token_positions(["a category"], ("background", "cat")) == [{}]
     assert tiny.class_token_positions(["a blue star"], ("background", "blue star")) == [{1: [1, 2]}]
     sd3 = wrap_pipeline(build_tiny_sd3(seed=0), name="tiny-sd3")
     assert sd3.class_token_positions(CAPTIONS[:1], CLASSES) == [{1: [3]}]  # CLIP: BOS first
@@ -138,3 +142,6 @@ def test_probe_layers_cli(tmp_path):
     rep = json.loads((tmp_path / "p.json").read_text())
     assert np.array(rep["miou"]).shape == (6, 2, 4) and rep["samples"] == 3  # 2 double + 4 single blocks
     assert "expert layer: block" in res.output and 0 <= rep["best"]["layer"] < 6
+    res = CliRunner().invoke(app, ["probe-layers", "--data", str(tmp_path / "scenes"), "--model", "tiny-random",
+                                   "--n", "3", "--classes", "background,dog,cat,car,tree,photo,bird", "--device", "cpu"])
+    assert res.exit_code == 1 and "no caption names any of the classes" in res.output

@@ -113,6 +113,10 @@ def test_real_image_mode_matches_a_direct_forward(sd3, recorder):
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     res = extract(sd3, images, spec, captions=PROMPTS, seeds=[5, 6], max_sequence_length=16)
     assert res.features.shape == (2, 2, 4, 64, sd3.feature_dim)
+    # Two sigmas make 2·B rows: real-image mode has no CFG halves, every row is captured.
+    two = extract(sd3, images, CaptureSpec(layers=(0, 2), store_dtype="float32", sigmas=(0.78, 0.52)),
+                  captions=PROMPTS, seeds=[5, 6], max_sequence_length=16)
+    torch.testing.assert_close(two.features, res.features[:, :, :2], atol=1e-5, rtol=1e-5)
     # One sigma by hand: x_σ = (1 − σ)·x0 + σ·ε through the transformer at timestep 1000·σ.
     x0 = sd3.encode_images(images * 2 - 1)
     assert x0.shape == (2, 16, 16, 16)

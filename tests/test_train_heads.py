@@ -86,3 +86,11 @@ def test_cli_extract_train_eval(caches, tmp_path):
     assert "miou" in json.loads((tmp_path / "m.json").read_text())
     res = run(app, ["train", "--cache", str(tmp_path / "c"), "--task", "normals", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "unknown task" in res.output
+
+
+def test_cache_refuses_mixed_image_sizes(tiny, tmp_path):
+    from mmdiff_gen.io.readers import Sample
+
+    samples = [Sample(key="a", image=np.zeros((64, 64, 3), np.uint8)), Sample(key="b", image=np.zeros((32, 64, 3), np.uint8))]
+    with pytest.raises(ValueError, match="pass --size"):
+        build_cache(tiny, samples, CaptureSpec(), tmp_path / "c")

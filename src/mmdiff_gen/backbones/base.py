@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+
+def _class_pattern(name: str) -> re.Pattern:
+    """A class name as a whole word in running text: any case, optional separators, plural ending."""
+    letters = [re.escape(ch) for ch in name.lower() if not ch.isspace() and ch not in "_-"]
+    return re.compile(r"(?<![^\W\d_])" + r"[\s_-]?".join(letters) + r"(?:e?s)?(?![^\W\d_])", re.IGNORECASE)
 
 
 class Backbone(ABC):
@@ -125,24 +132,24 @@ class Backbone(ABC):
         return self.pipe.tokenizer_2, 0, self.max_sequence_length
 
     def class_token_positions(self, prompts: Sequence[str], classes: Sequence[str]) -> list[dict[int, list[int]]]:
-        """Per prompt: class id → text positions of that class name's sub-word tokens (every occurrence).
+        """Per prompt: class id → text positions of the tokens that spell that class name (every occurrence).
 
-        Prompts are tokenized exactly as the pipeline pads them; a class name matches as a contiguous
-        run of its own tokens (lower-case or capitalised). Class 0 (the background) is never looked up.
+        A class name matches the prompt's text case-insensitively, with or without spaces, hyphens or
+        underscores between its letters and with a plural ending, so VOC's "diningtable" finds "dining
+        tables"; the match's characters are mapped to the tokens the pipeline padded (offsets of the
+        fast tokenizer). Class 0 (the background) is never looked up.
         """
         tok, offset, length = self.grounding_tokenizer()
-        ids = tok(list(prompts), padding="max_length", max_length=length, truncation=True).input_ids
-        forms = {c: [tok(v, add_special_tokens=False).input_ids for v in (name.lower(), name.capitalize())]
-                 for c, name in enumerate(classes) if c > 0}
+        enc = tok(list(prompts), padding="max_length", max_length=length, truncation=True,
+                  return_offsets_mapping=True)
+        patterns = {c: _class_pattern(name) for c, name in enumerate(classes) if c > 0}
         out = []
-        for row in ids:
+        for prompt, spans in zip(prompts, enc["offset_mapping"]):
             found: dict[int, list[int]] = {}
-            for c, variants in forms.items():
-                for pat in variants:
-                    k = len(pat)
-                    for i in range(len(row) - k + 1):
-                        if k and row[i : i + k] == pat:
-                            found.setdefault(c, []).extend(offset + i + j for j in range(k))
+            for c, pat in patterns.items():
+                for m in pat.finditer(prompt):
+                    found.setdefault(c, []).extend(
+                        offset + i for i, (a, b) in enumerate(spans) if b > a and a < m.end() and b > m.start())
                 if c in found:
                     found[c] = sorted(set(found[c]))
             out.append(found)
@@ -209,10 +216,10 @@ class Backbone(ABC):
             cfg.get("max_shift", self.MAX_SHIFT_DEFAULT),
         )
 
-    def conditional_rows(self, rows: int, batch_size: int) -> slice:
-        """Which rows of a transformer call of `rows` rows are the conditional branch of a batch of
-        `batch_size` samples. FLUX runs its branches in separate calls: every row."""
-        return slice(0, rows)
+    def cfg_in_batch(self, sampling: dict) -> bool:
+        """Whether the pipeline runs classifier-free guidance as [uncond; cond] rows of one call with
+        these sampling kwargs. FLUX runs true CFG as separate calls (conditional first): never."""
+        return False
 
     def pipeline_kwargs(self, sampling: dict) -> dict:
         """`sampling_kwargs` output → the keyword arguments this family's pipeline call accepts."""

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-# ImageNet statistics, which DINOv3's web-image (LVD) models are trained with.
+# ImageNet statistics, which DINOv3's web-image (LVD) models are trained with; a model folder's
+# preprocessor_config.json overrides them (the satellite models use others).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -33,8 +34,10 @@ class DinoFeatures:
         weights_id: a fingerprint of the weights ("" for models built in memory).
     """
 
-    def __init__(self, model, name: str = "dinov3", layers: Sequence[int] | None = None, weights_id: str = ""):
+    def __init__(self, model, name: str = "dinov3", layers: Sequence[int] | None = None, weights_id: str = "",
+                 mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
         self.model = model.eval().requires_grad_(False)
+        self.mean, self.std = tuple(mean), tuple(std)
         n = model.config.num_hidden_layers
         self.layers = tuple(sorted(set(layers if layers is not None else (round(2 * (n - 1) / 11), n - 1))))
         if min(self.layers) < 0 or max(self.layers) >= n:
@@ -55,8 +58,12 @@ class DinoFeatures:
         model = DINOv3ViTModel.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
         h = hashlib.sha256()
         for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-            h.update(f"{f.name}:{f.stat().st_size};".encode())
-        return cls(model, name=str(path), layers=layers, weights_id=h.hexdigest()[:16])
+            with open(f, "rb") as fh:  # size + the first MiB: cheap, and tells same-shape checkpoints apart
+                h.update(f"{f.name}:{f.stat().st_size};".encode() + fh.read(1 << 20))
+        prep = folder / "preprocessor_config.json"
+        stats = json.loads(prep.read_text()) if prep.is_file() else {}
+        return cls(model, name=str(path), layers=layers, weights_id=h.hexdigest()[:16],
+                   mean=stats.get("image_mean", MEAN), std=stats.get("image_std", STD))
 
     @property
     def channels(self) -> int:
@@ -67,7 +74,7 @@ class DinoFeatures:
         """What a head trained on these features records and later checks."""
         cfg = {k: v for k, v in sorted(self.model.config.to_dict().items())
                if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
-        blob = json.dumps(cfg, sort_keys=True, default=str)
+        blob = json.dumps({**cfg, "mean": self.mean, "std": self.std}, sort_keys=True, default=str)
         return {"name": self.name, "config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16],
                 "layers": list(self.layers), "weights": self.weights_id}
 
@@ -78,8 +85,8 @@ class DinoFeatures:
         h, w = grid
         x = F.interpolate(images.to(device=p.device, dtype=torch.float32), size=(h * self.patch, w * self.patch),
                           mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         out = self.model(((x - mean) / std).to(p.dtype), output_hidden_states=True)
         maps = []
         for i in self.layers:

@@ -66,9 +66,10 @@ class SD3Backbone(Backbone):
     GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: round(9 * n_blocks / 24))
 
     # --- sampling ---------------------------------------------------------------------------
-    def conditional_rows(self, rows: int, batch_size: int) -> slice:
-        # CFG: latent_model_input = cat([latents] * 2) with prompt embeds [negative; positive].
-        return slice(batch_size, 2 * batch_size) if rows == 2 * batch_size else slice(0, rows)
+    def cfg_in_batch(self, sampling: dict) -> bool:
+        # StableDiffusion3Pipeline: do_classifier_free_guidance = guidance_scale > 1, and then
+        # latent_model_input = cat([latents] * 2) with prompt embeds [negative; positive].
+        return float(sampling.get("guidance_scale", self.SAMPLING_DEFAULTS["guidance_scale"])) > 1
 
     def pipeline_kwargs(self, sampling: dict) -> dict:
         kw = dict(sampling)
@@ -121,7 +122,7 @@ class SD3Backbone(Backbone):
         tr = self.transformer
         pooled = torch.zeros(timestep.shape[0], tr.config.pooled_projection_dim, device=timestep.device,
                              dtype=self.dtype)
-        return tr.time_text_embed(timestep.to(self.dtype), pooled)
+        return tr.time_text_embed(timestep, pooled)  # float32 as SD3Transformer2DModel.forward passes it
 
     # --- latents ----------------------------------------------------------------------------
     @torch.no_grad()

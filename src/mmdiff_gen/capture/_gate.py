@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,13 +24,14 @@ class Gate:
     A step is identified by the sigma the transformer actually received (never by a call counter,
     which drifts under classifier-free guidance). The first call that reaches a target is the one
     captured: FLUX runs the conditional branch first, so the unconditional second call of true CFG
-    finds its targets already filled and is ignored. When one call carries both branches (SD3's
-    [uncond; cond] batch), `cond_rows` says which rows are conditional; only those are captured.
+    finds its targets already filled and is ignored. With `cfg_in_batch` (SD3: one call carries
+    [uncond; cond] rows, diffusers' layout), a call of 2·batch_size rows is captured from its second
+    half only; calls of batch_size rows (skip-layer guidance, the extra forward) are conditional.
     """
 
     sigmas: tuple[float, ...]
     batch_size: int
-    cond_rows: Callable[[int, int], slice] = lambda rows, _batch: slice(0, rows)
+    cfg_in_batch: bool = False
     received: dict[int, torch.Tensor] = field(default_factory=dict)  # target → (B,) sigmas received
     active: list[Active] = field(default_factory=list)
     cond_kwargs: dict[str, Any] | None = None
@@ -41,7 +42,8 @@ class Gate:
         # One ulp of the dtype the timestep was sent in (bf16 on GPU), plus float32 round-off.
         eps = torch.finfo(sigma.dtype).eps
         values = sigma.detach().float().flatten().tolist()  # one device sync per call
-        cond = range(len(values))[self.cond_rows(len(values), self.batch_size)]
+        n, b = len(values), self.batch_size
+        cond = range(b, 2 * b) if self.cfg_in_batch and n == 2 * b else range(n)
         if self._last_sigma is None or values[0] != self._last_sigma:
             self.cond_kwargs = _rows_of(kwargs, cond, len(values))  # a new step: its conditional call
         self._last_sigma = values[0]

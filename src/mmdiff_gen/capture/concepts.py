@@ -17,16 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from .text_attention import text_attention
-
-
-def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, S, H·D) → (B, S, H, D)."""
-    return x.unflatten(-1, (attn.heads, -1))
-
-
-def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    return x if norm is None else norm(x)
+from .text_attention import _heads, _norm, text_attention
 
 
 def concept_block_update(

@@ -86,7 +86,9 @@ def generate(
             final["latents"] = kwargs["latents"]
         return kwargs
 
-    with Capture(backbone, spec, batch_size=len(prompts), height=height, width=width, text_mask=text_mask) as cap:
+    cfg = backbone.cfg_in_batch({"guidance_scale": guidance_scale})
+    with Capture(backbone, spec, batch_size=len(prompts), height=height, width=width, text_mask=text_mask,
+                 cfg_in_batch=cfg) as cap:
         out = backbone.pipe(**backbone.pipeline_kwargs(dict(
             prompt=prompts,
             negative_prompt=negative_prompt,

@@ -88,6 +88,7 @@ class Capture:
         batch_size: samples per run; each target sigma must be received by exactly that many rows.
         height, width: image size in pixels (gives the token grid).
         text_mask: (B, S) bool prompt-token mask, only used by the cross-attention baseline.
+        cfg_in_batch: the pipeline runs CFG as [uncond; cond] rows of one call (Backbone.cfg_in_batch).
     """
 
     def __init__(
@@ -99,13 +100,14 @@ class Capture:
         height: int,
         width: int,
         text_mask: torch.Tensor | None = None,
+        cfg_in_batch: bool = False,
     ):
         self.backbone = backbone
         self.spec = spec
         self.grid = backbone.token_grid(height, width)
         self.layers = spec.layers if spec.layers is not None else backbone.default_layers()
         self.concept_layers = spec.concept_layers if spec.concept_layers is not None else backbone.default_concept_layers()
-        self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cond_rows=backbone.conditional_rows)
+        self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cfg_in_batch=cfg_in_batch)
         self.features = FeatureTap(
             backbone.feature_blocks,
             self.layers,
@@ -127,7 +129,7 @@ class Capture:
             )
         self.text: TextAttentionTap | None = None
         if spec.text_attention_layers:
-            self.text = TextAttentionTap(backbone.attention_blocks, spec.text_attention_layers)
+            self.text = TextAttentionTap(backbone.attention_blocks, spec.text_attention_layers, spec.store_device)
         self._handles: list[Any] = []
 
     # --- context manager --------------------------------------------------------------------

@@ -52,12 +52,16 @@ class TextAttentionTap:
     Args:
         blocks: every text-image block in forward order (Backbone.attention_blocks).
         layers: indices into `blocks`, in the order of the result's L axis.
+        store_device: where the (B, N, S) maps go as soon as they are computed (None: stay put); a
+            probe of every FLUX.1-dev block holds gigabytes of them.
     """
 
-    def __init__(self, blocks: list[nn.Module], layers: tuple[int, ...]):
+    def __init__(self, blocks: list[nn.Module], layers: tuple[int, ...], store_device=None):
         if max(layers) >= len(blocks):
             raise ValueError(f"text-attention layers {layers} out of range: the backbone has {len(blocks)} blocks")
-        self.blocks, self.layers = blocks, layers
+        if any(getattr(blocks[i].attn, "fused_projections", False) for i in layers):
+            raise ValueError("text attention needs unfused QKV projections: call transformer.unfuse_qkv_projections()")
+        self.blocks, self.layers, self.store_device = blocks, layers, store_device
         self.handles: list[Any] = []
         self._scratch: dict[str, Any] = {}
         self._rows: torch.Tensor | None = None
@@ -131,6 +135,8 @@ class TextAttentionTap:
                 q, k = apply_rotary_emb(q, img, sequence_dim=1), apply_rotary_emb(k, img, sequence_dim=1)
                 tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
             probs = text_attention(q, tk, k)  # (R, N, S)
+            if self.store_device is not None:
+                probs = probs.to(self.store_device)
             for target, part in self._targets:
                 self.store.setdefault(target, {})[slot] = probs[part]
         return hook

@@ -73,23 +73,23 @@ def generate(
         fail(f"cannot create output folder {out_dir}: {e.strerror or type(e).__name__}", code=2)
     with clean_errors(usage=(HeadMismatch, FingerprintMismatch)):
         r, w, source = worker_identity(rank, world_size)
-        if heads is None:
-            heads = DEFAULT_HEADS.get(model)
-            if heads is None:
-                fail(f"no default heads for {model!r}: pass --heads (a folder of seg/saliency/depth.safetensors)", code=2)
         from ..backbones import load_backbone
         from ..jobs.annotate import Annotator, head_files
         from ..jobs.dataset_job import GenerateJob, overlong_prompts, run_generate
 
         trained = [t for t in task_list if t != "openseg"]
+        heads = heads if heads is not None else DEFAULT_HEADS.get(model)
+        if trained and heads is None:
+            fail(f"no default heads for {model!r}: pass --heads (a folder of seg/saliency/depth.safetensors)", code=2)
         files = head_files(heads, trained) if trained else {}  # before loading the backbone: fail fast
         names = None
         if "openseg" in task_list:
             from ..heads.checkpoint import read_meta
 
-            seg_head = files.get("seg") or (heads / "seg.safetensors" if Path(heads).is_dir() else None)
-            names = ([c.strip() for c in classes.split(",") if c.strip()] if classes else
-                     read_meta(seg_head).classes if seg_head is not None and Path(seg_head).is_file() else None)
+            names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+            seg_head = files.get("seg") or (Path(heads) / "seg.safetensors" if heads is not None else None)
+            if names is None and seg_head is not None and Path(seg_head).is_file():
+                names = read_meta(seg_head).classes  # the seg head's classes
             if not names:
                 fail("openseg needs class names: pass --classes background,cat,dog,…", code=2)
         if min_quality is not None and not {"seg", "saliency", "openseg"} & set(task_list):

@@ -27,16 +27,6 @@ Captions = Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"captio
                                                     "is conditioned on (default: empty).")]
 
 
-def _finished(folder: Path) -> bool:
-    from ..train.feature_cache import FeatureCache
-
-    try:
-        FeatureCache(folder)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
 def _build_cache(data: str, split: str | None, size: int | None, captions: Path | None, out_dir: Path, model: str,
                  tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int, seed: int, device: str,
                  dtype: str, dino: Path | None = None) -> int:
@@ -76,7 +66,7 @@ def extract(
     dtype: Dtype = "auto",
 ) -> None:
     """Encode labelled images once in real-image mode and store features, concept maps and labels."""
-    task_list = list(parse_tasks(tasks))
+    task_list = [t for t in parse_tasks(tasks) if t != "openseg"]  # openseg reads no cache
     if data is None:
         fail("--data is required (a dataset: voc:PATH, duts:PATH, nyu:PATH, folder:PATH or a files-layout folder)",
              code=2)
@@ -117,6 +107,8 @@ def train(
     picked = parse_tasks(task)
     if len(picked) != 1:
         raise typer.BadParameter(f"train one task at a time, got {task!r}")
+    if picked[0] == "openseg":
+        raise typer.BadParameter("openseg is zero-shot: it has no head to train (see probe-layers)")
     t = picked[0]
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
     if eval_data is not None and eval_cache is None:
@@ -124,7 +116,7 @@ def train(
     with clean_errors():
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
-            if src is not None and not _finished(folder):
+            if src is not None:  # a finished cache of the same inputs is kept; another one is refused
                 _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), 16, 256, 0,
                              device, dtype, dino)
         steps = tuple(int(x) for x in timesteps.split(",")) if timesteps else None
@@ -159,7 +151,7 @@ def evaluate(
     from ..train.feature_cache import FeatureCache
 
     with clean_errors():
-        if data is not None and not _finished(cache):
+        if data is not None:
             m = read_meta(head)
             _build_cache(data, split, size, captions, cache, model, [m.config.task], m.side in ("cross", "both"),
                          16, 256, 0, device, dtype, dino)

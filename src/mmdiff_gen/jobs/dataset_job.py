@@ -300,6 +300,7 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
     missing = [t for t in job.tasks if t not in annotator.tasks]
     if missing:
         raise ValueError(f"the heads have no {', '.join(missing)} head")
+    _check_settings(backbone, annotator, job)
     info = dataset_info(job, prompts, backbone, annotator, dtype)
     prepare_output(job, info)
     plan = plan_samples(prompts, job.images_per_prompt, job.seed)
@@ -341,6 +342,18 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
     return report
 
 
+def _check_settings(backbone: Backbone, annotator: Annotator, job: GenerateJob) -> None:
+    """Settings errors surface here, once, not as every sample failing in turn."""
+    backbone.pipeline_kwargs({"true_cfg_scale": job.true_cfg_scale})  # SD3 refuses true CFG
+    spec = annotator.spec(store_dtype=job.store_dtype)
+    for name, layers, blocks in (("capture", spec.layers, backbone.feature_blocks),
+                                 ("openseg", spec.text_attention_layers, backbone.attention_blocks)):
+        if layers and max(layers) >= len(blocks):
+            raise ValueError(f"{name} layer {max(layers)} out of range: the backbone has {len(blocks)} such blocks")
+    if job.min_quality is not None and not {"seg", "saliency", "openseg"} & set(annotator.tasks):
+        raise ValueError("min_quality needs a task with a quality signal: seg, saliency or openseg")
+
+
 def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job: GenerateJob, info: dict,
                  report: JobReport, bar: JobProgress) -> tuple[int, int]:
     """Generate, annotate and write one shard; returns (failed, attempted) samples."""
@@ -359,7 +372,7 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
                 image, labels, sigmas, quality = r
                 record = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat,
                           "quality": quality.get("score")}
-                if job.min_quality is not None and not quality.get("score", 0.0) >= job.min_quality:
+                if job.min_quality is not None and (quality.get("score") or 0.0) < job.min_quality:
                     records.append({**record, "status": "filtered"})  # deterministic: a re-run would drop it again
                     continue
                 writer.write(s.key, _members(job, s, image, labels, sigmas, quality, info["classes"]))

@@ -15,6 +15,7 @@ from PIL import Image
 from ..backbones.base import Backbone
 from ..capture import CaptureSpec, extract
 from ..heads.openseg import class_maps, segment
+from ..train.feature_cache import check_one_size
 from ..train.metrics import SegMetrics
 
 
@@ -40,14 +41,20 @@ def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
     sig = spec.sigmas  # noisiest first
     count = len(samples) if n is None else min(n, len(samples))
     meters = [[[SegMetrics(len(classes)) for _ in thresholds] for _ in sig] for _ in layers]
+    named = 0  # samples whose caption names at least one class
     for start in range(0, count, batch_size):
         batch = [samples[i] for i in range(start, min(start + batch_size, count))]
         if any(x.seg is None for x in batch):
             raise ValueError("probe-layers needs segmentation labels")
+        check_one_size(batch, batch[0].image.shape)
+        top = max(int(np.where(x.seg == 255, 0, x.seg).max()) for x in batch)
+        if top >= len(classes):
+            raise ValueError(f"the labels hold class id {top} but {len(classes)} class names were given")
         captions = [x.caption for x in batch]
         res = extract(backbone, [Image.fromarray(x.image) for x in batch], spec, captions=captions,
                       seeds=[seed + start + i for i in range(len(batch))])
         positions = backbone.class_token_positions(captions, classes)
+        named += sum(bool(p) for p in positions)
         size = batch[0].image.shape[:2]
         gts = [x.seg for x in batch]
         for li in range(len(layers)):
@@ -59,6 +66,9 @@ def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
                         meters[li][ti][ri].update(p, g)
         if on_batch is not None:
             on_batch(len(batch))
+    if named == 0:
+        raise ValueError("no caption names any of the classes: the probe reads the attention of the class words "
+                         "(give captions with --captions)")
     miou = np.array([[[m.result()["miou"] for m in row] for row in layer] for layer in meters])  # (L, T, R)
     li, ti, ri = np.unravel_index(np.nanargmax(miou), miou.shape)
     return {"miou": miou, "layers": list(layers), "sigmas": list(sig), "thresholds": list(thresholds),

@@ -29,6 +29,14 @@ from ..io.readers import Sample
 LABELS = ("seg", "saliency", "depth")
 
 
+def check_one_size(samples: Sequence[Sample], shape: tuple[int, ...]) -> None:
+    """One token grid per cache: every image must have the first one's size."""
+    for x in samples:
+        if x.image.shape != shape:
+            raise ValueError(f"image {x.key} is {x.image.shape[1]}×{x.image.shape[0]}, the first one "
+                             f"{shape[1]}×{shape[0]}: pass --size to resize and crop every image to one size")
+
+
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
                 shard_size: int = 256, batch_size: int = 16, seed: int = 0,
                 on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None) -> Path:
@@ -77,6 +85,7 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         tensors: dict[str, list[torch.Tensor]] = {}
         for b in range(0, len(part), batch_size):
             batch = part[b : b + batch_size]
+            check_one_size(batch, first.image.shape)
             images = [Image.fromarray(x.image) for x in batch]
             res = extract(backbone, images, spec, captions=[x.caption for x in batch],
                           seeds=[seed + start + b + i for i in range(len(batch))])
