@@ -120,6 +120,9 @@ def test_openseg_without_heads_and_min_quality_filter(tiny, tmp_path):
     rep = run_generate(tiny, ann, CAPTIONS, GenerateJob(out=tmp_path / "best", min_quality=cut, **kw), progress=False)
     assert (rep.samples_written, rep.samples_filtered) == (2, 2)
     kept = list(GeneratedDataset(tmp_path / "best"))
+    # The same view read from the unfiltered run, filtered when loading.
+    view = GeneratedDataset(tmp_path / "all", min_quality=cut)
+    assert len(view) == 2 and [x.key for x in view] == [x.key for x in kept]
     assert [s.meta["quality"]["score"] >= cut for s in kept] == [True, True]
     assert set(np.unique(kept[0].labels["openseg"]).tolist()) <= {0, 1, 2, 3}
     stats = json.loads((tmp_path / "best" / "00000_stats.json").read_text())

@@ -145,6 +145,8 @@ def export(
     dest: Annotated[Path, typer.Option("--out", help="Export folder.")],
     fmt: Annotated[str, typer.Option("--format", help="coco.")] = "coco",
     include_background: Annotated[bool, typer.Option(help="Annotate class 0 too.")] = False,
+    min_quality: Annotated[float | None, typer.Option(help="Export only samples whose quality score is at "
+                                                           "least this.")] = None,
 ) -> None:
     """Export a generated dataset: COCO annotations.json (compressed RLE) + images, labels, saliency, depth."""
     from ..io.coco import export_coco
@@ -152,7 +154,7 @@ def export(
     if fmt != "coco":
         fail(f"unknown export format {fmt!r}; supported: coco", code=2)
     with clean_errors():
-        counts = export_coco(src, dest, include_background=include_background)
+        counts = export_coco(src, dest, include_background=include_background, min_quality=min_quality)
     out.print(f"{dest}: {counts['images']} images, {counts['annotations']} annotations, "
               f"{counts['categories']} categories (annotations.json)", highlight=False, soft_wrap=True)
 

@@ -26,17 +26,18 @@ def rle_annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: in
             "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0}
 
 
-def export_coco(src: Path, out: Path, include_background: bool = False) -> dict:
+def export_coco(src: Path, out: Path, include_background: bool = False, min_quality: float | None = None) -> dict:
     """Write OUT/images/, OUT/annotations.json and OUT/labels/, saliency/, depth/ (whichever the dataset has).
 
     Args:
         src: a `generate` output folder.
         out: export folder (created; an existing annotations.json is replaced atomically).
         include_background: also annotate class 0 (off by default: COCO categories are things).
+        min_quality: export only samples whose quality score is at least this.
     Returns:
         counts: images, annotations, categories.
     """
-    ds = GeneratedDataset(src)
+    ds = GeneratedDataset(src, min_quality=min_quality)
     if "seg" not in ds.tasks:
         raise ValueError(f"{src} has no segmentation: generate it with --tasks seg to export COCO")
     out = Path(out)

@@ -34,10 +34,13 @@ class GeneratedDataset:
 
     Args:
         root: the folder holding dataset.json.
+        min_quality: only samples whose quality score (the JSON member's quality.score) is at least
+            this; None: every written sample.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, min_quality: float | None = None):
         self.root = Path(root)
+        self.min_quality = min_quality
         p = self.root / DATASET_FILE
         if not p.is_file():
             raise FileNotFoundError(f"{self.root} has no {DATASET_FILE}: not an mmdiff-gen dataset")
@@ -57,16 +60,21 @@ class GeneratedDataset:
     def palette(self) -> list[list[int]]:
         return [list(c) for c in self.info.get("palette", [])]
 
+    def _kept(self, rec: dict) -> bool:
+        """A shard-stats record is a sample of this view: written, and scored high enough."""
+        return rec["status"] == "ok" and (self.min_quality is None or (rec.get("quality") or 0.0) >= self.min_quality)
+
     def __len__(self) -> int:
-        return sum(st["written"] for st in self.stats.values())
+        return sum(self._kept(r) for st in self.stats.values() for r in st["samples"])
 
     def __iter__(self) -> Iterator[GeneratedSample]:
         for shard in sorted(self.stats):
+            keep = {r["key"] for r in self.stats[shard]["samples"] if self._kept(r)}
             if self.format == "webdataset":
-                yield from self._tar_samples(self.root / f"{shard:05d}.tar")
+                yield from (x for x in self._tar_samples(self.root / f"{shard:05d}.tar") if x.key in keep)
             else:
                 for rec in self.stats[shard]["samples"]:
-                    if rec["status"] == "ok":
+                    if rec["key"] in keep:
                         yield self._files_sample(rec["key"])
 
     def _decode(self, key: str, members: dict[str, bytes]) -> GeneratedSample:
