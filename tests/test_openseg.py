@@ -123,6 +123,9 @@ def test_openseg_without_heads_and_min_quality_filter(tiny, tmp_path):
     # The same view read from the unfiltered run, filtered when loading.
     view = GeneratedDataset(tmp_path / "all", min_quality=cut)
     assert len(view) == 2 and [x.key for x in view] == [x.key for x in kept]
+    from mmdiff_gen.io.preview import contact_sheet
+
+    assert contact_sheet(tmp_path / "all", tmp_path / "sheet.png", n=3) == 3  # an openseg column
     assert [s.meta["quality"]["score"] >= cut for s in kept] == [True, True]
     assert set(np.unique(kept[0].labels["openseg"]).tolist()) <= {0, 1, 2, 3}
     stats = json.loads((tmp_path / "best" / "00000_stats.json").read_text())

@@ -164,7 +164,7 @@ def preview(
     sheet: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", "-n", help="Samples (rows).")] = 16,
 ) -> None:
-    """A contact sheet: image | segmentation overlay | saliency | depth colormap per sample."""
+    """A contact sheet: image | segmentation overlay | saliency | depth colormap | openseg overlay per sample."""
     from ..io.preview import contact_sheet
 
     if n < 1:

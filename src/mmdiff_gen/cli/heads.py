@@ -14,6 +14,9 @@ from ._errors import clean_errors, fail
 from ._options import Device, Dino, Dtype, Model, parse_tasks, resolve_device, torch_dtype
 
 out = Console()
+# Images per real-image forward when train / eval extract for themselves: × 4 sigmas = 16 rows, a modest
+# activation load beside FLUX.1-dev's 24 GB of bf16 weights (`extract --batch-size` tunes it).
+EXTRACT_BATCH = 4
 
 
 Data = Annotated[str | None, typer.Option(
@@ -117,8 +120,8 @@ def train(
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
-                _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), 16, 256, 0,
-                             device, dtype, dino)
+                _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), EXTRACT_BATCH,
+                             256, 0, device, dtype, dino)
         steps = tuple(int(x) for x in timesteps.split(",")) if timesteps else None
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
@@ -154,7 +157,7 @@ def evaluate(
         if data is not None:
             m = read_meta(head)
             _build_cache(data, split, size, captions, cache, model, [m.config.task], m.side in ("cross", "both"),
-                         16, 256, 0, device, dtype, dino)
+                         EXTRACT_BATCH, 256, 0, device, dtype, dino)
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
         cached = fc.manifest.get("dino", {})

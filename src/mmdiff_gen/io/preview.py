@@ -1,4 +1,5 @@
-"""A contact sheet of a generated dataset: image | segmentation overlay | saliency | depth, one row per sample."""
+"""A contact sheet of a generated dataset: image | segmentation overlay | saliency | depth | zero-shot
+segmentation overlay, one row per sample."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def overlay_seg(image: np.ndarray, seg: np.ndarray, palette: list[list[int]], al
 def contact_sheet(src: Path, out: Path, n: int = 16, cell: int = 128) -> int:
     """Write a PNG sheet of the first `n` samples of a `generate` folder; returns the rows drawn."""
     ds = GeneratedDataset(src)
-    cols = ["image"] + [t for t in ("seg", "saliency", "depth") if t in ds.tasks]
+    cols = ["image"] + [t for t in ("seg", "saliency", "depth", "openseg") if t in ds.tasks]
     rows = []
     for sample in ds:
         if len(rows) == n:
@@ -52,8 +53,8 @@ def contact_sheet(src: Path, out: Path, n: int = 16, cell: int = 128) -> int:
         cells = [sample.image]
         for t in cols[1:]:
             lab = sample.labels[t]
-            if t == "seg":
-                cells.append(overlay_seg(sample.image, lab, ds.palette))
+            if t in ("seg", "openseg"):  # openseg ids index its own class list: stable colours, no palette
+                cells.append(overlay_seg(sample.image, lab, ds.palette if t == "seg" else []))
             elif t == "saliency":
                 cells.append(np.repeat(lab[..., None], 3, 2))
             else:
