@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..readers import Sample
+from ._read import Reader
 
 # Resampling per field: labels never get values that were not stored (nearest), depth's 0 = invalid
 # is never averaged into a valid neighbour (nearest), images and saliency are smooth (bicubic, bilinear).
@@ -57,7 +57,7 @@ def read_captions(path: Path) -> dict[str, str]:
     return captions
 
 
-class Prepared:
+class Prepared(Reader):
     """A reader seen through `size` and `captions`; same interface (keys, classes, palette, len, items).
 
     Args:
@@ -72,14 +72,8 @@ class Prepared:
         self.base, self.size, self.captions = base, size, captions or {}
         self.keys, self.classes, self.palette = base.keys, base.classes, base.palette
 
-    def __len__(self) -> int:
-        return len(self.base)
-
     def __getitem__(self, i: int) -> Sample:
         sample = self.base[i]
         if sample.key in self.captions:
             sample = replace(sample, caption=self.captions[sample.key])
         return fit_square(sample, self.size) if self.size else sample
-
-    def __iter__(self) -> Iterator[Sample]:
-        return (self[i] for i in range(len(self)))
