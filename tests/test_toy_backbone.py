@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,7 +67,7 @@ def test_shipped_pipeline_generates_in_seconds(toy):
 
 
 def test_fidelity_protocol_runs_and_judges(tmp_path):
-    from mmdiff_gen.toy.fidelity import judge
+    from mmdiff_gen.toy.fidelity import found_per_class, judge
     from mmdiff_gen.toy.fidelity_run import fresh_scenes, run_fidelity
 
     # The judge accepts a render against its exact labels and rejects a wrong colour.
@@ -74,9 +75,16 @@ def test_fidelity_protocol_runs_and_judges(tmp_path):
     assert judge(scene.image, scene.seg, scene.things).ok
     wrong = [t.__class__(**{**t.__dict__, "color": "white" if t.color != "white" else "black"}) for t in scene.things]
     assert not judge(scene.image, scene.seg, wrong).ok
+    renders = fresh_scenes(6, 2)
+    per_class = found_per_class(np.stack([s.image for s in renders]), np.stack([s.seg for s in renders]),
+                                [s.things for s in renders])
+    assert set(per_class) == {t.shape for s in renders for t in s.things} and set(per_class.values()) == {1.0}
     result = run_fidelity("toy", 4, [1], batch_size=4, sheet=tmp_path / "sheet.png")
     figures = result["1_object"]
-    assert set(figures) == {"generated", "ceiling_renders", "ceiling_vae", "vae_psnr_db"}
+    assert set(figures) == {"generated", "found_per_class", "ceiling_renders", "ceiling_vae", "vae_psnr_db"}
     assert all(0 <= figures[k] <= 1 for k in ("generated", "ceiling_renders", "ceiling_vae"))
+    prompted = {t.shape for sc in fresh_scenes(4, 1) for t in sc.things}
+    assert set(figures["found_per_class"]) == prompted
+    assert all(0 <= v <= 1 for v in figures["found_per_class"].values())
     assert figures["vae_psnr_db"] > 20
     assert (tmp_path / "sheet.png").is_file()

@@ -38,6 +38,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Override every phase's steps (smoke runs).")] = None,
     scenes: Annotated[int | None, typer.Option(help="Override the number of training scenes.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Pipeline folder (default: the packaged toy).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the transformer (faster long runs).")] = False,
 ) -> None:
     """Train the toy backbone and its oracle; re-run the same command to resume."""
     from dataclasses import replace
@@ -47,7 +48,8 @@ def train(
 
     recipe = ToyRecipe() if scenes is None else replace(ToyRecipe(), train_scenes=scenes)
     with clean_errors():
-        times = train_toy(work or DEFAULT_WORK, recipe, [p.strip() for p in phases.split(",") if p.strip()], steps, out_dir)
+        times = train_toy(work or DEFAULT_WORK, recipe, [p.strip() for p in phases.split(",") if p.strip()], steps, out_dir,
+                          compile)
     out.print(json.dumps({k: round(v, 1) for k, v in times.items()}))
 
 

@@ -54,3 +54,12 @@ def judge(image: np.ndarray, seg: np.ndarray, things: list[Thing]) -> Judgement:
 def fidelity(images: np.ndarray, segs: np.ndarray, layouts: list[list[Thing]]) -> float:
     """Fraction of images whose every prompted object is found with its class and colour."""
     return float(np.mean([judge(im, sg, th).ok for im, sg, th in zip(images, segs, layouts)]))
+
+
+def found_per_class(images: np.ndarray, segs: np.ndarray, layouts: list[list[Thing]]) -> dict[str, float]:
+    """Per prompted class: the fraction of its prompted objects found with that class and colour."""
+    hits: dict[str, list[bool]] = {}
+    for im, sg, th in zip(images, segs, layouts):
+        for t, ok in zip(th, judge(im, sg, th).found):
+            hits.setdefault(t.shape, []).append(ok)
+    return {c: float(np.mean(hits[c])) for c in CLASSES[1:] if c in hits}

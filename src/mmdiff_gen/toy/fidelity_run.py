@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from ..backbones import load_backbone
 from ..capture import CaptureSpec, generate
-from .fidelity import CAPTION_SEED, fidelity
+from .fidelity import CAPTION_SEED, fidelity, found_per_class
 from .oracle import Oracle, reconstruct_images
 from .train_vae import reconstruction_psnr
 from .world import caption_of, render_scene
@@ -44,8 +44,10 @@ def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: 
         images = np.concatenate(images)
         renders = np.stack([sc.image for sc in scenes])
         recs = reconstruct_images(bb.pipe.vae, renders)
+        segs = oracle.predict(images)["seg"]
         result[f"{k}_object"] = {
-            "generated": fidelity(images, oracle.predict(images)["seg"], layouts),
+            "generated": fidelity(images, segs, layouts),
+            "found_per_class": found_per_class(images, segs, layouts),
             "ceiling_renders": fidelity(renders, oracle.predict(renders)["seg"], layouts),
             "ceiling_vae": fidelity(recs, oracle.predict(recs)["seg"], layouts),
             "vae_psnr_db": reconstruction_psnr(bb.pipe.vae, renders),

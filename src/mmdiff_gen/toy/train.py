@@ -29,6 +29,7 @@ def train_toy(
     phases: Sequence[str] = PHASES,
     steps: int | None = None,
     out: Path | None = None,
+    compile: bool = False,
 ) -> dict:
     """Run the chosen phases in order; each resumes from its checkpoint in `work`.
 
@@ -38,6 +39,7 @@ def train_toy(
         phases: a subset of PHASES.
         steps: override every phase's step count (smoke runs).
         out: where `export` writes the pipeline folder (default: the packaged asset folder).
+        compile: run the transformer through torch.compile in the dit phase.
     Returns:
         wall seconds per phase, also appended to work/timings.jsonl.
     """
@@ -61,7 +63,7 @@ def train_toy(
             if phase == "dit":
                 from .train_dit import train_dit
 
-                train_dit(pipe, data, recipe, work, steps)
+                train_dit(pipe, data, recipe, work, steps, compile)
             elif phase == "oracle":
                 from .oracle import train_oracle
 
