@@ -63,3 +63,13 @@ def test_oracle_checkpoint_round_trip(smoke_run):
     model = Oracle.from_checkpoint(work / "oracle.safetensors")
     pred = model.predict(np.zeros((2, 64, 64, 3), np.uint8))
     assert pred["seg"].shape == (2, 64, 64) and pred["depth"].min() > 0
+
+
+def test_recipe_round_trip_and_a_work_folder_keeps_its_recipe(tmp_path):
+    assert ToyRecipe.from_dict(json.loads(json.dumps(SMOKE.to_dict()))) == SMOKE
+    with pytest.raises(KeyError, match="wingspan"):
+        ToyRecipe.from_dict({"wingspan": 3})
+    (tmp_path / "recipe.json").write_text(json.dumps(SMOKE.to_dict()))
+    # Resuming checkpoints with another architecture would fail deep inside load_state_dict: refuse up front.
+    with pytest.raises(ValueError, match="differs in heads"):
+        train_toy(tmp_path, ToyRecipe.from_dict({**SMOKE.to_dict(), "heads": 6}), phases=["dit"], steps=2)

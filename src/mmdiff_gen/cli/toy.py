@@ -39,6 +39,8 @@ def train(
     scenes: Annotated[int | None, typer.Option(help="Override the number of training scenes.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Pipeline folder (default: the packaged toy).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the transformer (faster long runs).")] = False,
+    recipe_file: Annotated[Path | None, typer.Option("--recipe", help="JSON of recipe fields over the defaults "
+                                                     "(a work folder's recipe.json resumes its run).")] = None,
 ) -> None:
     """Train the toy backbone and its oracle; re-run the same command to resume."""
     from dataclasses import replace
@@ -46,8 +48,10 @@ def train(
     from ..toy.recipe import ToyRecipe
     from ..toy.train import DEFAULT_WORK, train_toy
 
-    recipe = ToyRecipe() if scenes is None else replace(ToyRecipe(), train_scenes=scenes)
     with clean_errors():
+        recipe = ToyRecipe.from_dict(json.loads(recipe_file.read_text()) if recipe_file else {})
+        if scenes is not None:
+            recipe = replace(recipe, train_scenes=scenes)
         times = train_toy(work or DEFAULT_WORK, recipe, [p.strip() for p in phases.split(",") if p.strip()], steps, out_dir,
                           compile)
     out.print(json.dumps({k: round(v, 1) for k, v in times.items()}))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+
 from ..backbones.loading import BUILTIN_FOLDERS
 from ..backbones.tiny import CONCEPT_WORDS, build_tiny_flux
 from .world import vocabulary
@@ -58,6 +59,14 @@ class ToyRecipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ToyRecipe:
+        """The default recipe with `values` (some or all of to_dict()'s fields, e.g. a work folder's recipe.json)."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise KeyError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        return replace(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def build_pipeline(self):
         """An untrained FluxPipeline of this architecture (random weights, word-level tokenizers)."""
