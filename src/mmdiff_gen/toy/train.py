@@ -45,14 +45,14 @@ def train_toy(
     """
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    saved = work / "recipe.json"
+    saved, current = work / "recipe.json", json.loads(json.dumps(recipe.to_dict()))  # tuples as JSON lists
     if saved.is_file():  # checkpoints here belong to the recipe that started them
         started = json.loads(saved.read_text())
-        differ = sorted(k for k, v in recipe.to_dict().items() if json.loads(json.dumps(v)) != started.get(k))
+        differ = sorted(k for k, v in current.items() if v != started.get(k))
         if differ:
             raise ValueError(f"{work} holds a run of another recipe (it differs in {', '.join(differ)}); "
                              f"resume it with --recipe {saved}, or start in another --work folder")
-    saved.write_text(json.dumps(recipe.to_dict(), indent=1))
+    saved.write_text(json.dumps(current, indent=1))
     torch.manual_seed(recipe.seed)
     timings: dict[str, float] = {}
     t = time.time()

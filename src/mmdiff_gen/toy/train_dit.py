@@ -48,8 +48,9 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
               compile: bool = False) -> None:
     """Train transformer + text encoders in place from work/dit.ckpt; leaves the EMA weights in the pipeline.
 
-    `compile` runs the transformer through torch.compile (≈1.4× faster steps on this CPU after a
-    ≈3-minute compile; the module and its checkpoints stay the plain ones).
+    `compile` runs the transformer through torch.compile (on this CPU, 0.57 s instead of 0.81 s per
+    step of the 128-wide transformer, after a ≈3-minute compile); the module and its checkpoints stay
+    the plain ones.
     """
     steps = recipe.dit_steps if steps is None else steps
     work = Path(work)
