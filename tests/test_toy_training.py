@@ -9,20 +9,24 @@ import torch
 from mmdiff_gen.backbones import load_backbone
 from mmdiff_gen.backbones.loading import SETTINGS_FILE
 from mmdiff_gen.capture import CaptureSpec, generate
+from mmdiff_gen.toy.data import render_arrays
 from mmdiff_gen.toy.oracle import Oracle
 from mmdiff_gen.toy.recipe import ToyRecipe
 from mmdiff_gen.toy.train import train_toy
+from mmdiff_gen.toy.train_dit import class_map_tokens
+from mmdiff_gen.toy.train_text import layout_targets
+from mmdiff_gen.toy.world import CLASSES, COLORS
 
-SMOKE = ToyRecipe(train_scenes=48, vae_batch=4, dit_batch=4, oracle_batch=4, dit_warmup=1, sample_steps=4)
+SMOKE = ToyRecipe(train_scenes=48, vae_batch=4, text_batch=4, dit_batch=4, oracle_batch=4, dit_warmup=1, sample_steps=4)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("toy")
     out = work / "pipeline"
-    times = train_toy(work, SMOKE, phases=["vae", "dit"], steps=2)
-    from mmdiff_gen.toy.oracle import train_oracle
+    times = train_toy(work, SMOKE, phases=["vae", "text", "dit"], steps=2)
     from mmdiff_gen.toy.data import load_or_render
+    from mmdiff_gen.toy.oracle import train_oracle
     from mmdiff_gen.toy.train import _load_vae
 
     pipe = SMOKE.build_pipeline()
@@ -35,8 +39,8 @@ def smoke_run(tmp_path_factory):
 
 def test_phases_checkpoint_and_resume(smoke_run):
     work, _, times, _ = smoke_run
-    assert {"data", "vae", "dit"} <= set(times)
-    for name in ("vae", "dit", "oracle"):
+    assert {"data", "vae", "text", "dit"} <= set(times)
+    for name in ("vae", "text", "dit", "oracle"):
         assert torch.load(work / f"{name}.ckpt", weights_only=False)["step"] == 2
     # Re-running a finished phase resumes at its last step and does no more work.
     again = train_toy(work, SMOKE, phases=["vae"], steps=2)
@@ -73,3 +77,21 @@ def test_recipe_round_trip_and_a_work_folder_keeps_its_recipe(tmp_path):
     # Resuming checkpoints with another architecture would fail deep inside load_state_dict: refuse up front.
     with pytest.raises(ValueError, match="differs in heads"):
         train_toy(tmp_path, ToyRecipe.from_dict({**SMOKE.to_dict(), "heads": 6}), phases=["dit"], steps=2)
+
+
+def test_layout_targets_and_class_map_tokens_follow_the_labels():
+    data = render_arrays(7, 3)
+    frac, rgb, present = layout_targets(data, np.arange(3))
+    assert frac.shape == (3, len(CLASSES), 16, 16) and rgb.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(frac.sum(1), torch.ones(3, 16, 16))
+    for row, caption in enumerate(data.captions):
+        named = {CLASSES.index(w) - 1 for w in caption.split() if w in CLASSES[1:]}
+        assert set(present[row, : len(CLASSES) - 1].nonzero().flatten().tolist()) == named
+        assert present[row, len(CLASSES) - 1 :].sum() == len({w for w in caption.split() if w in COLORS})
+    # The transformer's probe target: token k holds the class fractions of its 2×2 latent cells (8×8 pixels).
+    seg = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    seg[0, :8, 8:12] = 2  # left half of the second token of the first row
+    tok = class_map_tokens(SMOKE.build_pipeline(), seg, 16, 16)  # (1, 64 tokens, classes, 4 cells)
+    assert tok.shape == (1, 64, len(CLASSES), 4)
+    torch.testing.assert_close(tok[0, 1, 2], torch.tensor([1.0, 0.0, 1.0, 0.0]))  # cells (0,0),(0,1),(1,0),(1,1)
+    assert tok[0, [0, 2, 8], 2].sum() == 0

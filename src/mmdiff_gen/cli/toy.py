@@ -34,7 +34,7 @@ def render(
 @app.command()
 def train(
     work: Annotated[Path | None, typer.Option(help="Data cache and resumable checkpoints [~/.cache/mmdiff-gen/toy].")] = None,
-    phases: Annotated[str, typer.Option(help="Comma-separated: vae, oracle, dit, export.")] = "vae,oracle,dit,export",
+    phases: Annotated[str, typer.Option(help="Comma-separated: vae, oracle, text, dit, export.")] = "vae,oracle,text,dit,export",
     steps: Annotated[int | None, typer.Option(help="Override every phase's steps (smoke runs).")] = None,
     scenes: Annotated[int | None, typer.Option(help="Override the number of training scenes.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Pipeline folder (default: the packaged toy).")] = None,

@@ -1,4 +1,4 @@
-"""Phase 4 of the toy recipe: write the trained pipeline as a standard diffusers folder with its settings."""
+"""Phase 5 of the toy recipe: write the trained pipeline as a standard diffusers folder with its settings."""
 
 from __future__ import annotations
 

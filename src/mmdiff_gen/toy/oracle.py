@@ -1,4 +1,4 @@
-"""Phase 3 of the toy recipe: an independent pixel-space oracle for segmentation, saliency and depth.
+"""Phase 2 of the toy recipe: an independent pixel-space oracle for segmentation, saliency and depth.
 
 It never sees diffusion features: it is the pseudo-ground-truth for generated images (the paper's
 Table 1 protocol) and the "separate model on pixels" baseline. Half of each training batch is VAE

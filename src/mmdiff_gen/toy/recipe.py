@@ -18,7 +18,8 @@ class ToyRecipe:
     Architecture: a FLUX transformer of width 128 (4 heads × 32) with 2 double-stream and 8
     single-stream blocks (capture layers 1, 3, 5, 7 spread across depth), a 16-channel VAE with 4×
     downsampling (64×64 images → 8×8 image tokens of 8 px), tiny CLIP and T5 encoders (width 64)
-    trained jointly with the transformer and then frozen, so that word order binds colours to objects.
+    pretrained to predict each scene's layout from its caption (so that word order binds class and
+    colour to each object) and then frozen.
     """
 
     # data
@@ -39,12 +40,16 @@ class ToyRecipe:
     vae_lr: float = 1e-3
     vae_edge_weight: float = 4.0  # extra loss weight on label boundaries keeps star points and ring holes
     vae_kl: float = 1e-4
-    # transformer + text encoders (rectified flow)
-    dit_steps: int = 4500
+    # text encoders, pretrained to predict the scene layout from the caption, then frozen
+    text_steps: int = 2000
+    text_batch: int = 128
+    text_lr: float = 1e-3
+    # transformer (rectified flow)
+    dit_steps: int = 6000
     dit_batch: int = 32
     dit_lr: float = 6e-4
     dit_warmup: int = 300
-    text_lr_scale: float = 0.5
+    dit_seg_weight: float = 0.5  # auxiliary: a mid single-stream block predicts the clean image's class map
     caption_dropout: float = 0.1
     t_logit_mean: float = 0.3  # weights training towards noisier t, where layout and shape are decided
     ema: float = 0.999

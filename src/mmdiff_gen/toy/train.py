@@ -1,4 +1,4 @@
-"""The whole toy recipe as resumable phases: data → vae → dit (transformer + text encoders) → oracle → export."""
+"""The whole toy recipe as resumable phases: data → vae → oracle → text encoders → dit (transformer) → export."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from .data import load_or_render
 from .recipe import ToyRecipe
 
-PHASES = ("vae", "oracle", "dit", "export")
+PHASES = ("vae", "oracle", "text", "dit", "export")
 DEFAULT_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy"  # outside the repo: checkpoints survive re-checkouts
 
 
@@ -65,6 +65,10 @@ def train_toy(
             from .train_vae import train_vae
 
             train_vae(pipe.vae, data, recipe, work, steps)
+        elif phase == "text":
+            from .train_text import train_text
+
+            train_text(pipe, data, recipe, work, steps)
         else:
             _load_vae(pipe.vae, work, data)
             if phase == "dit":

@@ -1,9 +1,15 @@
-"""Phase 2 of the toy recipe: the FLUX transformer and both text encoders, trained jointly (rectified flow).
+"""Phase 4 of the toy recipe: the FLUX transformer, trained with rectified flow on frozen text encoders.
 
-The text encoders are trained with the transformer (at half its learning rate) so that word order
-binds colours to objects — frozen random encoders ignore order (notes/toy-backbone.md) — then frozen
-and shipped. Text is tokenized exactly as FluxPipeline does at inference (fixed-length padding, no
-attention mask), so training and sampling see the same conditioning.
+The text encoders come pretrained and frozen from the text phase, as FLUX.1-dev's do. Text is
+tokenized exactly as FluxPipeline does at inference (fixed-length padding, no attention mask), so
+training and sampling see the same conditioning.
+
+An auxiliary loss makes the transformer's own features carry shape: a linear probe on the image tokens
+of a mid single-stream block predicts the clean render's class map (2×2 cells of 4 px per 8-px token)
+from the noisy latent and the caption. Unlike weighting the flow loss by object pixels (whose
+minimiser is no longer E[x₀ | xₜ]), an auxiliary target leaves the flow objective's minimiser alone; it
+shapes the shared representation, as REPA-style alignment does for large DiTs. The probe is dropped at
+export: the shipped transformer is plain FLUX.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ._loop import Checkpoint, Progress, ema_update, warmup_cosine
 from .data import SceneArrays
 from .recipe import ToyRecipe
+from .train_text import encode_text, load_text, tokenize
 from .train_vae import encode_mean
+from .world import CLASSES
 
 
 @torch.no_grad()
@@ -35,18 +44,16 @@ def cached_latents(vae, data: SceneArrays, path: Path) -> torch.Tensor:
     return lat
 
 
-def tokenize(pipe, captions: list[str], t5_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP ids (N, 77) and T5 ids (N, t5_length), padded as FluxPipeline pads them."""
-    clip = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    t5 = pipe.tokenizer_2(captions, padding="max_length", max_length=t5_length, truncation=True,
-                          return_tensors="pt").input_ids
-    return clip, t5
+def class_map_tokens(pipe, seg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 64, 64) class ids → (B, tokens, classes, 4): class fractions of each token's 2×2 latent cells."""
+    b, n = seg.shape[0], len(CLASSES)
+    frac = F.adaptive_avg_pool2d(F.one_hot(seg.long(), n).permute(0, 3, 1, 2).float(), (h, w))  # (B, n, h, w)
+    return pipe._pack_latents(frac, b, n, h, w).reshape(b, (h // 2) * (w // 2), n, 4)
 
 
 def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None,
               compile: bool = False) -> None:
-    """Train transformer + text encoders in place from work/dit.ckpt; leaves the EMA weights in the pipeline.
+    """Train the transformer in place from work/dit.ckpt; leaves the EMA weights in the pipeline.
 
     `compile` runs the transformer through torch.compile (on this CPU, 0.57 s instead of 0.81 s per
     step of the 128-wide transformer, after a ≈3-minute compile); the module and its checkpoints stay
@@ -55,53 +62,60 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
     steps = recipe.dit_steps if steps is None else steps
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    load_text(pipe, work)
     vae, tr = pipe.vae, pipe.transformer
     lat = cached_latents(vae, data, work / "latents.pt")
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    clip_ids, t5_ids = tokenize(pipe, data.captions, recipe.t5_max_length)
-    empty_clip, empty_t5 = tokenize(pipe, [""], recipe.t5_max_length)
+    with torch.no_grad():  # frozen encoders: every caption's conditioning once, (N, D) and (N, L, D)
+        clip_ids, t5_ids = tokenize(pipe, data.captions + [""], recipe.t5_max_length)
+        pooled_all, text_all = map(torch.cat, zip(*(encode_text(pipe, clip_ids[i : i + 512], t5_ids[i : i + 512])
+                                                    for i in range(0, len(clip_ids), 512))))
+    empty = len(data)  # index of the empty caption (caption dropout)
+
+    # The class-map probe reads the image tokens of the middle single-stream block.
+    blocks = tr.single_transformer_blocks
+    probe = nn.Linear(tr.inner_dim, len(CLASSES) * 4)
+    seen: dict[str, torch.Tensor] = {}
+    hook = blocks[len(blocks) // 2 - 1].register_forward_hook(lambda m, i, o: seen.__setitem__("img", o[1]))
 
     models = torch.nn.ModuleDict({"transformer": tr, "clip": pipe.text_encoder, "t5": pipe.text_encoder_2})
     ema = copy.deepcopy(models).eval().requires_grad_(False)
-    opt = torch.optim.AdamW([
-        {"params": tr.parameters(), "lr_scale": 1.0},
-        {"params": list(pipe.text_encoder.parameters()) + list(pipe.text_encoder_2.parameters()),
-         "lr_scale": recipe.text_lr_scale},
-    ], lr=recipe.dit_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(tr.parameters()) + list(probe.parameters()), lr=recipe.dit_lr, weight_decay=0.0)
     ckpt = Checkpoint(work / "dit.ckpt")
-    parts = {"models": models, "ema": ema, "opt": opt}
+    parts = {"models": models, "ema": ema, "probe": probe, "opt": opt}
     start = ckpt.resume(parts)
     gen = torch.Generator().manual_seed(recipe.seed + 2 + start)
     h, w = lat.shape[-2:]
     img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(recipe.t5_max_length, 3)
     forward = torch.compile(tr) if compile else tr
-    models.train().requires_grad_(True)
+    tr.train().requires_grad_(True)
     prog = Progress("dit", steps, start)
     for step in range(start, steps):
         for g in opt.param_groups:
-            g["lr"] = recipe.dit_lr * g["lr_scale"] * warmup_cosine(step, steps, recipe.dit_warmup)
+            g["lr"] = recipe.dit_lr * warmup_cosine(step, steps, recipe.dit_warmup)
         b = recipe.dit_batch
         idx = torch.randint(0, len(data), (b,), generator=gen)
         x0 = (lat[idx].float() - shift) * scale
         x0 = pipe._pack_latents(x0, b, x0.shape[1], h, w)  # (B, h/2·w/2, 4C)
         drop = torch.rand(b, generator=gen) < recipe.caption_dropout
-        c_ids = torch.where(drop[:, None], empty_clip, clip_ids[idx])
-        t_ids = torch.where(drop[:, None], empty_t5, t5_ids[idx])
-        pooled = pipe.text_encoder(c_ids, output_hidden_states=False).pooler_output
-        text = pipe.text_encoder_2(t_ids, output_hidden_states=False)[0]
+        cap = torch.where(drop, empty, idx)
         t = torch.sigmoid(torch.randn(b, generator=gen) + recipe.t_logit_mean)  # logit-normal sigma
         noise = torch.randn(x0.shape, generator=gen)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        pred = forward(hidden_states=xt, timestep=t, pooled_projections=pooled, encoder_hidden_states=text,
-                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - x0)
+        pred = forward(hidden_states=xt, timestep=t, pooled_projections=pooled_all[cap],
+                       encoder_hidden_states=text_all[cap], txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        flow = F.mse_loss(pred, noise - x0)
+        logits = probe(seen.pop("img")).reshape(b, -1, len(CLASSES), 4)  # (B, tokens, classes, 2×2 cells)
+        target = class_map_tokens(pipe, torch.from_numpy(data.seg[idx.numpy()]), h, w)
+        seg = F.cross_entropy(logits.transpose(1, 2), target.transpose(1, 2))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        (flow + recipe.dit_seg_weight * seg).backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
         opt.step()
         ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
-        prog.update(step, loss.item())
+        prog.update(step, flow.item())
         ckpt.maybe_save(step, steps, parts)
+    hook.remove()
     models.load_state_dict(ema.state_dict())
     models.eval().requires_grad_(False)
