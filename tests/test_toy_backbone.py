@@ -31,27 +31,30 @@ def test_tokenizer_round_trip(toy):
 
 @torch.no_grad()
 def test_text_encoders_bind_colours_to_objects(toy):
-    """Swapping two objects' colours must change the T5 features of the nouns themselves.
+    """Swapping two objects' colours must change the T5 features of the words describing each object.
 
-    A frozen random T5 of the same architecture leaves the noun tokens unchanged (cosine 1 − 1e-5:
-    it ignores word order, notes/toy-backbone.md); the jointly trained one binds colour into them.
+    In "a large red circle on the left and a small blue star on the right" and its colour swap, the
+    same noun gets another colour and the same colour word describes another object. An encoder that
+    ignores word order (a frozen random T5: notes/toy-backbone.md) gives those words nearly the same
+    features in both captions; a binding one does not, wherever it stores the binding (the shipped
+    encoders carry each object's place and class in its colour word).
     """
     from mmdiff_gen.backbones import wrap_pipeline
     from mmdiff_gen.backbones.tiny import build_tiny_flux
 
     a = "a large red circle on the left and a small blue star on the right"
     b = "a large blue circle on the left and a small red star on the right"
-    words = a.split()
-    nouns = [words.index("circle"), words.index("star")]
+    wa, wb = a.split(), b.split()
+    pairs = [(wa.index(w), wb.index(w)) for w in ("circle", "star", "red", "blue")]  # token index in a, in b
     random = wrap_pipeline(build_tiny_flux(words=vocabulary(), text_width=64), "random")
 
-    def noun_change(bb):
+    def change(bb):
         t5 = bb.encode_prompts([a, b], 32)["encoder_hidden_states"]
-        return [1 - torch.cosine_similarity(t5[0, i], t5[1, i], dim=0).item() for i in nouns]
+        return sum(1 - torch.cosine_similarity(t5[0, i], t5[1, j], dim=0).item() for i, j in pairs)
 
-    trained, untrained = noun_change(toy), noun_change(random)
-    # Measured: trained 3.4e-3 and 2.8e-4 against untrained 1.0e-5 and 1.1e-5.
-    assert all(t > 10 * u for t, u in zip(trained, untrained)), (trained, untrained)
+    trained, untrained = change(toy), change(random)
+    # Measured: 1.2e-2 for the shipped encoders against 8.7e-4 for random ones.
+    assert trained > 5 * untrained, (trained, untrained)
 
 
 def test_shipped_pipeline_generates_in_seconds(toy):
