@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from .world import render_scene
+from .world import CLASSES, render_scene
 
 
 @dataclass
@@ -58,3 +60,9 @@ def boundary_weight(seg: np.ndarray, extra: float) -> np.ndarray:
         for dx in (0, 1, 2):
             edge |= pad[:, dy : dy + h, dx : dx + w] != seg
     return 1.0 + extra * edge.astype(np.float32)
+
+
+def class_fractions(seg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H, W) class ids → (B, classes, h, w): the fraction of each cell's pixels in each class."""
+    one_hot = F.one_hot(seg.long(), len(CLASSES)).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot, (h, w))

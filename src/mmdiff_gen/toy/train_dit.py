@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._loop import Checkpoint, Progress, ema_update, warmup_cosine
-from .data import SceneArrays
+from .data import SceneArrays, class_fractions
 from .recipe import ToyRecipe
 from .train_text import encode_text, load_text, tokenize
 from .train_vae import encode_mean
@@ -47,8 +47,7 @@ def cached_latents(vae, data: SceneArrays, path: Path) -> torch.Tensor:
 def class_map_tokens(pipe, seg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, 64, 64) class ids → (B, tokens, classes, 4): class fractions of each token's 2×2 latent cells."""
     b, n = seg.shape[0], len(CLASSES)
-    frac = F.adaptive_avg_pool2d(F.one_hot(seg.long(), n).permute(0, 3, 1, 2).float(), (h, w))  # (B, n, h, w)
-    return pipe._pack_latents(frac, b, n, h, w).reshape(b, (h // 2) * (w // 2), n, 4)
+    return pipe._pack_latents(class_fractions(seg, h, w), b, n, h, w).reshape(b, (h // 2) * (w // 2), n, 4)
 
 
 def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None,

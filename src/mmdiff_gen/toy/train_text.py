@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._loop import Checkpoint, Progress, warmup_cosine
-from .data import SceneArrays
+from .data import SceneArrays, class_fractions
 from .recipe import ToyRecipe
 from .world import CLASSES, COLORS
 
@@ -55,10 +55,8 @@ class LayoutDecoder(nn.Module):
 
 def layout_targets(data: SceneArrays, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class fractions (B, classes, 16, 16), mean colour in [−1, 1] (B, 3, 16, 16), presence (B, classes−1 + colours)."""
-    seg = torch.from_numpy(data.seg[idx]).long()  # (B, 64, 64)
-    cell = seg.shape[-1] // GRID
-    frac = F.avg_pool2d(F.one_hot(seg, len(CLASSES)).permute(0, 3, 1, 2).float(), cell)
-    rgb = F.avg_pool2d(torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1, cell)
+    frac = class_fractions(torch.from_numpy(data.seg[idx]), GRID, GRID)
+    rgb = F.adaptive_avg_pool2d(torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1, GRID)
     names = list(COLORS)
     present = torch.zeros(len(idx), len(CLASSES) - 1 + len(COLORS))
     for row, i in enumerate(idx):  # classes from the labels, colours from the caption's words
