@@ -14,8 +14,8 @@ from mmdiff_gen.toy.oracle import Oracle
 from mmdiff_gen.toy.recipe import ToyRecipe
 from mmdiff_gen.toy.train import train_toy
 from mmdiff_gen.toy.train_dit import class_map_tokens
-from mmdiff_gen.toy.train_text import layout_targets
-from mmdiff_gen.toy.world import CLASSES, COLORS
+from mmdiff_gen.toy.train_text import layout_targets, slot_targets
+from mmdiff_gen.toy.world import CLASSES, COLORS, SIZES
 
 SMOKE = ToyRecipe(train_scenes=48, vae_batch=4, text_batch=4, dit_batch=4, oracle_batch=4, dit_warmup=1, sample_steps=4)
 
@@ -88,6 +88,11 @@ def test_layout_targets_and_class_map_tokens_follow_the_labels():
         named = {CLASSES.index(w) - 1 for w in caption.split() if w in CLASSES[1:]}
         assert set(present[row, : len(CLASSES) - 1].nonzero().flatten().tolist()) == named
         assert present[row, len(CLASSES) - 1 :].sum() == len({w for w in caption.split() if w in COLORS})
+    # Slots, one per place (left, center, right): class (0: nothing there), colour and size ids.
+    slots = slot_targets(["a large red circle on the left and a small blue star on the right"])
+    colors, sizes = list(COLORS), list(SIZES)
+    assert slots.tolist() == [[[1, colors.index("red"), sizes.index("large")], [0, -100, -100],
+                               [4, colors.index("blue"), sizes.index("small")]]]
     # The transformer's probe target: token k holds the class fractions of its 2×2 latent cells (8×8 pixels).
     seg = torch.zeros(1, 64, 64, dtype=torch.uint8)
     seg[0, :8, 8:12] = 2  # left half of the second token of the first row

@@ -5,7 +5,16 @@ import pytest
 
 from mmdiff_gen.io.files import read_sample
 from mmdiff_gen.toy.render import write_scenes
-from mmdiff_gen.toy.world import CLASSES, COLORS, SHAPES, WALL_DEPTH, render_scene, shape_mask, vocabulary
+from mmdiff_gen.toy.world import (
+    CLASSES,
+    COLORS,
+    SHAPES,
+    WALL_DEPTH,
+    caption_slots,
+    render_scene,
+    shape_mask,
+    vocabulary,
+)
 
 SEEDS = range(60)
 
@@ -69,6 +78,12 @@ def test_vocabulary_covers_every_caption():
     for seed in SEEDS:
         assert set(render_scene(seed).caption.replace(",", " , ").split()) <= vocab
     assert set(COLORS) <= vocab
+
+
+def test_caption_slots_read_back_every_object():
+    for seed in SEEDS:
+        s = render_scene(seed)
+        assert caption_slots(s.caption) == {t.position: (t.shape, t.color, t.size) for t in s.things}
 
 
 def test_write_scenes_round_trips_losslessly(tmp_path):

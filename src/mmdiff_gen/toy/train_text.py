@@ -6,14 +6,25 @@ cosine 0.62–0.86 against 0.15–0.17 for colour tokens), and the transformer t
 word. Here, before the transformer sees them, both encoders learn to predict the scene from the caption
 alone: a small decoder reads the T5 tokens (and the pooled CLIP vector, as FLUX's transformer does) and
 predicts, for every cell of a 16×16 grid, the class distribution and the mean colour of the render.
-That needs each object's class, colour, size and place bound together by word order. A second head
-predicts from the pooled CLIP vector alone which classes and colours the scene holds, so the pooled
-vector carries them too. The decoder and heads are dropped afterwards; the encoders ship frozen, as
-FLUX's pretrained encoders are.
+A second head predicts from the pooled CLIP vector alone which classes and colours the scene holds, so
+the pooled vector carries them too.
+
+The layout alone did not bind colours to objects: after 2 000 steps, the colour its decoder predicted
+where each object of a two-object caption stands was nearer to that object's colour than to the other
+object's in only 51% of cases (chance), and the transformer trained on those encoders drew the other
+object's colour in 63 of its 117 failed objects. So three more queries, one per place, name the object
+standing there (class or none, colour, size), with exact targets read from the caption. The decoder
+sees the T5 tokens as a set, as the FLUX transformer does (text positions are all zero in its RoPE), so
+what it decodes must be bound inside the token features. Every place of 500 fresh two-object captions
+is read right in 99% of them after 500 steps (1.4% after 1 000 steps while the queries were still
+started at 0.02 and summed with the pooled vector: they all began alike and read the same colours).
+
+The decoder and heads are dropped afterwards; the encoders ship frozen, as FLUX's pretrained encoders are.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,33 +35,38 @@ from torch import nn
 from ._loop import Checkpoint, Progress, warmup_cosine
 from .data import SceneArrays, class_fractions
 from .recipe import ToyRecipe
-from .world import CLASSES, COLORS
+from .world import CLASSES, COLORS, POSITIONS, SIZES, caption_slots, random_caption
 
 GRID = 16  # layout cells per side: 4×4 pixels each, finer than an 8-px image token
 QUERIES = GRID // 2  # one decoder query per 2×2 cells (per image token), which keeps the decoder cheap
 
 
 class LayoutDecoder(nn.Module):
-    """Caption features → (B, classes + 3, 16, 16) layout logits / colours, and (B, classes−1 + colours) presence logits."""
+    """Caption features → (B, classes + 3, 16, 16) layout logits / colours, (B, classes−1 + colours) presence
+    logits, and per place (B, places, classes + colours + sizes) slot logits (class 0: no object there)."""
 
     def __init__(self, text_width: int, n_classes: int = len(CLASSES), n_colors: int = len(COLORS),
                  layers: int = 2):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(QUERIES * QUERIES, text_width) * 0.02)
+        # Unit-scale queries, and the pooled vector as one more memory token rather than a term added to
+        # every query: small queries summed with a shared term start out alike and read alike.
+        self.queries = nn.Parameter(torch.randn(QUERIES * QUERIES + len(POSITIONS), text_width))
         self.pooled = nn.Linear(text_width, text_width)
         layer = nn.TransformerDecoderLayer(text_width, nhead=4, dim_feedforward=2 * text_width, dropout=0.0,
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, layers)
         self.out = nn.Linear(text_width, 4 * (n_classes + 3))
         self.presence = nn.Linear(text_width, n_classes - 1 + n_colors)
+        self.slot = nn.Linear(text_width, n_classes + n_colors + len(SIZES))
 
-    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # tokens (B, L, D) T5 states; pooled (B, D') CLIP pooled output
-        b = tokens.shape[0]
-        q = self.queries.expand(b, -1, -1) + self.pooled(pooled)[:, None]  # (B, 64, D)
-        y = self.out(self.decoder(q, tokens))  # (B, 64, 4·(classes + 3))
-        layout = F.pixel_shuffle(y.transpose(1, 2).reshape(b, -1, QUERIES, QUERIES), 2)  # (B, classes + 3, 16, 16)
-        return layout, self.presence(pooled)
+        b, cells = tokens.shape[0], QUERIES * QUERIES
+        memory = torch.cat([tokens, self.pooled(pooled)[:, None]], 1)  # (B, L + 1, D)
+        y = self.decoder(self.queries.expand(b, -1, -1), memory)  # (B, 64 + places, D)
+        out = self.out(y[:, :cells])  # (B, 64, 4·(classes + 3))
+        layout = F.pixel_shuffle(out.transpose(1, 2).reshape(b, -1, QUERIES, QUERIES), 2)  # (B, classes + 3, 16, 16)
+        return layout, self.presence(pooled), self.slot(y[:, cells:])
 
 
 def layout_targets(data: SceneArrays, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,6 +81,38 @@ def layout_targets(data: SceneArrays, idx: np.ndarray) -> tuple[torch.Tensor, to
             if word in COLORS:
                 present[row, len(CLASSES) - 1 + names.index(word)] = 1
     return frac, rgb, present
+
+
+def slot_targets(captions: list[str]) -> torch.Tensor:
+    """(B, places, 3) long: class id (0: none), colour id and size id of the object at each place (−100: none)."""
+    colors, sizes = list(COLORS), list(SIZES)
+    target = torch.full((len(captions), len(POSITIONS), 3), -100, dtype=torch.long)
+    target[..., 0] = 0
+    for row, caption in enumerate(captions):
+        for place, (shape, color, size) in caption_slots(caption).items():
+            target[row, list(POSITIONS).index(place)] = torch.tensor(
+                [CLASSES.index(shape), colors.index(color), sizes.index(size)])
+    return target
+
+
+def slot_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the slot logits (B, places, classes + colours + sizes) against slot_targets."""
+    n, c = len(CLASSES), len(COLORS)
+    parts = (logits[..., :n], logits[..., n : n + c], logits[..., n + c :])
+    return sum(F.cross_entropy(p.flatten(0, 1), target[..., i].flatten(), ignore_index=-100)
+               for i, p in enumerate(parts))
+
+
+@torch.no_grad()
+def slot_accuracy(pipe, decoder: LayoutDecoder, captions: list[str], t5_length: int) -> float:
+    """Fraction of captions whose every place (object or none, class, colour, size) the decoder reads right."""
+    pooled, tokens = encode_text(pipe, *tokenize(pipe, captions, t5_length))
+    logits, target = decoder(tokens, pooled)[2], slot_targets(captions)
+    n, c = len(CLASSES), len(COLORS)
+    pred = torch.stack([logits[..., :n].argmax(-1), logits[..., n : n + c].argmax(-1),
+                        logits[..., n + c :].argmax(-1)], -1)
+    right = (pred == target) | (target == -100)
+    return right.flatten(1).all(1).float().mean().item()
 
 
 def tokenize(pipe, captions: list[str], t5_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +142,8 @@ def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: in
     start = ckpt.resume(parts)
     clip_ids, t5_ids = tokenize(pipe, data.captions, recipe.t5_max_length)
     gen = np.random.default_rng(recipe.seed + 5 + start)
+    layouts = np.random.default_rng(recipe.seed + 6)
+    held_out = [random_caption(layouts, 2) for _ in range(500)]
     encoders.train().requires_grad_(True)
     decoder.train()
     prog = Progress("text", steps, start)
@@ -103,16 +153,22 @@ def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: in
         idx = gen.integers(0, len(data), recipe.text_batch)
         frac, rgb, present = layout_targets(data, idx)
         pooled, tokens = encode_text(pipe, clip_ids[idx], t5_ids[idx])
-        layout, presence = decoder(tokens, pooled)
+        layout, presence, slots = decoder(tokens, pooled)
         n = len(CLASSES)
         loss = (F.cross_entropy(layout[:, :n], frac) + F.mse_loss(layout[:, n:], rgb)
-                + F.binary_cross_entropy_with_logits(presence, present))
+                + F.binary_cross_entropy_with_logits(presence, present)
+                + slot_loss(slots, slot_targets([data.captions[i] for i in idx])))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoders.parameters(), 1.0)
         opt.step()
         prog.update(step, loss.item())
         ckpt.maybe_save(step, steps, parts)
+        if (step + 1) % 250 == 0 or step + 1 == steps:  # binding, on captions of fresh two-object layouts
+            acc = slot_accuracy(pipe, decoder.eval(), held_out, recipe.t5_max_length)
+            print(f"[text] step {step + 1}: every place read right in {acc:.1%} of {len(held_out)} "
+                  "fresh two-object captions", file=sys.stderr, flush=True)
+            decoder.train()
     encoders.eval().requires_grad_(False)
 
 

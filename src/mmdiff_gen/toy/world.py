@@ -90,6 +90,17 @@ def caption_of(things: Sequence[Thing]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def caption_slots(caption: str) -> dict[str, tuple[str, str, str]]:
+    """Inverse of caption_of on what captions name: position → (shape, color, size) of the object there."""
+    words = caption.replace(",", " and").split()
+    slots = {}
+    for phrase in " ".join(words).split(" and "):
+        _, size, color, shape, *place = phrase.split()
+        position = next(p for p, w in PLACE_WORDS.items() if w.split() == place)
+        slots[position] = (shape, color, size)
+    return slots
+
+
 def floor_depth(rows: np.ndarray, horizon: int) -> np.ndarray:
     """Depth in metres of floor rows below the wall–floor line (pinhole camera over a flat floor)."""
     vanish = horizon - FOCAL * CAMERA_HEIGHT / WALL_DEPTH  # the floor's vanishing row, above the wall line
