@@ -24,7 +24,7 @@ SMOKE = ToyRecipe(train_scenes=48, vae_batch=4, text_batch=4, dit_batch=4, oracl
 def smoke_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("toy")
     out = work / "pipeline"
-    times = train_toy(work, SMOKE, phases=["vae", "text", "dit"], steps=2)
+    times = train_toy(work, SMOKE, phases=["vae", "text", "dit", "export"], steps=2, out=out)
     from mmdiff_gen.toy.data import load_or_render
     from mmdiff_gen.toy.oracle import train_oracle
     from mmdiff_gen.toy.train import _load_vae
@@ -33,7 +33,6 @@ def smoke_run(tmp_path_factory):
     data = load_or_render(work / "scenes.npz", SMOKE.data_seed, SMOKE.train_scenes)
     _load_vae(pipe.vae, work, data)
     metrics = train_oracle(pipe.vae, data, SMOKE, work, steps=2, out=work / "oracle.safetensors", eval_scenes=4)
-    train_toy(work, SMOKE, phases=["export"], out=out)
     return work, out, times, metrics
 
 
@@ -51,6 +50,9 @@ def test_exported_pipeline_loads_offline_and_generates(smoke_run):
     _, out, _, _ = smoke_run
     settings = json.loads((out / SETTINGS_FILE).read_text())
     assert settings["sampling"]["max_sequence_length"] == SMOKE.t5_max_length
+    for tok in ("tokenizer", "tokenizer_2"):  # exported in the process that trained: no padding state leaks
+        saved = json.loads((out / tok / "tokenizer.json").read_text())
+        assert saved["padding"] is None and saved["truncation"] is None
     bb = load_backbone(str(out), dtype=torch.float32, device="cpu")
     assert bb.default_layers() == (1, 3, 5, 7) and bb.max_sequence_length == SMOKE.t5_max_length
     s = bb.sampling

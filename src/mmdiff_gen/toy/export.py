@@ -25,6 +25,11 @@ def export_toy(pipe, recipe: ToyRecipe, work: Path, out: Path | None = None) -> 
     out = Path(out) if out is not None else ASSET_DIR
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # Padded calls during training leave padding and truncation set in the fast tokenizers' backends,
+    # and save_pretrained would write them into tokenizer.json; the shipped files stay as built.
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        tok.backend_tokenizer.no_padding()
+        tok.backend_tokenizer.no_truncation()
     pipe.save_pretrained(tmp, safe_serialization=True)
     settings = {
         "name": "toy",

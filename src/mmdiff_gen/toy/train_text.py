@@ -165,10 +165,11 @@ def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: in
         prog.update(step, loss.item())
         ckpt.maybe_save(step, steps, parts)
         if (step + 1) % 250 == 0 or step + 1 == steps:  # binding, on captions of fresh two-object layouts
-            acc = slot_accuracy(pipe, decoder.eval(), held_out, recipe.t5_max_length)
+            encoders.eval(), decoder.eval()
+            acc = slot_accuracy(pipe, decoder, held_out, recipe.t5_max_length)
             print(f"[text] step {step + 1}: every place read right in {acc:.1%} of {len(held_out)} "
                   "fresh two-object captions", file=sys.stderr, flush=True)
-            decoder.train()
+            encoders.train(), decoder.train()
     encoders.eval().requires_grad_(False)
 
 
