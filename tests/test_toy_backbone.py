@@ -53,7 +53,7 @@ def test_text_encoders_bind_colours_to_objects(toy):
         return sum(1 - torch.cosine_similarity(t5[0, i], t5[1, j], dim=0).item() for i, j in pairs)
 
     trained, untrained = change(toy), change(random)
-    # Measured: 1.2e-2 for the shipped encoders against 8.7e-4 for random ones.
+    # Measured: 1.25 for the shipped encoders (1.2e-2 for the previous ones) against 8.7e-4 for random ones.
     assert trained > 5 * untrained, (trained, untrained)
 
 
