@@ -18,8 +18,8 @@ class ToyRecipe:
     Architecture: a FLUX transformer of width 128 (4 heads × 32) with 2 double-stream and 8
     single-stream blocks (capture layers 1, 3, 5, 7 spread across depth), a 16-channel VAE with 4×
     downsampling (64×64 images → 8×8 image tokens of 8 px), tiny CLIP and T5 encoders (width 64)
-    pretrained to predict each scene's layout from its caption (so that word order binds class and
-    colour to each object) and then frozen.
+    pretrained to predict each scene's layout, and the object at each place, from its caption (so that
+    word order binds class and colour to each object) and then frozen.
     """
 
     # data

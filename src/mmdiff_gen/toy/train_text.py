@@ -95,12 +95,15 @@ def slot_targets(captions: list[str]) -> torch.Tensor:
     return target
 
 
+def slot_parts(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Slot logits (B, places, classes + colours + sizes) → class, colour and size logits."""
+    return logits.split([len(CLASSES), len(COLORS), len(SIZES)], -1)
+
+
 def slot_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the slot logits (B, places, classes + colours + sizes) against slot_targets."""
-    n, c = len(CLASSES), len(COLORS)
-    parts = (logits[..., :n], logits[..., n : n + c], logits[..., n + c :])
+    """Cross-entropy of the slot logits against slot_targets (places with no object skip colour and size)."""
     return sum(F.cross_entropy(p.flatten(0, 1), target[..., i].flatten(), ignore_index=-100)
-               for i, p in enumerate(parts))
+               for i, p in enumerate(slot_parts(logits)))
 
 
 @torch.no_grad()
@@ -108,9 +111,7 @@ def slot_accuracy(pipe, decoder: LayoutDecoder, captions: list[str], t5_length: 
     """Fraction of captions whose every place (object or none, class, colour, size) the decoder reads right."""
     pooled, tokens = encode_text(pipe, *tokenize(pipe, captions, t5_length))
     logits, target = decoder(tokens, pooled)[2], slot_targets(captions)
-    n, c = len(CLASSES), len(COLORS)
-    pred = torch.stack([logits[..., :n].argmax(-1), logits[..., n : n + c].argmax(-1),
-                        logits[..., n + c :].argmax(-1)], -1)
+    pred = torch.stack([p.argmax(-1) for p in slot_parts(logits)], -1)
     right = (pred == target) | (target == -100)
     return right.flatten(1).all(1).float().mean().item()
 
