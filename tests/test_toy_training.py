@@ -9,6 +9,7 @@ import torch
 from mmdiff_gen.backbones import load_backbone
 from mmdiff_gen.backbones.loading import SETTINGS_FILE
 from mmdiff_gen.capture import CaptureSpec, generate
+from mmdiff_gen.io.state import load_state
 from mmdiff_gen.toy.data import render_arrays
 from mmdiff_gen.toy.oracle import Oracle
 from mmdiff_gen.toy.recipe import ToyRecipe
@@ -40,7 +41,7 @@ def test_phases_checkpoint_and_resume(smoke_run):
     work, _, times, _ = smoke_run
     assert {"data", "vae", "text", "dit"} <= set(times)
     for name in ("vae", "text", "dit", "oracle"):
-        assert torch.load(work / f"{name}.ckpt", weights_only=False)["step"] == 2
+        assert load_state(work / f"{name}.state.safetensors")["step"] == 2
     # Re-running a finished phase resumes at its last step and does no more work.
     again = train_toy(work, SMOKE, phases=["vae"], steps=2)
     assert again["vae"] < times["vae"] + 5

@@ -9,6 +9,7 @@ import torch
 from mmdiff_gen.capture import CaptureSpec
 from mmdiff_gen.heads.checkpoint import load_head
 from mmdiff_gen.io.readers import FilesDataset
+from mmdiff_gen.io.state import load_state
 from mmdiff_gen.toy.render import write_scenes
 from mmdiff_gen.toy.world import CLASSES
 from mmdiff_gen.train.feature_cache import FeatureCache, build_cache
@@ -62,7 +63,7 @@ def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
     assert meta.sigmas == ([0.78, 0.52, 0.26, 0.001] if timesteps is None else [0.001])
     assert json.loads(json.dumps(meta.metrics))
     # Training resumes from its state file: re-running a finished run trains no further epoch.
-    assert torch.load(tmp_path / f".{task}.state.pt", weights_only=False)["epoch"] == 2
+    assert load_state(tmp_path / f".{task}.state.safetensors")["epoch"] == 2
     again = train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre")
     assert again[key] == metrics[key]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..io.state import load_state, save_state
 
 
 def conv_autocast(device: torch.device | str = "cpu"):
@@ -20,21 +21,17 @@ def conv_autocast(device: torch.device | str = "cpu"):
 
 
 class Checkpoint:
-    """One resumable training state per phase, saved atomically (write then rename)."""
+    """One resumable training state per phase: work/<phase>.state.safetensors (see io.state: no pickle)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, work: Path, phase: str):
+        self.path = Path(work) / f"{phase}.state.safetensors"
 
     def load(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        """The saved state, or None before the first save; ValueError if the file is not a state file."""
+        return load_state(self.path) if self.path.is_file() else None
 
     def save(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        save_state(self.path, state)
 
     def resume(self, parts: dict[str, Any]) -> int:
         """Restore each part (module or optimizer) from the saved state; the step to resume at (0: fresh)."""

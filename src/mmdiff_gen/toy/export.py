@@ -15,8 +15,8 @@ from .world import CLASSES, PALETTE
 
 
 def export_toy(pipe, recipe: ToyRecipe, work: Path, out: Path | None = None) -> Path:
-    """Load the EMA weights of work/dit.ckpt into `pipe` and save it (safetensors) with mmdiff.json."""
-    state = Checkpoint(Path(work) / "dit.ckpt").load()
+    """Load the EMA weights of work/dit.state.safetensors into `pipe` and save it (safetensors) with mmdiff.json."""
+    state = Checkpoint(work, "dit").load()
     if state is None:
         raise FileNotFoundError(f"no trained transformer in {work}: run the dit phase first")
     modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "clip": pipe.text_encoder, "t5": pipe.text_encoder_2})

@@ -117,11 +117,11 @@ def reconstruct_images(vae, images: np.ndarray, batch: int = 128) -> np.ndarray:
 
 def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None,
                  out: Path | None = None, eval_scenes: int = 500) -> dict:
-    """Train the oracle (resuming from work/oracle.ckpt), evaluate on held-out renders, save it."""
+    """Train the oracle (resuming from work/oracle.state.safetensors), evaluate on held-out renders, save it."""
     steps = recipe.oracle_steps if steps is None else steps
     model = Oracle()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
-    ckpt = Checkpoint(Path(work) / "oracle.ckpt")
+    ckpt = Checkpoint(work, "oracle")
     parts = {"model": model, "opt": opt}
     start = ckpt.resume(parts)
     gen = torch.Generator().manual_seed(recipe.seed + 3 + start)

@@ -93,7 +93,7 @@ def _load_vae(vae, work: Path, data) -> None:
     from ._loop import Checkpoint
     from .train_vae import set_latent_stats
 
-    state = Checkpoint(work / "vae.ckpt").load()
+    state = Checkpoint(work, "vae").load()
     if state is None:
         raise FileNotFoundError(f"no trained VAE in {work}: run the vae phase first")
     vae.load_state_dict(state["model"])

@@ -132,13 +132,13 @@ def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[tor
 
 
 def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None) -> None:
-    """Pretrain both text encoders in place from work/text.ckpt; they end frozen (eval, no grad)."""
+    """Pretrain both text encoders in place from work/text.state.safetensors; they end frozen (eval, no grad)."""
     steps = recipe.text_steps if steps is None else steps
     encoders = nn.ModuleDict({"clip": pipe.text_encoder, "t5": pipe.text_encoder_2})
     decoder = LayoutDecoder(recipe.text_width)
     opt = torch.optim.AdamW(list(encoders.parameters()) + list(decoder.parameters()), lr=recipe.text_lr,
                             weight_decay=0.01)
-    ckpt = Checkpoint(Path(work) / "text.ckpt")
+    ckpt = Checkpoint(work, "text")
     parts = {"encoders": encoders, "decoder": decoder, "opt": opt}
     start = ckpt.resume(parts)
     clip_ids, t5_ids = tokenize(pipe, data.captions, recipe.t5_max_length)
@@ -175,8 +175,8 @@ def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: in
 
 
 def load_text(pipe, work: Path) -> None:
-    """Put the pretrained encoders of work/text.ckpt into `pipe`, frozen."""
-    state = Checkpoint(Path(work) / "text.ckpt").load()
+    """Put the pretrained encoders of work/text.state.safetensors into `pipe`, frozen."""
+    state = Checkpoint(work, "text").load()
     if state is None:
         raise FileNotFoundError(f"no pretrained text encoders in {work}: run the text phase first")
     encoders = nn.ModuleDict({"clip": pipe.text_encoder, "t5": pipe.text_encoder_2})

@@ -18,9 +18,9 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None) -> None:
-    """Train `vae` in place, resuming from work/vae.ckpt; sets its latent shift and scale at the end."""
+    """Train `vae` in place, resuming from work/vae.state.safetensors; sets its latent shift and scale at the end."""
     steps = recipe.vae_steps if steps is None else steps
-    ckpt = Checkpoint(Path(work) / "vae.ckpt")
+    ckpt = Checkpoint(work, "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     parts = {"model": vae, "opt": opt}
     start = ckpt.resume(parts)

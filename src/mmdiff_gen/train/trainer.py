@@ -14,6 +14,7 @@ import torch
 from ..heads.checkpoint import HeadMeta, save_head
 from ..heads.inputs import head_inputs
 from ..heads.model import HeadConfig, MMDiffHead
+from ..io.state import load_state, save_state
 from .evaluate import evaluate_head
 from .feature_cache import FeatureCache
 from .losses import LOSSES
@@ -107,7 +108,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
                eval_cache: FeatureCache | None = None, depth_unit: str = "") -> dict:
     """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file).
 
-    Resumes from the hidden per-epoch state file beside `out` (.NAME.state.pt). Returns the metrics.
+    Resumes from the hidden per-epoch state file beside `out` (.NAME.state.safetensors). Returns the metrics.
     """
     from accelerate import Accelerator
 
@@ -121,10 +122,10 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         {"params": model.decoder.parameters(), "lr": cfg.lr * cfg.decoder_lr_scale},
     ], weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
-    state_path = out.with_name(f".{out.stem}.state.pt")  # hidden, git-ignored: resumable per-epoch state
+    state_path = out.with_name(f".{out.stem}.state.safetensors")  # hidden, git-ignored: resumable per-epoch state
     start = 0
     if state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = load_state(state_path)  # never unpickles: a planted or damaged file is refused with one line
         acc.unwrap_model(model).load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -160,8 +161,8 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.epochs} loss {total / max(n, 1):.4f} "
                   f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
-                        "opt": opt.state_dict(), "epoch": epoch + 1}, state_path)
+            save_state(state_path, {"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                                    "opt": opt.state_dict(), "epoch": epoch + 1})
         acc.wait_for_everyone()
     metrics = {}
     if eval_cache is not None:

@@ -65,7 +65,7 @@ def read_gray(path: Path) -> np.ndarray:
 def read_depth(path: Path) -> np.ndarray:
     """Depth file → (H, W) float32 metres, 0 = invalid: 16-bit PNG in millimetres, or `.npy` metres."""
     if path.suffix == ".npy":
-        return np.load(path).astype(np.float32, copy=False)
+        return np.load(path, allow_pickle=False).astype(np.float32, copy=False)  # an .npy may hold a pickle
     data = path.read_bytes()
     with Image.open(path) as im:
         if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
