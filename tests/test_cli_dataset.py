@@ -133,3 +133,69 @@ def test_kill_and_sigterm_then_resume_equals_one_clean_run(heads, tmp_path):
     assert run(app, args + ["--out", str(clean)]).exit_code == 0
     assert {t.name: t.read_bytes() for t in ds.glob("*.tar")} == {t.name: t.read_bytes() for t in clean.glob("*.tar")}
     assert len(list(ds.glob("*.tar"))) == 4
+
+
+def test_bad_settings_exit_2_before_any_folder_exists(heads, prompts, tmp_path):
+    cases = [(["--size", "50"], "multiple of"), (["--size", "100000"], "multiple of"),
+             (["--true-cfg", "nan"], "finite"), (["--guidance", "inf"], "finite"), (["--min-quality", "1.5"], "[0, 1]"),
+             (["--world-size", "0"], "rank"), (["--steps", "0"], "≥ 1")]
+    for args, text in cases:
+        out = tmp_path / "never"
+        res = run(app, ["generate", "--prompts", str(prompts), "--out", str(out), "--heads", str(heads), "--tasks",
+                        "seg", *FAST, *args])
+        assert res.exit_code == 2 and text in res.output and "Traceback" not in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and not out.exists(), (args, res.output)
+
+
+def _keys(folder):
+    keys = []
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            keys += [n.split(".")[0] for n in t.getnames() if n.endswith(".json")]
+    return keys
+
+
+def test_two_identical_workers_on_one_folder(heads, tmp_path):
+    """A duplicated rank or an overlapping SLURM step: both exit 0, every key exists exactly once."""
+    p = tmp_path / "p.txt"
+    p.write_text("\n".join(f"a small blue star on the right {i}" for i in range(8)))
+    args = ["generate", "--prompts", str(p), "--heads", str(heads), "--tasks", "seg", "--shard-size", "2",
+            "--batch-size", "1", "--out", str(tmp_path / "ds"), *FAST]
+    procs = [_spawn(args), _spawn(args)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    keys = _keys(tmp_path / "ds")
+    assert sorted(keys) == [f"{i:09d}" for i in range(8)]  # each exactly once
+    assert run(app, ["verify", str(tmp_path / "ds")]).exit_code == 0
+    assert not list((tmp_path / "ds").glob(".*"))
+
+
+def test_kill_9_during_overwrite_never_mixes_datasets(heads, tmp_path):
+    p, q = tmp_path / "p.txt", tmp_path / "q.txt"
+    p.write_text("\n".join(f"a large red circle on the left {i}" for i in range(6)))
+    q.write_text("\n".join(f"a small white cross in the center {i}" for i in range(6)))
+    base = ["generate", "--heads", str(heads), "--tasks", "seg", "--shard-size", "2", "--batch-size", "1", *FAST]
+    ds = tmp_path / "ds"
+    assert run(app, base + ["--prompts", str(p), "--out", str(ds)]).exit_code == 0
+    old = {t.name: t.read_bytes() for t in ds.glob("*.tar")}
+    old_fp = json.loads((ds / "dataset.json").read_text())["fingerprint"]
+    proc = _spawn(base + ["--prompts", str(q), "--out", str(ds), "--overwrite"])
+    t0 = time.time()
+    while True:  # until the new dataset's first shard is done
+        try:
+            if json.loads((ds / "00000_stats.json").read_text())["fingerprint"] != old_fp:
+                break
+        except (OSError, ValueError):
+            pass
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tars = {t.name: t.read_bytes() for t in ds.glob("*.tar")}
+    info = json.loads((ds / "dataset.json").read_text())
+    assert tars != old and all(json.loads((ds / f"{n[:5]}_stats.json").read_text())["fingerprint"] == info["fingerprint"]
+                               for n in tars)
+    res = run(app, ["export", "--in", str(ds), "--out", str(tmp_path / "coco")])  # unfinished: refused
+    assert res.exit_code == 1 and "unfinished" in res.output
+    assert run(app, base + ["--prompts", str(q), "--out", str(ds), "--overwrite"]).exit_code == 0
+    assert run(app, ["verify", str(ds)]).exit_code == 0 and sorted(_keys(ds)) == [f"{i:09d}" for i in range(6)]

@@ -170,6 +170,14 @@ class Backbone(ABC):
     def pixels_per_token(self) -> int:
         """Image pixels along one side of one image token (VAE scale factor × patch size)."""
 
+    @property
+    def size_range(self) -> tuple[int, int]:
+        """(smallest, largest) image side: two tokens, up to twice the pipeline's native side (its
+        `default_sample_size` latent pixels; FLUX.1-dev: 1024 → 2048). RoPE has no hard limit; beyond
+        that the model has never seen such grids."""
+        native = int(getattr(self.pipe, "default_sample_size", 128)) * int(self.pipe.vae_scale_factor)
+        return 2 * self.pixels_per_token, 2 * native
+
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         p = self.pixels_per_token
         if height % p or width % p:

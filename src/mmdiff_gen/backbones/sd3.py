@@ -57,6 +57,12 @@ class SD3Backbone(Backbone):
         return int(self.pipe.vae_scale_factor) * int(self.transformer.config.patch_size)
 
     @property
+    def size_range(self) -> tuple[int, int]:
+        """SD3's positional embedding is cropped from a fixed `pos_embed_max_size` grid: larger images fail."""
+        cap = self.transformer.config.get("pos_embed_max_size") or 96
+        return 2 * self.pixels_per_token, int(cap) * self.pixels_per_token
+
+    @property
     def max_sequence_length(self) -> int:
         """T5 tokens after the 77 CLIP tokens: the T5 tokenizer's limit, at most the pipeline's 256."""
         tok = getattr(self.pipe, "tokenizer_3", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,10 +13,13 @@ from ._errors import clean_errors, err, fail
 from ._options import Device, Dino, Dtype, Model, parse_tasks, read_prompts, resolve_device, torch_dtype
 
 out = Console(stderr=True)
+AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an unfinished or damaged dataset "
+                                                 "(says what is missing) instead of refusing it.")]
 
 
 def generate(
-    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (blank lines are skipped).")],
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (blank lines and lines starting "
+                                               "with # are skipped).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder (re-run the same command to resume).")],
     tasks: Annotated[str, typer.Option(help="Any of seg, saliency (sal), depth, openseg (zero-shot, no head), "
                                             "comma-separated.")] = "seg,saliency,depth",
@@ -65,14 +69,16 @@ def generate(
     dev = local_device(resolve_device(device))
     torch_dt = torch_dtype(dtype, dev)
     from ..heads.checkpoint import HeadMismatch
-    from ..jobs.dataset_job import FingerprintMismatch, Interrupted
+    from ..jobs.dataset_job import FingerprintMismatch, Interrupted, SettingsError, check_sampling
 
-    try:  # before loading a backbone (minutes for FLUX): can we write there at all?
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create output folder {out_dir}: {e.strerror or type(e).__name__}", code=2)
-    with clean_errors(usage=(HeadMismatch, FingerprintMismatch)):
+    # Before loading a backbone (minutes for FLUX), and without creating anything: bad settings and an
+    # unwritable folder are usage errors.
+    with clean_errors(usage=(ValueError,)):
         r, w, source = worker_identity(rank, world_size)
+        check_sampling(num_inference_steps=steps, height=size, width=size, guidance_scale=guidance,
+                       true_cfg_scale=true_cfg, min_quality=min_quality)
+    _check_writable(out_dir)
+    with clean_errors(usage=(HeadMismatch, FingerprintMismatch, SettingsError)):
         from ..backbones import load_backbone
         from ..jobs.annotate import Annotator, head_files
         from ..jobs.dataset_job import GenerateJob, overlong_prompts, run_generate
@@ -132,12 +138,27 @@ def generate(
     out.print(f"{out_dir}: {rep.samples_written} samples written in {rep.shards_written} shard(s), "
               f"{rep.shards_skipped} already finished, {rep.samples_failed} failed"
               + (f", {rep.samples_filtered} below --min-quality" if rep.samples_filtered else "")
+              + (f", {rep.shards_damaged} damaged shard(s) redone" if rep.shards_damaged else "")
+              + (f", {rep.shards_busy} shard(s) left to another live worker" if rep.shards_busy else "")
               + (f" ({stages})" if stages else ""),
               highlight=False, soft_wrap=True)
     if rep.samples_failed:
         err.print("failed samples are listed in the shards' *_stats.json; --retry-failed redoes them", highlight=False, soft_wrap=True)
-        if not rep.samples_written:
-            raise typer.Exit(1)  # nothing worked: a batch job must see it
+    if rep.shards_failed:
+        err.print(f"[bold red]error:[/] every sample of {rep.shards_failed} shard(s) failed; they are not marked done "
+                  "and a re-run redoes them", highlight=False, soft_wrap=True)
+    if rep.shards_failed or (rep.samples_failed and not rep.samples_written):
+        raise typer.Exit(1)  # the dataset is not finished: a batch job must see it
+
+
+def _check_writable(folder: Path) -> None:
+    """A usage error (exit 2) unless `folder` is, or can be created as, a writable folder; creates nothing."""
+    folder = folder.absolute()
+    if folder.exists() and not folder.is_dir():
+        fail(f"--out {folder} is a file, not a folder", code=2)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"cannot create output folder {folder}: {existing} is not a writable folder", code=2)
 
 
 def export(
@@ -147,22 +168,33 @@ def export(
     include_background: Annotated[bool, typer.Option(help="Annotate class 0 too.")] = False,
     min_quality: Annotated[float | None, typer.Option(help="Export only samples whose quality score is at "
                                                            "least this.")] = None,
+    min_area: Annotated[int, typer.Option(help="Leave out of annotations.json the object instances (connected "
+                                               "components) smaller than this many pixels; labels/ keeps "
+                                               "them. 0 keeps all.")] = 0,
+    allow_partial: AllowPartial = False,
 ) -> None:
-    """Export a generated dataset: COCO annotations.json (compressed RLE) + images, labels, saliency, depth."""
+    """Export a generated dataset: COCO annotations.json (one RLE per instance) + images, labels, saliency, depth."""
     from ..io.coco import export_coco
 
     if fmt != "coco":
         fail(f"unknown export format {fmt!r}; supported: coco", code=2)
+    if min_area < 0:
+        fail(f"--min-area must be ≥ 0 pixels, got {min_area}", code=2)
     with clean_errors():
-        counts = export_coco(src, dest, include_background=include_background, min_quality=min_quality)
+        _say_missing(src, allow_partial)
+        counts = export_coco(src, dest, include_background=include_background, min_quality=min_quality,
+                             min_area=min_area, allow_partial=allow_partial)
     out.print(f"{dest}: {counts['images']} images, {counts['annotations']} annotations, "
-              f"{counts['categories']} categories (annotations.json)", highlight=False, soft_wrap=True)
+              f"{counts['categories']} categories (annotations.json)"
+              + (f"; {counts['dropped']} instance(s) under --min-area left out" if counts["dropped"] else ""),
+              highlight=False, soft_wrap=True)
 
 
 def preview(
     src: Annotated[Path, typer.Argument(help="A `generate` output folder.")],
     sheet: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", "-n", help="Samples (rows).")] = 16,
+    allow_partial: AllowPartial = False,
 ) -> None:
     """A contact sheet: image | segmentation overlay | saliency | depth colormap | openseg overlay per sample."""
     from ..io.preview import contact_sheet
@@ -170,6 +202,47 @@ def preview(
     if n < 1:
         fail("--n must be ≥ 1", code=2)
     with clean_errors():
-        rows = contact_sheet(src, sheet, n=n)
+        _say_missing(src, allow_partial)
+        rows = contact_sheet(src, sheet, n=n, allow_partial=allow_partial)
     out.print(f"{sheet}: {rows} samples", highlight=False, soft_wrap=True)
 
+
+
+def _say_missing(src: Path, allow_partial: bool) -> None:
+    """Under --allow-partial, one warning line naming what an incomplete dataset is missing."""
+    if allow_partial:
+        from ..io.dataset import check_shards, read_info
+
+        check = check_shards(src, read_info(src))
+        if not check.whole:
+            err.print(f"[yellow]warning:[/] {src}: {check.problems()}; reading the whole shards only",
+                      highlight=False, soft_wrap=True)
+
+
+def verify(
+    src: Annotated[Path, typer.Argument(help="A `generate` output folder.")],
+) -> None:
+    """Check every shard's files against its done marker (sizes and sha256): lists unfinished, damaged and stray
+    shards; exit 1 unless the dataset is whole."""
+    from ..io.dataset import check_shards, read_info
+
+    with clean_errors():
+        check = check_shards(src, read_info(src), full=True)
+    samples = sum(st.get("written", 0) for st in check.finished.values())
+    if check.whole:
+        out.print(f"{src}: all {check.num_shards} shards whole ({samples} samples; sizes and sha256 match their done "
+                  "markers)", highlight=False, soft_wrap=True)
+        return
+    from ..io.shards import shard_name
+
+    err.print(f"{src}: {len(check.finished)} of {check.num_shards} shards whole ({samples} samples)", highlight=False,
+              soft_wrap=True)
+    for s, why in sorted(check.damaged.items()):
+        err.print(f"damaged     {shard_name(s)}: {why}", highlight=False, soft_wrap=True)
+    for s in check.unfinished:
+        err.print(f"unfinished  {shard_name(s)}", highlight=False, soft_wrap=True)
+    for name in check.stray:
+        err.print(f"stray       {name}: not a shard of this dataset", highlight=False, soft_wrap=True)
+    err.print("re-run the same generate command to redo unfinished and damaged shards", highlight=False,
+              soft_wrap=True)
+    raise typer.Exit(1)

@@ -1,17 +1,24 @@
-"""COCO export of a generated dataset: images, semantic-segmentation annotations as compressed RLE,
-plus label PNG, saliency and depth folders beside them.
+"""COCO export of a generated dataset: images, instance annotations as compressed RLE, plus label PNG,
+saliency and depth folders beside them.
 
-One annotation per (image, category present), the COCO convention for semantic segmentation
-(detectron2 reads it with MASK_FORMAT=bitmask); pycocotools' annToMask gives back the masks exactly.
+One annotation per connected component of each class in each image, `iscrowd: 0`, each with its own
+RLE, area and bbox: COCO's iscrowd-0 annotations are single objects, which detection and
+instance-segmentation frameworks (detectron2, mmdet, torchvision) count and box one by one, so a class
+region is split into its components rather than annotated whole. The split can only follow the label
+map: two same-class objects that touch (share an edge or, under 8-connectivity, a corner) stay one
+annotation. There is no semantic mode (one annotation per class per image): semantic-segmentation users
+read the class-id PNGs in labels/, which hold every pixel whatever `min_area` drops.
 """
 
 from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from scipy import ndimage
 
 from .dataset import GeneratedDataset
 from .members import IGNORE_INDEX, encode_depth, encode_gray
@@ -26,7 +33,29 @@ def rle_annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: in
             "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0}
 
 
-def export_coco(src: Path, out: Path, include_background: bool = False, min_quality: float | None = None) -> dict:
+# 8-connectivity (pixels touching at a corner belong together), the default of OpenCV's
+# connectedComponents and skimage.measure.label: a thin diagonal part of one object (a limb, an
+# anti-aliased edge, a star's tip) stays with it instead of breaking off as a spurious instance.
+# The price: two same-class objects meeting only at a corner merge (sharing an edge, they merge under
+# either choice).
+CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def components(seg: np.ndarray, category_ids: set[int]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The instances of a class-id map: (category id, area in pixels, binary (H, W) mask) per 8-connected
+    component of each class in `category_ids` (other ids, e.g. background and ignore, are skipped), by
+    class id, then in raster order of each component's first pixel."""
+    for cid in np.unique(seg):
+        if int(cid) not in category_ids:
+            continue
+        comp, n = ndimage.label(seg == cid, structure=CONNECTIVITY)  # (H, W) component ids, 0 = elsewhere
+        areas = np.bincount(comp.ravel(), minlength=n + 1)
+        for k in range(1, n + 1):
+            yield int(cid), int(areas[k]), comp == k
+
+
+def export_coco(src: Path, out: Path, include_background: bool = False, min_quality: float | None = None,
+                min_area: int = 0, allow_partial: bool = False) -> dict:
     """Write OUT/images/, OUT/annotations.json and OUT/labels/, saliency/, depth/ (whichever the dataset has).
 
     Args:
@@ -34,10 +63,15 @@ def export_coco(src: Path, out: Path, include_background: bool = False, min_qual
         out: export folder (created; an existing annotations.json is replaced atomically).
         include_background: also annotate class 0 (off by default: COCO categories are things).
         min_quality: export only samples whose quality score is at least this.
+        min_area: leave out of annotations.json the components of fewer pixels than this (specks a
+            detector should not learn as objects); 0 keeps every component. labels/ is not touched.
+        allow_partial: export the whole shards of an incomplete dataset instead of refusing it.
     Returns:
-        counts: images, annotations, categories.
+        counts: images, annotations, categories, and dropped (components under `min_area`).
     """
-    ds = GeneratedDataset(src, min_quality=min_quality)
+    if min_area < 0:
+        raise ValueError(f"min_area must be ≥ 0 pixels, got {min_area}")
+    ds = GeneratedDataset(src, min_quality=min_quality, allow_partial=allow_partial)
     if "seg" not in ds.tasks:
         raise ValueError(f"{src} has no segmentation: generate it with --tasks seg to export COCO")
     out = Path(out)
@@ -48,7 +82,7 @@ def export_coco(src: Path, out: Path, include_background: bool = False, min_qual
     first = 0 if include_background else 1
     categories = [{"id": i, "name": n, "supercategory": "thing"} for i, n in enumerate(ds.classes) if i >= first]
     known = {c["id"] for c in categories}
-    images, annotations = [], []
+    images, annotations, dropped = [], [], 0
     ext = ds.info["image_format"]
     for image_id, sample in enumerate(ds, start=1):
         h, w = sample.image.shape[:2]
@@ -58,9 +92,11 @@ def export_coco(src: Path, out: Path, include_background: bool = False, min_qual
                        "seed": sample.meta.get("seed")})
         seg = sample.labels["seg"]
         write_bytes_atomic(out / "labels" / f"{sample.key}.png", encode_gray(seg))
-        for cid in np.unique(seg):
-            if int(cid) in known and cid != IGNORE_INDEX:
-                annotations.append(rle_annotation(seg == cid, len(annotations) + 1, image_id, int(cid)))
+        for cid, area, mask in components(seg, known - {IGNORE_INDEX}):
+            if area < min_area:
+                dropped += 1  # from annotations.json only: labels/ keeps every pixel
+            else:
+                annotations.append(rle_annotation(mask, len(annotations) + 1, image_id, cid))
         if folders["saliency"]:
             write_bytes_atomic(out / "saliency" / f"{sample.key}.png", encode_gray(sample.labels["saliency"]))
         if folders["depth"]:
@@ -69,11 +105,12 @@ def export_coco(src: Path, out: Path, include_background: bool = False, min_qual
         "info": {"description": f"mmdiff-gen synthetic dataset from {Path(src).resolve().name}",
                  "version": str(ds.info.get("format_version")), "date_created": datetime.date.today().isoformat(),
                  "mmdiff_gen": {"fingerprint": ds.info["fingerprint"], "backbone": ds.info["backbone"].get("name"),
-                                "depth": ds.info.get("depth"), "ignore_index": ds.info.get("ignore_index")}},
+                                "depth": ds.info.get("depth"), "ignore_index": ds.info.get("ignore_index"),
+                                "annotations": "one per 8-connected component of a class", "min_area": min_area}},
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": categories,
     }
     write_json_atomic(out / "annotations.json", coco)
-    return {"images": len(images), "annotations": len(annotations), "categories": len(categories)}
+    return {"images": len(images), "annotations": len(annotations), "categories": len(categories), "dropped": dropped}

@@ -11,9 +11,78 @@ from typing import Iterator
 import numpy as np
 
 from .members import TASK_MEMBER, decode_depth, decode_gray, decode_image
-from .shards import FILES_LAYOUT, read_stats
+from .shards import DATASET_FILE, FILES_LAYOUT, read_stats, shard_name, shard_problem
 
-DATASET_FILE = "dataset.json"
+
+class IncompleteDataset(ValueError):
+    """Some shards of the dataset are unfinished or damaged (and the reader was not told to allow it)."""
+
+
+@dataclass
+class ShardCheck:
+    """Where each shard of a dataset stands.
+
+    Args:
+        finished: shard → its done marker's stats, for shards whose files match the marker.
+        damaged: shard → why its files do not match its done marker (size; sha256 when checked in full).
+        unfinished: shards without a done marker of this dataset (never written, in progress, or left
+            from the inputs a `--overwrite` replaced).
+        stray: tar files in the folder that belong to no shard of this dataset's plan.
+    """
+
+    num_shards: int
+    finished: dict[int, dict] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)
+    unfinished: list[int] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
+
+    @property
+    def whole(self) -> bool:
+        return not (self.damaged or self.unfinished or self.stray)
+
+    def problems(self) -> str:
+        """One line: what is not whole ('' when everything is)."""
+        def names(shards):
+            shards = list(shards)
+            return ", ".join(shard_name(s) for s in shards[:5]) + (", …" if len(shards) > 5 else "")
+        parts = []
+        if self.unfinished:
+            parts.append(f"{len(self.unfinished)} unfinished ({names(self.unfinished)})")
+        if self.damaged:
+            first = min(self.damaged)
+            parts.append(f"{len(self.damaged)} damaged ({shard_name(first)}: {self.damaged[first]}"
+                         + (f"; also {names(s for s in sorted(self.damaged) if s != first)}" if len(self.damaged) > 1
+                            else "") + ")")
+        if self.stray:
+            parts.append(f"{len(self.stray)} stray tar(s) that are not part of it ({', '.join(self.stray[:5])})")
+        return f"{len(self.finished)} of {self.num_shards} shards whole; " + "; ".join(parts) if parts else ""
+
+
+def check_shards(root: Path, info: dict, full: bool = False) -> ShardCheck:
+    """Compare every shard of the dataset described by `info` (dataset.json) with its done marker:
+    sizes always, sha256 too when `full`."""
+    root = Path(root)
+    n, fp = int(info["num_shards"]), info["fingerprint"]
+    check = ShardCheck(num_shards=n)
+    for s in range(n):
+        st = read_stats(root, s, fp)
+        if st is None:
+            check.unfinished.append(s)
+        elif (why := shard_problem(root, st, full)) is not None:
+            check.damaged[s] = why
+        else:
+            check.finished[s] = st
+    if info.get("format") == "webdataset":
+        check.stray = sorted(p.name for p in root.glob("*.tar") if not (p.stem.isdigit() and int(p.stem) < n))
+    return check
+
+
+def read_info(root: Path) -> dict:
+    """A dataset folder's dataset.json; one clear error when there is none."""
+    p = Path(root) / DATASET_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{root} has no {DATASET_FILE}: not an mmdiff-gen dataset")
+    return json.loads(p.read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -32,25 +101,28 @@ class GeneratedSample:
 class GeneratedDataset:
     """The finished shards of a `generate` output folder, in key order.
 
+    A dataset with unfinished or damaged shards (sizes checked against the done markers) is refused in
+    one line unless `allow_partial`, which reads the whole shards only; `check` says what is missing.
+
     Args:
         root: the folder holding dataset.json.
         min_quality: only samples whose quality score (the JSON member's quality.score) is at least
             this; None: every written sample.
+        allow_partial: read what is whole instead of refusing an incomplete dataset.
     """
 
-    def __init__(self, root: Path, min_quality: float | None = None):
+    def __init__(self, root: Path, min_quality: float | None = None, allow_partial: bool = False):
         self.root = Path(root)
         self.min_quality = min_quality
-        p = self.root / DATASET_FILE
-        if not p.is_file():
-            raise FileNotFoundError(f"{self.root} has no {DATASET_FILE}: not an mmdiff-gen dataset")
-        self.info = json.loads(p.read_text(encoding="utf-8"))
+        self.info = read_info(self.root)
         self.format = self.info["format"]
         self.tasks = list(self.info["tasks"])
         self.depth_scale = float(self.info.get("depth", {}).get("scale", 1000.0))
-        n = self.info["num_shards"]
-        fp = self.info["fingerprint"]  # shards left from other inputs (before --overwrite) are not this dataset
-        self.stats = {s: st for s in range(n) if (st := read_stats(self.root, s, fp)) is not None}
+        self.check = check_shards(self.root, self.info)
+        if not self.check.whole and not allow_partial:
+            raise IncompleteDataset(f"{self.root}: {self.check.problems()}; re-run the same generate command to "
+                                    "finish it, or pass --allow-partial to read the whole shards only")
+        self.stats = self.check.finished
 
     @property
     def classes(self) -> list[str]:

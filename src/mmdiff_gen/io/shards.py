@@ -3,28 +3,46 @@
 WebDataset: the tar is written to a hidden temporary file and renamed into place, so a reader (or a
 resumed job) never sees a truncated tar, whatever moment the process dies. Files layout: every file
 is written then renamed; a shard's samples count only once its stats file exists. Either way
-`NNNNN_stats.json` is the shard's done marker (the img2dataset convention).
+`NNNNN_stats.json` is the shard's done marker (the img2dataset convention); it records the byte size
+and sha256 of every file of the shard, so a damaged or replaced file is caught.
+
+Several processes may work on one folder (a duplicated rank, overlapping SLURM steps): a shard is
+written only by the holder of its claim (`.NNNNN.claim`, created exclusively; a dead holder's claim is
+taken over), and each process deletes only its own temporary files or those of dead processes.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import tarfile
+import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
+DATASET_FILE = "dataset.json"
+SIZES_FILE = "sizes.json"  # {shard file: samples}, what open_clip-style loaders read
+WIDS_INDEX = "shardindex.json"  # wids' index (wids_version, shardlist of url + nsamples), wids' default name
 FORMATS = ("webdataset", "files")
 # files layout: member suffix → (folder, extension)
 FILES_LAYOUT = {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("meta", "json"),
                 "txt": ("prompts", "txt"), "seg.png": ("seg", "png"), "sal.png": ("saliency", "png"),
                 "depth.png": ("depth", "png"), "openseg.png": ("openseg", "png")}
+# A claim whose holder stopped refreshing it this long ago is taken over (holders refresh it every batch).
+CLAIM_TIMEOUT_S = 3600.0
+_HOST = socket.gethostname()
 
 
 def _tmp_tag() -> str:
     """Unique among workers sharing a file system (several nodes can have the same pid)."""
-    return f"{socket.gethostname()}.{os.getpid()}"
+    return f"{_HOST}.{os.getpid()}"
 
 
 def shard_name(shard: int) -> str:
@@ -77,6 +95,53 @@ def read_stats(root: Path, shard: int, fingerprint: str | None = None) -> dict |
     return st
 
 
+def file_digest(path: Path) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, read in 1 MiB blocks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            n += len(block)
+    return n, h.hexdigest()
+
+
+def shard_problem(root: Path, stats: dict, full: bool = False) -> str | None:
+    """Why a finished shard's files do not match its done marker (None: they do).
+
+    Sizes are always checked (cheap: what a resumed job and every reader do); `full` also checks the
+    sha256 of every byte (`mmdiff-gen verify`). A marker without file records predates them: not checked.
+    """
+    for rel, want in stats.get("files", {}).items():
+        p = Path(root) / rel
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if size != want["bytes"]:
+            return f"{rel} has {size} bytes, its done marker says {want['bytes']}"
+        if full and file_digest(p)[1] != want["sha256"]:
+            return f"{rel}: sha256 differs from its done marker"
+    return None
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes what goes through it: the tar's sha256 without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 class ShardWriter:
     """Writes one shard; `commit(stats)` publishes it, leaving by an exception discards it.
 
@@ -91,10 +156,13 @@ class ShardWriter:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         self.root, self.shard, self.fmt = Path(root), shard, fmt
         self.count = 0
+        self.files: dict[str, dict] = {}  # path relative to root → {"bytes", "sha256"}: the done marker's record
         if fmt == "webdataset":
             self.path = self.root / f"{shard_name(shard)}.tar"
             self._tmp = self.root / f".{self.path.name}.{_tmp_tag()}.tmp"
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+            self._file = open(self._tmp, "wb")
+            self._hashed = _HashingFile(self._file)
+            self._tar = tarfile.open(fileobj=self._hashed, mode="w", format=tarfile.USTAR_FORMAT)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """One sample; members maps a suffix ("jpg", "seg.png", …) to its bytes. Members stay adjacent."""
@@ -112,24 +180,30 @@ class ShardWriter:
             for suffix, data in members.items():
                 folder, ext = FILES_LAYOUT[suffix]
                 (self.root / folder).mkdir(exist_ok=True)
-                write_bytes_atomic(self.root / folder / f"{key}.{ext}", data)
+                rel = f"{folder}/{key}.{ext}"
+                write_bytes_atomic(self.root / rel, data)
+                self.files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self.count += 1
 
     def commit(self, stats: dict) -> None:
-        """Publish the shard: the tar by atomic rename, then its stats file (the done marker)."""
+        """Publish the shard: the tar by atomic rename, then its stats file (the done marker) with the
+        size and sha256 of every file it vouches for."""
         if self.fmt == "webdataset":
             self._tar.close()
-            with open(self._tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.files = {self.path.name: {"bytes": self._hashed.size, "sha256": self._hashed.sha.hexdigest()}}
             stats_path(self.root, self.shard).unlink(missing_ok=True)  # an older marker must not vouch for the new tar
             os.replace(self._tmp, self.path)
-        write_json_atomic(stats_path(self.root, self.shard), stats)
+        write_json_atomic(stats_path(self.root, self.shard), {**stats, "files": self.files})
 
     def abort(self) -> None:
         """Discard the unfinished shard; an older finished version of it (if any) stays as it was."""
         if self.fmt == "webdataset":
             try:
                 self._tar.close()  # may fail again on a full disk
+                self._file.close()
             except OSError:
                 pass
             finally:
@@ -141,3 +215,177 @@ class ShardWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is not None:
             self.abort()
+
+
+# --- several processes on one folder ------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # not a process id (kill(0 or -1) would address process groups)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _holder_gone(host: str, pid: int, age_s: float) -> bool:
+    """A process on this host is checked directly; one elsewhere, by how long its claim went unrefreshed."""
+    if host == _HOST:
+        return not _pid_alive(pid)
+    return age_s > CLAIM_TIMEOUT_S
+
+
+class ShardClaim:
+    """The right to write one shard: `.NNNNN.claim` in the dataset folder, created exclusively.
+
+    A claim held by a dead process (same host: its pid is gone; another host: not refreshed for
+    CLAIM_TIMEOUT_S) is taken over. Two processes that take over the same stale claim at once both
+    believe they hold it for a moment; `held()` (checked before every batch and before the commit)
+    sees which one the file names, and the other abandons the shard.
+    """
+
+    def __init__(self, root: Path, shard: int):
+        self.path = Path(root) / f".{shard_name(shard)}.claim"
+        self.shard = shard
+        self.token = uuid.uuid4().hex
+        self.took_over = False
+
+    def _record(self) -> bytes:
+        return json.dumps({"host": _HOST, "pid": os.getpid(), "token": self.token, "since": time.time()}).encode()
+
+    def acquire(self) -> bool:
+        """Take the claim; False when a live process holds it."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not self._stale():
+                return False
+            write_bytes_atomic(self.path, self._record())  # take over: replace the dead holder's record
+            self.took_over = True
+            return self.held()
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._record())
+        return True
+
+    def _stale(self) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            rec = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return True
+        except (OSError, ValueError):  # being written right now, or garbage: judge by age alone
+            return age > CLAIM_TIMEOUT_S
+        return _holder_gone(rec.get("host", ""), int(rec.get("pid", -1)), age)
+
+    def held(self) -> bool:
+        """Whether the claim file still names this claim (and refresh it: holders prove they are alive)."""
+        try:
+            if json.loads(self.path.read_bytes()).get("token") != self.token:
+                return False
+            os.utime(self.path)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def release(self) -> None:
+        if self.held():
+            self.path.unlink(missing_ok=True)
+
+
+def remove_dead_temporaries(root: Path) -> None:
+    """Delete the hidden temporary files of this host's dead processes (`.NAME.HOST.PID.tmp`). Another
+    node's temporaries cannot be judged here and are left alone: readers never look at them."""
+    tail = f".{_HOST}."
+    for p in Path(root).glob(".*.tmp"):
+        i = p.name.rfind(tail)
+        pid = p.name[i + len(tail) : -len(".tmp")] if i >= 0 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def remove_shard_temporaries(root: Path, shard: int) -> None:
+    """Delete every temporary of one shard but this process's: called by the holder of its claim, so
+    any other writer of that shard is gone."""
+    mine = f".{_tmp_tag()}.tmp"
+    for pattern in (f".{shard_name(shard)}.tar.*.tmp", f".{shard_name(shard)}_stats.json.*.tmp"):
+        for p in Path(root).glob(pattern):
+            if not p.name.endswith(mine):
+                p.unlink(missing_ok=True)
+
+
+# --- replacing a dataset (--overwrite) --------------------------------------------------------------
+_OURS = re.compile(r"\d{5,}(\.tar|_stats\.json)|\..*\.(tmp|claim)")
+_REPLACED = ".replaced-"
+
+
+def is_dataset_file(name: str) -> bool:
+    """Whether a name in a dataset folder is one of ours (anything else, a log or a note, is the user's)."""
+    folders = {folder for folder, _ in FILES_LAYOUT.values()}
+    return name in (DATASET_FILE, SIZES_FILE, WIDS_INDEX) or name in folders or bool(_OURS.fullmatch(name))
+
+
+def _finish_replacement(root: Path, old: Path) -> None:
+    """Move the user's files of a renamed-away dataset folder back into `root`, then delete the rest."""
+    for p in old.iterdir():
+        if not is_dataset_file(p.name) and not (root / p.name).exists():
+            os.replace(p, root / p.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replacements(root: Path) -> None:
+    """Finish the replacements of `root` that a dead process left half done (see `clear_dataset`)."""
+    root = Path(root)
+    for old in root.parent.glob(f".{root.name}{_REPLACED}*"):
+        host, _, pid = old.name.rpartition(_REPLACED)[2].rpartition(".")
+        if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+            root.mkdir(exist_ok=True)  # it died between renaming the folder away and making the new one
+            _finish_replacement(root, old)
+
+
+def clear_dataset(root: Path) -> None:
+    """Remove a dataset's files so that no moment shows a mix of it and the dataset that replaces it.
+
+    The folder is renamed away in one step (so `root/*.tar` goes from the old shards, all of them, to
+    none), a fresh folder takes its name, the user's own files (anything `is_dataset_file` does not
+    claim) are moved back, and the old shards are deleted. A process killed in between leaves
+    `.NAME.replaced-HOST.PID` beside the folder; the next run finishes the job (`recover_replacements`).
+    Where the folder cannot be renamed (a mount point, a read-only parent), files are deleted one by one,
+    done markers and indexes first, so our readers never take a lone old tar for part of the new dataset.
+    """
+    root = Path(root)
+    old = root.parent / f".{root.name}{_REPLACED}{_tmp_tag()}"
+    try:
+        os.rename(root, old)
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.EACCES, errno.EPERM, errno.EXDEV, errno.EROFS, errno.EINVAL):
+            raise
+        names = sorted((p for p in root.iterdir() if is_dataset_file(p.name)),
+                       key=lambda p: (p.name != DATASET_FILE, not p.name.endswith(".json"), p.name))
+        for p in names:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        return
+    root.mkdir(exist_ok=True)
+    _finish_replacement(root, old)
+
+
+def write_indexes(root: Path, finished: Callable[[], dict[str, int]], wids: bool = True) -> None:
+    """sizes.json ({shard file: samples}, open_clip's) and, for tars, shardindex.json (wids': `wids_version`
+    and a `shardlist` of `url` relative to the folder + `nsamples`), so wids.ShardListDataset reads the folder.
+
+    Several workers finish shards at once: `finished()` (the finished shards' sample counts) is read and
+    the files written under an exclusive lock, so the last writer's view includes every earlier commit.
+    """
+    import fcntl
+
+    root = Path(root)
+    with open(root / DATASET_FILE, "rb") as lock:  # the one file every worker of this dataset shares
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sizes = dict(sorted(finished().items()))
+        write_json_atomic(root / SIZES_FILE, sizes)
+        if wids:
+            shardlist = [{"url": name, "nsamples": n, "filesize": (root / name).stat().st_size}
+                         for name, n in sizes.items()]
+            write_json_atomic(root / WIDS_INDEX, {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+                                                  "name": root.resolve().name, "shardlist": shardlist})

@@ -7,8 +7,10 @@ finished shard is never touched again; re-running the same command redoes only t
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import math
 import signal
 import threading
 import time
@@ -22,9 +24,10 @@ import torch
 from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
-from ..io.dataset import DATASET_FILE
 from ..io.members import DEPTH_SCALE, IGNORE_INDEX, TASK_MEMBER, encode_depth, encode_gray, encode_image, encode_json
-from ..io.shards import ShardWriter, read_stats, shard_name, write_json_atomic
+from ..io.shards import (DATASET_FILE, FILES_LAYOUT, ShardClaim, ShardWriter, clear_dataset, read_stats,
+                         recover_replacements, remove_dead_temporaries, remove_shard_temporaries, shard_name,
+                         shard_problem, write_indexes, write_json_atomic)
 from ._progress import JobProgress
 from .annotate import Annotator
 from .plan import SEED_POLICY, PlannedSample, owned_shards, plan_samples, shard_ranges
@@ -46,6 +49,31 @@ class Interrupted(BaseException):
 
 class FingerprintMismatch(ValueError):
     """The output folder holds a dataset made from other inputs."""
+
+
+class SettingsError(ValueError):
+    """A setting no sample could be generated with: refused before anything is written."""
+
+
+class _LostClaim(Exception):
+    """Another process now holds the claim of the shard being written (it took over a claim judged stale)."""
+
+
+def check_sampling(**values) -> None:
+    """Refuse sampling values no sample can be made with. Keys: num_inference_steps, guidance_scale,
+    true_cfg_scale, min_quality, height, width (None = unset, not checked)."""
+    for name, v in values.items():
+        if v is None:
+            continue
+        if name in ("num_inference_steps", "height", "width", "images_per_prompt", "batch_size", "shard_size"):
+            if v < 1:
+                raise SettingsError(f"{name} must be ≥ 1, got {v}")
+        elif not math.isfinite(v):
+            raise SettingsError(f"{name} must be a finite number, got {v}")
+        elif name == "min_quality" and not 0.0 <= v <= 1.0:
+            raise SettingsError(f"min_quality must be in [0, 1] (quality scores are), got {v}")
+        elif v < 0:
+            raise SettingsError(f"{name} must be ≥ 0, got {v}")
 
 
 @dataclass(frozen=True)
@@ -93,14 +121,14 @@ class GenerateJob:
         object.__setattr__(self, "out", Path(self.out))
         bad = [t for t in self.tasks if t not in TASK_MEMBER]
         if bad or not self.tasks:
-            raise ValueError(f"unknown tasks {bad}; choose from seg, saliency, depth, openseg")
-        for name in ("images_per_prompt", "batch_size", "shard_size", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+            raise SettingsError(f"unknown tasks {bad}; choose from seg, saliency, depth, openseg")
+        check_sampling(**{k: getattr(self, k) for k in ("images_per_prompt", "batch_size", "shard_size",
+                                                          "num_inference_steps", "height", "width", "guidance_scale",
+                                                          "true_cfg_scale", "min_quality")})
         if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"image format must be jpg or png, got {self.image_format!r}")
+            raise SettingsError(f"image format must be jpg or png, got {self.image_format!r}")
         if self.format not in ("webdataset", "files"):
-            raise ValueError(f"format must be webdataset or files, got {self.format!r}")
+            raise SettingsError(f"format must be webdataset or files, got {self.format!r}")
 
     def sampling(self) -> dict:
         """The settings that change the pixels (part of the fingerprint)."""
@@ -118,6 +146,9 @@ class JobReport:
     shards_owned: int
     shards_skipped: int = 0
     shards_written: int = 0
+    shards_busy: int = 0  # claimed by another live process (a duplicate worker): left to it
+    shards_damaged: int = 0  # finished before, but their files no longer matched the done marker: redone
+    shards_failed: int = 0  # every sample failed: not marked done, a re-run redoes them
     samples_written: int = 0
     samples_failed: int = 0
     samples_filtered: int = 0
@@ -176,39 +207,50 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
     }
 
 
-def prepare_output(job: GenerateJob, info: dict) -> None:
-    """Create the folder and dataset.json, or check that an existing one was made from the same inputs."""
+def prepare_output(job: GenerateJob, info: dict, rank: int = 0, wait_s: float = 600.0) -> None:
+    """Create the folder and dataset.json, or check that an existing one was made from the same inputs.
+
+    `--overwrite` of a dataset made from other inputs replaces it as a whole (`io.shards.clear_dataset`):
+    `out/*.tar` shows the old shards, all of them, until the new dataset takes the folder. Only rank 0
+    replaces; the other workers wait for its dataset.json, so none of them writes into the old dataset.
+    """
     out = job.out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise NotADirectoryError(f"cannot create output folder {out}: a file is in the way") from None
+    recover_replacements(out)
     path = out / DATASET_FILE
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("fingerprint") == info["fingerprint"]:
-            return
-        if not job.overwrite:
-            raise FingerprintMismatch(
-                f"{out} holds a dataset made from other inputs (prompts, settings, backbone or heads); "
-                "use another --out, or --overwrite to replace it")
-    write_json_atomic(path, info)
+    ours = [p.name for p in out.iterdir() if p.name.endswith(".tar") or p.name in {f for f, _ in FILES_LAYOUT.values()}]
+    old = _read_json(path)  # after listing: a worker that started a moment earlier wrote it before any shard
+    if old is not None and old.get("fingerprint") == info["fingerprint"]:
+        return
+    if old is None and not ours:
+        write_json_atomic(path, info)
+        return
+    if not job.overwrite:
+        what = "a dataset made from other inputs (prompts, settings, backbone or heads)" if old is not None else \
+            f"shards without a {DATASET_FILE} ({', '.join(sorted(ours)[:3])})"
+        raise FingerprintMismatch(f"{out} holds {what}; use another --out, or --overwrite to replace it")
+    if rank == 0:
+        clear_dataset(out)
+        write_json_atomic(path, info)
+        return
+    deadline = time.monotonic() + wait_s
+    while (_read_json(path) or {}).get("fingerprint") != info["fingerprint"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{out}: worker 0 has not replaced the old dataset after {wait_s:.0f} s "
+                               "(only worker 0 replaces it under --overwrite; is it running?)")
+        time.sleep(1.0)
 
 
-def _remove_foreign_shards(out: Path, fingerprint: str, keep: set[int]) -> None:
-    """Delete finished shards made from other inputs (left by --overwrite), except those in `keep`, which
-    their workers redo anyway. Readers already ignore them; this frees the space."""
-    for marker in out.glob("[0-9]*_stats.json"):
-        shard = int(marker.name.split("_")[0])
-        st = read_stats(out, shard)
-        if shard in keep or st is None or st.get("fingerprint") == fingerprint:
-            continue
-        marker.unlink(missing_ok=True)
-        (out / f"{shard_name(shard)}.tar").unlink(missing_ok=True)
-        for rec in st.get("samples", []):  # files layout
-            for folder in ("images", "meta", "prompts", "seg", "saliency", "depth", "openseg"):
-                for f in (out / folder).glob(f"{rec['key']}.*"):
-                    f.unlink(missing_ok=True)
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return {}  # unreadable: made by nobody we know
 
 
 @contextmanager
@@ -258,6 +300,7 @@ class _Runner:
     def __init__(self, backbone: Backbone, annotator: Annotator, job: GenerateJob, progress: JobProgress):
         self.bb, self.ann, self.job, self.progress = backbone, annotator, job, progress
         self.spec = annotator.spec(store_dtype=job.store_dtype)
+        self.done_one = False  # whether a batch of this run has produced at least one sample
 
     def batch(self, samples: list[PlannedSample]) -> list[tuple[np.ndarray, dict, list[float], dict] | str]:
         try:
@@ -265,9 +308,14 @@ class _Runner:
         except OSError:  # disk trouble is the job's, not the sample's
             raise
         except Exception as e:  # noqa: BLE001 — recorded per sample, the run goes on
-            if len(samples) == 1:
-                return [f"{type(e).__name__}: {e}"]
-            return [r for s in samples for r in self.batch([s])]
+            if _device_broken(e):
+                raise
+            error = f"{type(e).__name__}: {e}"
+        # Out of the except block: the traceback, and the activations its frames hold, are gone.
+        _free_memory()
+        if len(samples) == 1:
+            return [error]
+        return [r for s in samples for r in self.batch([s])]
 
     def _batch(self, samples):
         j = self.job
@@ -294,6 +342,21 @@ class _Runner:
         return results
 
 
+def _device_broken(e: Exception) -> bool:
+    """A CUDA error other than out-of-memory (device-side assert, illegal address, …) leaves the CUDA
+    context unusable: every later sample would fail too, so the job stops instead of recording them."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    accel = getattr(torch, "AcceleratorError", None)
+    return (accel is not None and isinstance(e, accel)) or "CUDA error" in str(e) or "CUBLAS_STATUS" in str(e)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], job: GenerateJob, *,
                  rank: int = 0, world_size: int = 1, dtype: str = "float32", progress: bool = True) -> JobReport:
     """Produce (or finish) this worker's shards of the dataset. Re-running it resumes."""
@@ -301,25 +364,16 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
     if missing:
         raise ValueError(f"the heads have no {', '.join(missing)} head")
     _check_settings(backbone, annotator, job)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise SettingsError(f"worker rank {rank} is not in 0…{world_size - 1}")
     info = dataset_info(job, prompts, backbone, annotator, dtype)
-    prepare_output(job, info)
+    prepare_output(job, info, rank)
     plan = plan_samples(prompts, job.images_per_prompt, job.seed)
     ranges = shard_ranges(len(plan), job.shard_size)
     mine = owned_shards(len(ranges), rank, world_size)
-    for stale in job.out.glob(".*.tmp"):  # temporaries of killed runs (only this worker's shards)
-        head = stale.name[1:].split(".")[0].split("_")[0]
-        if head.isdigit() and int(head) in mine:
-            stale.unlink(missing_ok=True)
-    if rank == 0:  # shards past the end of a replaced dataset: nobody will redo them
-        _remove_foreign_shards(job.out, info["fingerprint"], keep=set(range(len(ranges))))
+    remove_dead_temporaries(job.out)  # of killed runs on this host; live writers' files are theirs
     report = JobReport(rank=rank, world_size=world_size, shards_owned=len(mine))
-    todo = []
-    for s in mine:
-        st = read_stats(job.out, s, info["fingerprint"])
-        if st is not None and not (job.retry_failed and st["failed"]):
-            report.shards_skipped += 1
-        else:
-            todo.append(s)
+    todo = [s for s in mine if not _finished(job, info, s, report)]
     bar = JobProgress(sum(len(ranges[s]) for s in todo), f"worker {rank}/{world_size}" if world_size > 1 else "generate",
                       enabled=progress)
     failed_in_a_row = 0
@@ -327,42 +381,91 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
         runner = _Runner(backbone, annotator, job, bar)
         with _signals_raise():
             for s in todo:
-                failed, attempted = _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar)
-                failed_in_a_row = failed_in_a_row + 1 if failed == attempted else 0
+                claim = ShardClaim(job.out, s)
+                if not claim.acquire():
+                    report.shards_busy += 1  # a duplicate worker writes it; it is not ours to redo
+                    continue
+                try:
+                    if _finished(job, info, s, None):  # finished by another process since we looked
+                        report.shards_skipped += 1
+                        continue
+                    remove_shard_temporaries(job.out, s)  # we hold the claim: other writers of it are gone
+                    errors = _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar, claim)
+                except _LostClaim:
+                    report.shards_busy += 1
+                    continue
+                finally:
+                    claim.release()
+                failed_in_a_row = failed_in_a_row + 1 if errors and len(errors) == len(ranges[s]) else 0
                 if failed_in_a_row == MAX_FAILED_SHARDS:  # not bad luck: something is broken; stop burning GPU time
-                    first = read_stats(job.out, s)["samples"][0]["error"]
-                    raise RuntimeError(f"every sample of the last {MAX_FAILED_SHARDS} shards failed; first error: {first}")
+                    raise RuntimeError(f"every sample of the last {MAX_FAILED_SHARDS} shards failed; last error: "
+                                       f"{errors[0]}")
     finally:
         bar.close()
         report.seconds = dict(bar.stages)
         try:
-            _write_sizes(job.out, info["num_shards"], info["fingerprint"])
+            _write_indexes(job.out, info)
         except OSError:
             pass  # best effort: never hide the error that brought us here
     return report
 
 
+def _finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None) -> bool:
+    """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
+    st = read_stats(job.out, shard, info["fingerprint"])
+    if st is None:
+        return False
+    if shard_problem(job.out, st) is not None:
+        if report is not None:
+            report.shards_damaged += 1
+        return False
+    if job.retry_failed and st["failed"]:
+        return False
+    if report is not None:
+        report.shards_skipped += 1
+    return True
+
+
 def _check_settings(backbone: Backbone, annotator: Annotator, job: GenerateJob) -> None:
     """Settings errors surface here, once, not as every sample failing in turn."""
-    backbone.pipeline_kwargs({"true_cfg_scale": job.true_cfg_scale})  # SD3 refuses true CFG
+    try:
+        backbone.pipeline_kwargs({"true_cfg_scale": job.true_cfg_scale})  # SD3 refuses true CFG
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
     spec = annotator.spec(store_dtype=job.store_dtype)
     for name, layers, blocks in (("capture", spec.layers, backbone.feature_blocks),
                                  ("openseg", spec.text_attention_layers, backbone.attention_blocks)):
         if layers and max(layers) >= len(blocks):
-            raise ValueError(f"{name} layer {max(layers)} out of range: the backbone has {len(blocks)} such blocks")
+            raise SettingsError(f"{name} layer {max(layers)} out of range: the backbone has {len(blocks)} such blocks")
     if job.min_quality is not None and not {"seg", "saliency", "openseg"} & set(annotator.tasks):
-        raise ValueError("min_quality needs a task with a quality signal: seg, saliency or openseg")
+        raise SettingsError("min_quality needs a task with a quality signal: seg, saliency or openseg")
+    lo, hi = backbone.size_range
+    p = backbone.pixels_per_token
+    for name, v in (("height", job.height), ("width", job.width)):
+        if v % p or not lo <= v <= hi:
+            raise SettingsError(f"{name} {v} is not a multiple of {p} (this backbone's pixels per token) in "
+                                f"{lo}…{hi}")
 
 
 def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job: GenerateJob, info: dict,
-                 report: JobReport, bar: JobProgress) -> tuple[int, int]:
-    """Generate, annotate and write one shard; returns (failed, attempted) samples."""
+                 report: JobReport, bar: JobProgress, claim: ShardClaim) -> list[str]:
+    """Generate, annotate and write one shard; returns the errors of its failed samples.
+
+    A shard in which every sample failed is not marked done (a re-run redoes it), and when every sample
+    of the run's first batch fails the job stops at once with that error: a systematic fault must not
+    burn GPU hours one shard at a time.
+    """
     t_start = time.perf_counter()
     records = []
     with ShardWriter(job.out, shard, job.format) as writer:
         for b in range(0, len(samples), job.batch_size):
+            if not claim.held():
+                raise _LostClaim(shard)
             batch = samples[b : b + job.batch_size]
             results = runner.batch(batch)
+            if not runner.done_one and all(isinstance(r, str) for r in results):
+                raise RuntimeError(f"every sample of the first batch failed: {results[0]}")
+            runner.done_one = True
             t0 = time.perf_counter()
             for s, r in zip(batch, results):
                 if isinstance(r, str):
@@ -379,23 +482,32 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
                 records.append({**record, "status": "ok"})
             bar.add_time("write", time.perf_counter() - t0)
             bar.advance(len(batch))
-        failed = [r for r in records if r["status"] == "error"]
+        errors = [r["error"] for r in records if r["status"] == "error"]
         filtered = sum(r["status"] == "filtered" for r in records)
+        report.samples_failed += len(errors)
+        if len(errors) == len(records):
+            writer.abort()
+            report.shards_failed += 1
+            return errors
+        if not claim.held():
+            raise _LostClaim(shard)
         writer.commit({"shard": shard_name(shard), "fingerprint": info["fingerprint"], "attempted": len(records),
-                       "written": len(records) - len(failed) - filtered, "failed": len(failed), "filtered": filtered,
+                       "written": len(records) - len(errors) - filtered, "failed": len(errors), "filtered": filtered,
                        "seconds": round(time.perf_counter() - t_start, 3), "samples": records})
     report.shards_written += 1
-    report.samples_written += len(records) - len(failed) - filtered
-    report.samples_failed += len(failed)
+    report.samples_written += len(records) - len(errors) - filtered
     report.samples_filtered += filtered
-    return len(failed), len(records)
+    _write_indexes(job.out, info)
+    return errors
 
 
-def _write_sizes(out: Path, num_shards: int, fingerprint: str) -> None:
-    """sizes.json ({shard file: samples}) over every finished shard, as open_clip-style loaders read it."""
-    sizes = {f"{shard_name(s)}.tar": st["written"] for s in range(num_shards)
-             if (st := read_stats(out, s, fingerprint))}
-    write_json_atomic(out / "sizes.json", sizes)
+def _write_indexes(out: Path, info: dict) -> None:
+    """sizes.json and the wids index over every finished shard of this dataset."""
+    def finished() -> dict[str, int]:
+        return {f"{shard_name(s)}.tar": st["written"] for s in range(info["num_shards"])
+                if (st := read_stats(out, s, info["fingerprint"]))}
+
+    write_indexes(out, finished, wids=info["format"] == "webdataset")
 
 
 def job_config(job: GenerateJob) -> dict:
