@@ -8,6 +8,7 @@ from . import backbone as _backbone
 from . import dataset as _dataset
 from . import heads as _heads
 from . import toy as _toy
+from ._root import root as _root
 
 app = typer.Typer(
     name="mmdiff-gen",
@@ -15,10 +16,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[recommendation, else 28]" is not markup to swallow
 )
+app.callback()(_root)  # --verbose, --version
 app.command("generate")(_dataset.generate)
 app.command("export")(_dataset.export)
 app.command("preview")(_dataset.preview)
+app.command("verify")(_dataset.verify)
 app.command("inspect")(_backbone.inspect)
 app.command("capture")(_backbone.capture)
 app.command("probe-layers")(_backbone.probe_layers)

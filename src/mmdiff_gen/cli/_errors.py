@@ -7,17 +7,16 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
-
-from ..backbones import BackboneNotFound
+from rich.markup import escape
 
 err = Console(stderr=True)
+# RuntimeError covers backbones' BackboneNotFound (not imported here: that would load diffusers for `--help`).
 # ImportError: an optional reader's package is missing (its message says what to install).
-_EXPECTED = (BackboneNotFound, ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError,
-             ImportError)
+_EXPECTED = (ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError, ImportError)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -9,10 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..backbones import load_backbone
-from ..capture import CONCEPT_SETS, CaptureSpec, plan_schedule
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, read_prompts, resolve_device, torch_dtype
+from ._options import Device, Dtype, Model, output_file, read_prompts, resolve_device, torch_dtype
 
 out = Console()
 
@@ -23,18 +21,22 @@ def _layers(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"layers must be comma-separated integers, got {text!r}") from None
+        raise typer.BadParameter(f"layers must be comma-separated integers, got {text!r}",
+                                 param_hint="'--layers'") from None
 
 
 def _sigmas(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"sigmas must be comma-separated numbers, got {text!r}") from None
+        raise typer.BadParameter(f"sigmas must be comma-separated numbers, got {text!r}",
+                                 param_hint="'--sigmas'") from None
 
 
 def _concepts(text: str | None) -> tuple[str, ...]:
     """A task name (seg, saliency, depth) or comma-separated words."""
+    from ..capture import CONCEPT_SETS
+
     if not text:
         return ()
     if text in CONCEPT_SETS:
@@ -51,11 +53,16 @@ def inspect(
     dtype: Dtype = "float32",
 ) -> None:
     """Show a backbone's capture geometry and the schedule that honours the target sigmas."""
+    targets = _sigmas(sigmas)
+    dev = resolve_device(device)
+    from ..backbones import load_backbone
+    from ..capture import CaptureSpec, plan_schedule
+
     with clean_errors():
-        bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
+        spec = CaptureSpec(sigmas=targets)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps)
         size, steps = kw["height"], kw["num_inference_steps"]
-        spec = CaptureSpec(sigmas=_sigmas(sigmas))
         plan = plan_schedule(bb, spec, steps, size, size)
         h, w = bb.token_grid(size, size)
     t = Table(title=f"{bb.name} ({bb.family})", show_header=False)
@@ -81,7 +88,8 @@ def inspect(
 
 
 def capture(
-    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line.")],
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (blank lines and lines starting "
+                                               "with # are skipped).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     model: Model = "toy",
     size: Annotated[int | None, typer.Option(help="Image side in pixels [backbone's recommendation, else 512].")] = None,
@@ -98,14 +106,17 @@ def capture(
     dtype: Dtype = "auto",
 ) -> None:
     """Generate each prompt once and dump its image, captured features and concept maps."""
-    from ..jobs.capture_job import CaptureJob, run_capture
-
     texts = read_prompts(prompts)
     if batch_size < 1:
         fail("--batch-size must be ≥ 1", code=2)
+    dev = resolve_device(device)
+    from ..backbones import load_backbone
+    from ..capture import CaptureSpec
+    from ..jobs.capture_job import CaptureJob, run_capture
+
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
-        bb = load_backbone(model, dtype=torch_dtype(dtype, resolve_device(device)), device=resolve_device(device))
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg, max_sequence_length=max_sequence_length)
         kw.pop("negative_prompt")  # run_capture uses "" whenever true CFG is on
@@ -133,6 +144,9 @@ def probe_layers(
     """Find the expert layer: zero-shot segmentation mIoU of every block's image→text attention × sigma."""
     import json
 
+    if json_out is not None:  # before minutes of probing
+        output_file(json_out, "--json")
+    from ..backbones import load_backbone
     from ..io.datasets import open_dataset
     from ..jobs.probe import describe_layer
     from ..jobs.probe import probe_layers as run

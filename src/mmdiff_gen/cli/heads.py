@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import Device, Dino, Dtype, Model, parse_tasks, resolve_device, torch_dtype
+from ._options import Device, Dino, Dtype, Model, output_file, parse_tasks, resolve_device, torch_dtype
 
 out = Console()
 # Images per real-image forward when train / eval extract for themselves: × 4 sigmas = 16 rows, a modest
@@ -95,34 +96,42 @@ def train(
     dino: Dino = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    epochs: Annotated[int, typer.Option()] = 20,
-    batch_size: Annotated[int, typer.Option()] = 16,
-    lr: Annotated[float, typer.Option()] = 1e-4,
+    epochs: Annotated[int, typer.Option(help="Passes over the cache (≥ 1).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Samples per step, per process (≥ 1).")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW rate of the aggregation modules (> 0).")] = 1e-4,
     side: Annotated[str, typer.Option(help="Side maps: concepts, cross, both or none.")] = "concepts",
     timesteps: Annotated[str | None, typer.Option(help="Sigma indices to use, e.g. 3 (default: all).")] = None,
     fusion: Annotated[str, typer.Option(help="learned (paper) or mean (ablation).")] = "learned",
     decoder_channels: Annotated[int | None, typer.Option(help="Decoder width (default 256).")] = None,
 ) -> None:
     """Train one head on a feature cache (resumable; multi-GPU with `accelerate launch`)."""
-    from ..train.feature_cache import FeatureCache
-    from ..train.trainer import TrainConfig, train_head
-
-    picked = parse_tasks(task)
+    picked = parse_tasks(task, option="--task")
     if len(picked) != 1:
-        raise typer.BadParameter(f"train one task at a time, got {task!r}")
+        raise typer.BadParameter(f"train one task at a time, got {task!r}", param_hint="'--task'")
     if picked[0] == "openseg":
-        raise typer.BadParameter("openseg is zero-shot: it has no head to train (see probe-layers)")
+        raise typer.BadParameter("openseg is zero-shot: it has no head to train (see probe-layers)",
+                                 param_hint="'--task'")
     t = picked[0]
+    if epochs < 1 or batch_size < 1:
+        fail("--epochs and --batch-size must be ≥ 1", code=2)
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a finite number > 0, got {lr:g}", code=2)
+    if out_path.is_dir():
+        fail(f"--out {out_path} is a folder; give the head file to write (e.g. {out_path / (t + '.safetensors')})",
+             code=2)
+    steps = _indices(timesteps, "--timesteps")
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
     if eval_data is not None and eval_cache is None:
         fail("--eval-data needs --eval-cache (the folder its features go to)", code=2)
+    from ..train.feature_cache import FeatureCache
+    from ..train.trainer import TrainConfig, train_head
+
     with clean_errors():
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
                 _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), EXTRACT_BATCH,
                              256, 0, device, dtype, dino)
-        steps = tuple(int(x) for x in timesteps.split(",")) if timesteps else None
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
         tr = FeatureCache(cache)
@@ -149,6 +158,8 @@ def evaluate(
     dtype: Dtype = "auto",
 ) -> None:
     """Score a head on a feature cache (or on a dataset, extracted first): prints a table, optionally writes JSON."""
+    if json_out is not None:  # before minutes of evaluation
+        output_file(json_out, "--json")
     from ..heads.checkpoint import load_head, read_meta
     from ..train.evaluate import evaluate_head
     from ..train.feature_cache import FeatureCache
@@ -170,6 +181,16 @@ def evaluate(
     _print_metrics(meta.config.task, metrics)
     if json_out is not None:
         json_out.write_text(json.dumps(metrics, indent=1))
+
+
+def _indices(text: str | None, option: str) -> tuple[int, ...] | None:
+    """"0,3" → (0, 3); None or "" → None; anything else is a usage error naming `option`."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated integers expected, got {text!r}", param_hint=f"'{option}'") from None
 
 
 def _print_metrics(task: str, metrics: dict) -> None:

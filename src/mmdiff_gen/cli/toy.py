@@ -10,8 +10,10 @@ import typer
 from rich.console import Console
 
 from ._errors import clean_errors, fail
+from ._options import output_file
 
-app = typer.Typer(help="The embedded toy world and backbone.", no_args_is_help=True)
+# rich_markup_mode=None: "[~/.cache/…]" in a help text is text, not markup (as on the main app).
+app = typer.Typer(help="The embedded toy world and backbone.", no_args_is_help=True, rich_markup_mode=None)
 out = Console()
 
 
@@ -69,8 +71,15 @@ def fidelity(
     """Prompt fidelity on fresh captions, judged by the oracle, with the judge's ceilings on renders."""
     from ..toy.fidelity_run import run_fidelity
 
-    with clean_errors():
+    try:
         counts = [int(x) for x in objects.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated integers expected, got {objects!r}",
+                                 param_hint="'--objects'") from None
+    for path, option in ((report, "--report"), (sheet, "--sheet")):
+        if path is not None:
+            output_file(path, option)
+    with clean_errors():
         result = run_fidelity(model, n, counts, batch_size, sheet)
     out.print(json.dumps(result, indent=1))
     if report is not None:
@@ -107,6 +116,8 @@ def ablation(
     """The paper's Table 5 on the toy world: single t ≈ 0, + cross-attention, + concepts, multi-t, mean fusion."""
     from ..toy.heads_recipe import run_ablation
 
+    if report is not None:
+        output_file(report, "--report")
     with clean_errors():
         table = run_ablation(work or _ABLATION_WORK, train_scenes=train_scenes, val_scenes=val_scenes, epochs=epochs)
     out.print(json.dumps(table, indent=1))
@@ -129,6 +140,8 @@ def consistency(
     from ..backbones.loading import DEFAULT_HEADS
     from ..toy.consistency import run_consistency
 
+    if report is not None:
+        output_file(report, "--report")
     with clean_errors():
         result = run_consistency(heads_dir or DEFAULT_HEADS["toy"], n=n, batch_size=batch_size,
                                  grounding={"layer": openseg_layer, "sigma": openseg_sigma,
