@@ -91,7 +91,7 @@ def test_capture_maps_match_the_reference_through_the_transformer(tiny):
         for h in hooks:
             h.remove()
     c = tiny.encode_concepts(words).unsqueeze(0).expand(2, -1, -1)
-    temb_c = tiny.concept_temb(torch.full((2,), 0.6), torch.full((2,), 3.5))
+    temb_c = tiny.concept_temb(torch.full((2,), 0.6), torch.full((2,), 3.5), tiny.dtype)
     maps = 0
     for i in (0, 1):
         kw = seen[i]

@@ -8,8 +8,7 @@ from diffusers import FluxTransformer2DModel
 
 from mmdiff_gen.backbones import FluxBackbone
 from mmdiff_gen.backbones.flux import FLUX_DEV
-from mmdiff_gen.capture._gate import Active
-from mmdiff_gen.capture.features import FeatureTap
+from mmdiff_gen.capture import Capture, CaptureSpec
 
 @pytest.fixture(scope="module")
 def flux_dev():
@@ -34,20 +33,15 @@ def test_flux_dev_defaults(flux_dev):
 @pytest.mark.parametrize("size, tokens", [(512, 1024), (1024, 4096)])
 def test_flux_dev_feature_shapes(flux_dev, size, tokens):
     b = 2
-    layers = flux_dev.default_layers()
-    tap = FeatureTap(flux_dev.feature_blocks, layers, 4, flux_dev.image_tokens, torch.bfloat16, None)
-    tap.attach()
-    try:
-        h, w = flux_dev.token_grid(size, size)
-        with torch.device("meta"):
-            tap.active = [Active(target=2, rows=torch.arange(b), sigma=torch.zeros(b))]
-            img_ids = torch.zeros(h * w, 3)
-            flux_dev.transformer(
-                hidden_states=torch.randn(b, h * w, 64), encoder_hidden_states=torch.randn(b, 512, 4096),
-                pooled_projections=torch.randn(b, 768), timestep=torch.rand(b), guidance=torch.rand(b),
-                img_ids=img_ids, txt_ids=torch.zeros(512, 3), return_dict=False,
-            )
-    finally:
-        tap.detach()
-    assert tap.buffer.shape == (b, 4, 4, tokens, 3072)
-    assert tap.buffer.dtype == torch.bfloat16
+    spec = CaptureSpec(sigmas=(0.5,))
+    h, w = flux_dev.token_grid(size, size)
+    with Capture(flux_dev, spec, batch_size=b, height=size, width=size, planned=True) as cap, torch.device("meta"):
+        assert cap.arm([0.5] * b)
+        flux_dev.transformer(
+            hidden_states=torch.randn(b, h * w, 64), encoder_hidden_states=torch.randn(b, 512, 4096),
+            pooled_projections=torch.randn(b, 768), timestep=torch.rand(b), guidance=torch.rand(b),
+            img_ids=torch.zeros(h * w, 3), txt_ids=torch.zeros(512, 3), return_dict=False,
+        )
+        cap.collect()
+    assert cap.features.shape == (b, 4, 1, tokens, 3072)
+    assert cap.features.dtype == torch.bfloat16

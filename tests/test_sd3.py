@@ -141,7 +141,7 @@ def test_concept_maps_through_the_transformer_match_the_reference(sd3):
         for h in hooks:
             h.remove()
     c = sd3.encode_concepts(words).unsqueeze(0).expand(2, -1, -1)
-    temb_c = sd3.concept_temb(torch.full((2,), 600.0), None)
+    temb_c = sd3.concept_temb(torch.full((2,), 600.0), None, sd3.dtype)
     maps = 0
     for i in range(max(layers) + 1):
         kw = seen[i]

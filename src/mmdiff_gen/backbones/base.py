@@ -50,11 +50,43 @@ class Backbone(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """Where the transformer computes: the pipeline's execution device. Under model, sequential or
+        group offload the weights sit elsewhere (cpu, meta) between calls; inputs must go here."""
+        dev = getattr(self.pipe, "_execution_device", None)  # DiffusionPipeline: offload-aware
+        if dev is None:
+            dev = getattr(self.transformer, "device", None)  # ModelMixin: group-offload-aware
+        return torch.device(dev) if dev is not None else next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The dtype the transformer computes in, never a storage dtype: diffusers' own answer (layerwise
+        casting's compute dtype; else the first floating parameter, which skips quantized uint8 / int8
+        storage). fp8 without a compute dtype cannot run and is refused."""
+        dt = getattr(self.transformer, "dtype", None)
+        if not isinstance(dt, torch.dtype):
+            dt = next(self.transformer.parameters()).dtype
+        if not dt.is_floating_point or dt.itemsize < 2:
+            raise ValueError(f"the transformer's weights are {str(dt).removeprefix('torch.')} with no compute dtype: "
+                             "enable_layerwise_casting(storage_dtype=..., compute_dtype=torch.bfloat16) or load it "
+                             "in bfloat16")
+        return dt
+
+    def check_capture(self) -> None:
+        """Refuse, in one line naming it, a runtime setting under which captured features would be wrong."""
+        tr = self.transformer
+        cache = getattr(tr, "_cache_config", None)
+        if cache is not None:
+            raise ValueError(f"the transformer has a cache enabled ({type(cache).__name__}): cached steps skip blocks, "
+                             "so hooks see stale or pass-through states; call transformer.disable_cache() to capture")
+        if getattr(tr, "_parallel_config", None) is not None:
+            raise ValueError("context parallelism splits the image tokens across GPUs, so hooks see one shard: run one "
+                             "process per GPU instead (--world-size)")
+        if self.dtype == torch.float16 and not self.FLOAT16_OK:
+            raise ValueError(f"{self.family.upper()} overflows float16 (diffusers clips its activations to ±65504, "
+                             "which saturates the features): use bfloat16 or float32")
+
+    #: Whether the family's activations fit float16 (FLUX's do not).
+    FLOAT16_OK = True
 
     @property
     @abstractmethod

@@ -26,6 +26,7 @@ class FluxBackbone(Backbone):
     """
 
     family = "flux"
+    FLOAT16_OK = False  # massive activations beyond ±65504
 
     @property
     def feature_blocks(self) -> nn.ModuleList:
@@ -84,10 +85,10 @@ class FluxBackbone(Backbone):
         first = hidden[:, 0].to(device=self.device, dtype=self.dtype)  # (K, D_t5)
         return self.transformer.context_embedder(first)  # (K, C)
 
-    def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """(B, C) modulation for the concept stream: time (+ guidance) embedding, zero pooled text."""
+    def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """(B, C) modulation for the concept stream: time (+ guidance) embedding, zero pooled text, in the
+        transformer's compute `dtype` (resolved once by the caller: this runs inside compiled graphs)."""
         tr = self.transformer
-        dtype = self.dtype
         t = timestep.to(dtype) * 1000  # mirrors FluxTransformer2DModel.forward
         pooled = torch.zeros(t.shape[0], tr.config.pooled_projection_dim, device=t.device, dtype=dtype)
         if guidance is None:

@@ -123,11 +123,11 @@ class SD3Backbone(Backbone):
             self._concept_tokens[key] = self.transformer.context_embedder(embeds[:, pos].to(self.dtype))
         return self._concept_tokens[key]
 
-    def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+    def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B, C) modulation for the concept stream: time embedding with a zero pooled projection."""
         tr = self.transformer
         pooled = torch.zeros(timestep.shape[0], tr.config.pooled_projection_dim, device=timestep.device,
-                             dtype=self.dtype)
+                             dtype=dtype)
         return tr.time_text_embed(timestep, pooled)  # float32 as SD3Transformer2DModel.forward passes it
 
     # --- latents ----------------------------------------------------------------------------

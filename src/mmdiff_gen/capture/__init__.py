@@ -1,5 +1,6 @@
 """Capture inside the generation pass: features over layers × sigmas, concept maps, real-image mode."""
 
+from ._hooks import compile_backbone, compiled_graphs, prepare
 from .generate import Generation, generate, plan_schedule
 from .real import extract
 from .session import Capture, CaptureResult
@@ -12,8 +13,11 @@ __all__ = [
     "CaptureResult",
     "CaptureSpec",
     "Generation",
+    "compile_backbone",
+    "compiled_graphs",
     "concept_set",
     "extract",
     "generate",
     "plan_schedule",
+    "prepare",
 ]

@@ -58,7 +58,8 @@ def generate(
 
     The transformer runs exactly as often as the sampler needs, plus one forward per target sigma
     below the schedule's last step (the default 0.001 is one). The unconditional branch of true CFG
-    is never captured.
+    is never captured. Which call is captured comes from the planned schedule (nothing is read back
+    from the device per step), so this works as well in a compiled transformer (`compile_backbone`).
 
     Args:
         backbone: the wrapped pipeline.
@@ -80,15 +81,28 @@ def generate(
     text_mask = backbone.text_token_mask(prompts, max_sequence_length) if spec.cross_attention else None
 
     final: dict[str, torch.Tensor] = {}
+    b = len(prompts)
+    cfg = backbone.cfg_in_batch({"guidance_scale": guidance_scale})
+    rows = 2 * b if cfg else b  # rows of each call (SD3's CFG batches [uncond; cond])
+    last = num_inference_steps - 1
 
-    def keep_final(_pipe, step, _t, kwargs):
-        if step == num_inference_steps - 1:
+    def before_step(cap: Capture, step: int) -> None:
+        """Arm step `step`'s first (conditional) call if the plan puts a target there; the call of the
+        last step also hands its conditioning to the extra forward."""
+        cap.arm([schedule.sigmas[step]] * rows)
+        cap.hooks.keep_kwargs = bool(schedule.extra) and step == last
+
+    def after_step(_pipe, step, _t, kwargs):  # the pipeline's step-end callback: eager, between calls
+        cap.collect()
+        if step < last:
+            before_step(cap, step + 1)
+        else:
             final["latents"] = kwargs["latents"]
         return kwargs
 
-    cfg = backbone.cfg_in_batch({"guidance_scale": guidance_scale})
-    with Capture(backbone, spec, batch_size=len(prompts), height=height, width=width, text_mask=text_mask,
-                 cfg_in_batch=cfg) as cap:
+    with Capture(backbone, spec, batch_size=b, height=height, width=width, text_mask=text_mask,
+                 cfg_in_batch=cfg, planned=True) as cap:
+        before_step(cap, 0)
         out = backbone.pipe(**backbone.pipeline_kwargs(dict(
             prompt=prompts,
             negative_prompt=negative_prompt,
@@ -101,7 +115,7 @@ def generate(
             generator=generators,
             max_sequence_length=max_sequence_length,
             output_type=output_type,
-            callback_on_step_end=keep_final if schedule.extra else None,
+            callback_on_step_end=after_step,
         )))
         if schedule.extra:
             x0 = final["latents"]  # clean latents: (B, N, C) packed (FLUX) or (B, C, h, w) (SD3)

@@ -56,6 +56,8 @@ def extract(
     cond = {k: (v.repeat(t, *[1] * (v.dim() - 1)) if k != "txt_ids" else v) for k, v in cond.items()}
     text_mask = backbone.text_token_mask(captions, max_sequence_length) if spec.cross_attention else None
     inputs = backbone.transformer_inputs(latents, sigma, cond, guidance_scale, height, width)
-    with Capture(backbone, spec, batch_size=b, height=height, width=width, text_mask=text_mask) as cap:
+    with Capture(backbone, spec, batch_size=b, height=height, width=width, text_mask=text_mask, planned=True) as cap:
+        cap.arm([s for s in spec.sigmas for _ in range(b)])  # sigma-major rows: target j is rows j·B … (j+1)·B − 1
         backbone.transformer(**inputs)
+        cap.collect()
     return cap.result()

@@ -1,18 +1,16 @@
-"""`Capture`: the context manager that owns every hook and all per-run storage of one capture."""
+"""`Capture`: the context manager that owns the per-run storage of one capture and switches the hooks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from ..backbones.base import Backbone
-from ._gate import Gate
-from .concepts import ConceptTap
-from .features import FeatureTap
+from ._gate import Gate, rows_of
+from ._hooks import Config, prepare
 from .spec import CaptureSpec
-from .text_attention import TextAttentionTap
 
 
 @dataclass
@@ -74,13 +72,17 @@ class CaptureResult:
 
 
 class Capture:
-    """Hooks a backbone for one run and collects features (and maps) at the spec's sigmas.
+    """Collects features (and maps) at the spec's sigmas from the calls of one run.
 
     Usage::
 
         with Capture(backbone, spec, batch_size=B, height=H, width=W) as cap:
             pipe(...)                       # or any transformer forward
         result = cap.result()
+
+    Around an arbitrary call (as above), each transformer call is matched by the sigma it receives,
+    read back to the host: eager mode only. `generate` and `extract` instead `arm` each call from the
+    planned schedule (`planned=True`), which also works in a compiled transformer and never syncs.
 
     Args:
         backbone: the wrapped pipeline.
@@ -89,6 +91,7 @@ class Capture:
         height, width: image size in pixels (gives the token grid).
         text_mask: (B, S) bool prompt-token mask, only used by the cross-attention baseline.
         cfg_in_batch: the pipeline runs CFG as [uncond; cond] rows of one call (Backbone.cfg_in_batch).
+        planned: calls are armed by the caller (`arm`, `collect`) instead of matched by the sigma received.
     """
 
     def __init__(
@@ -101,84 +104,129 @@ class Capture:
         width: int,
         text_mask: torch.Tensor | None = None,
         cfg_in_batch: bool = False,
+        planned: bool = False,
     ):
+        backbone.check_capture()
         self.backbone = backbone
         self.spec = spec
         self.grid = backbone.token_grid(height, width)
         self.layers = spec.layers if spec.layers is not None else backbone.default_layers()
         self.concept_layers = spec.concept_layers if spec.concept_layers is not None else backbone.default_concept_layers()
-        self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cfg_in_batch=cfg_in_batch)
-        self.features = FeatureTap(
-            backbone.feature_blocks,
-            self.layers,
-            len(spec.sigmas),
-            backbone.image_tokens,
-            spec.torch_store_dtype,
-            spec.store_device,
+        self.planned = planned
+        for name, layers, blocks in (("capture", self.layers, backbone.feature_blocks),
+                                     ("concept", self.concept_layers, backbone.joint_blocks),
+                                     ("text-attention", spec.text_attention_layers, backbone.attention_blocks)):
+            if layers and max(layers) >= len(blocks):
+                raise ValueError(f"{name} layers {tuple(layers)} out of range: the backbone has {len(blocks)} such blocks")
+        stream = bool(spec.concepts or spec.cross_attention)
+        if (stream or spec.text_attention_layers) and any(
+                getattr(b.attn, "fused_projections", False) for b in backbone.attention_blocks):
+            raise ValueError("concept and text-attention capture need unfused QKV projections: call "
+                             "transformer.unfuse_qkv_projections()")
+        self.hooks = prepare(backbone)
+        self.config = Config(
+            feature_layers=tuple(self.layers),
+            concept_depth=max(self.concept_layers) + 1 if stream else 0,
+            concept_layers=tuple(self.concept_layers) if stream else (),
+            init=backbone.encode_concepts(spec.concepts) if spec.concepts else None,
+            cross=spec.cross_attention,
+            text_layers=tuple(spec.text_attention_layers),
+            text_mask=text_mask,
+            dtype=backbone.dtype,
         )
-        self.concepts: ConceptTap | None = None
-        if spec.concepts or spec.cross_attention:
-            init = backbone.encode_concepts(spec.concepts) if spec.concepts else None
-            self.concepts = ConceptTap(
-                backbone.joint_blocks,
-                self.concept_layers,
-                init,
-                backbone.concept_temb,
-                spec.cross_attention,
-                text_mask,
-            )
-        self.text: TextAttentionTap | None = None
-        if spec.text_attention_layers:
-            self.text = TextAttentionTap(backbone.attention_blocks, spec.text_attention_layers, spec.store_device)
-        self._handles: list[Any] = []
+        self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cfg_in_batch=cfg_in_batch)
+        t = len(spec.sigmas)
+        # Storage, per target sigma (index into spec.sigmas).
+        self.features: torch.Tensor | None = None  # (B, L, T, N, C), every slot written before `result`
+        self._written: set[tuple[int, int]] = set()
+        self._received: dict[int, torch.Tensor] = {}  # target → (B,) sigmas received, on the compute device
+        self._concepts: dict[int, torch.Tensor] = {}  # target → (B, N, K) summed over concept layers
+        self._cross: dict[int, torch.Tensor] = {}  # target → (B, N)
+        self._text: dict[int, dict[int, torch.Tensor]] = {}  # target → slot → (B, N, S)
+        self._copied: Any = None  # CUDA event after the last copy into pinned memory
+        self._num_sigmas = t
+        self._last_sigma: float | None = None
 
     # --- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Capture":
-        # Only the transformer is hooked for the whole run; block hooks are attached for the calls
-        # that reach a target sigma and removed after, so the other steps run at full speed.
-        tr = self.backbone.transformer
-        self._handles = [
-            tr.register_forward_pre_hook(self._on_call_start, with_kwargs=True),
-            tr.register_forward_hook(self._on_call_end),
-        ]
+        hooks = self.hooks
+        if hooks.listener is not None or hooks.armed:
+            raise RuntimeError("another capture is running on this backbone")
+        hooks.config = self.config
+        hooks.kwargs = None
+        if not self.planned:
+            hooks.listener = self
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._detach_taps()
+        self.hooks.listener = None
+        self.hooks.armed = self.hooks.keep_kwargs = False
+        self.hooks.out = {}
 
-    def _detach_taps(self) -> None:
-        self.features.detach()
-        for tap in (self.concepts, self.text):
-            if tap is not None:
-                tap.detach()
+    # --- one call ---------------------------------------------------------------------------
+    def arm(self, sigmas: Sequence[float], eps: float | None = None) -> bool:
+        """Before a transformer call whose rows will receive `sigmas` (planned, host floats): arm the
+        hooks if the call reaches a target. Returns whether it does."""
+        self.gate.begin_call(sigmas, *(() if eps is None else (eps,)))
+        if self.gate.active:
+            self.hooks.arm()
+        return bool(self.gate.active)
 
-    def _on_call_start(self, _module, _args, kwargs):
-        timestep = kwargs["timestep"]
-        self.gate.begin_call(self.backbone.sigma_of(timestep), kwargs)
+    def collect(self) -> None:
+        """After the call: move what the armed call recorded into this capture's storage."""
         if not self.gate.active:
             return
-        self.features.active = self.gate.active
-        self.features.attach()
-        if self.concepts is not None:
-            self.concepts.attach()
-            with torch.no_grad():
-                self.concepts.begin_call(self.gate.active, timestep, kwargs.get("guidance"))
-        if self.text is not None:
-            self.text.attach()
-            self.text.begin_call(self.gate.active)
-
-    def _on_call_end(self, _module, _args, _output):
-        if self.gate.active:
-            self.features.active = []
-            self._detach_taps()
-            if self.concepts is not None:
-                self.concepts.end_call()
-            if self.text is not None:
-                self.text.end_call()
+        out = self.hooks.take()
+        for a in self.gate.active:
+            self._store(a.target, a.rows, out)
         self.gate.end_call()
+
+    def _store(self, target: int, rows: slice, out: dict) -> None:
+        self._received[target] = self.backbone.sigma_of(out["timestep"][rows]).detach()
+        for slot, layer in enumerate(self.layers):
+            part = out.get(("feat", layer))
+            if part is not None:
+                self._write_features(slot, target, part[rows])
+        concept = [out[("concepts", j)][rows].float() for j in self.config.concept_layers if ("concepts", j) in out]
+        if concept:
+            self._concepts[target] = sum(concept)
+        cross = [out[("cross", j)][rows].float() for j in self.config.concept_layers if ("cross", j) in out]
+        if cross:
+            self._cross[target] = sum(cross)
+        for slot, a in enumerate(self.config.text_layers):
+            if ("text", a) in out:
+                self._text.setdefault(target, {})[slot] = out[("text", a)][rows]
+
+    def _write_features(self, slot: int, target: int, part: torch.Tensor) -> None:
+        """(B, N, C) image tokens into their slot; to CPU by a non-blocking copy into pinned memory."""
+        dtype = self.spec.torch_store_dtype
+        if self.features is None:
+            device = torch.device(self.spec.store_device) if self.spec.store_device is not None else part.device
+            shape = (part.shape[0], len(self.layers), self._num_sigmas, *part.shape[1:])
+            pinned = device.type == "cpu" and part.device.type == "cuda"
+            self.features = self.hooks.pool.get(shape, dtype) if pinned else \
+                torch.empty(shape, dtype=dtype, device=device)
+        dst = self.features[:, slot, target]
+        if dst.device == part.device:
+            dst.copy_(part)
+        else:
+            dst.copy_(part.to(dtype), non_blocking=dst.is_pinned())
+            if dst.is_pinned():
+                self._copied = torch.cuda.Event()
+                self._copied.record()
+        self._written.add((slot, target))
+
+    # --- a capture around an arbitrary call (eager only) -------------------------------------
+    def _auto_begin(self, kwargs: dict[str, Any]) -> None:
+        timestep = kwargs["timestep"]
+        values = self.backbone.sigma_of(timestep).detach().float().flatten().tolist()  # one device sync per call
+        if self._last_sigma is None or values[0] != self._last_sigma:  # a new step: keep its conditional call
+            self.hooks.kwargs = rows_of(kwargs, self.gate.cond_rows(len(values)), len(values))
+        self._last_sigma = values[0]
+        self.arm(values, float(torch.finfo(timestep.dtype).eps))
+
+    def _auto_end(self) -> None:
+        self.collect()
 
     # --- extra forward for sigmas below the schedule -----------------------------------------
     @torch.no_grad()
@@ -187,40 +235,56 @@ class Capture:
 
         Used by the timestep contract for targets below the sampler's last step.
         """
-        kwargs = self.gate.cond_kwargs
+        kwargs = self.hooks.kwargs
         if kwargs is None:
             raise RuntimeError("forward_at needs a prior transformer call to take its conditioning from")
-        kwargs = dict(kwargs)
+        n = kwargs["hidden_states"].shape[0]
+        kwargs = dict(rows_of(kwargs, self.gate.cond_rows(n), n))  # SD3's CFG call: its conditional half
         ts = kwargs["timestep"]
         kwargs["timestep"] = torch.full_like(ts, self.backbone.timestep_for(sigma))
         kwargs["hidden_states"] = latents.to(kwargs["hidden_states"].dtype)
+        if self.planned:
+            self.arm([sigma] * latents.shape[0])
         self.backbone.transformer(**kwargs)
+        if self.planned:
+            self.collect()
 
     # --- result -----------------------------------------------------------------------------
     def result(self) -> CaptureResult:
         missing = self.gate.missing
         if missing:
             raise RuntimeError(f"the transformer was never evaluated at sigma {missing}: the schedule misses them")
-        sig = torch.stack([self.gate.received[j] for j in range(len(self.spec.sigmas))], dim=1)  # (B, T)
-        dev = self.features.buffer.device
-        concept_maps = cross = None
-        if self.concepts is not None:
-            n_layers = len(self.concept_layers)
-            if self.concepts.concept_sum:
-                concept_maps = torch.stack(
-                    [self.concepts.concept_sum[j] / n_layers for j in range(len(self.spec.sigmas))], dim=1
-                ).transpose(2, 3).to(dev)  # (B, T, N, K) → (B, T, K, N)
-            if self.concepts.cross_sum:
-                cross = torch.stack(
-                    [self.concepts.cross_sum[j] / n_layers for j in range(len(self.spec.sigmas))], dim=1
-                ).to(dev)  # (B, T, N)
-        text = None
-        if self.text is not None:
-            slots = range(len(self.spec.text_attention_layers))
-            text = torch.stack([torch.stack([self.text.store[j][s] for s in slots], dim=1)
-                                for j in range(len(self.spec.sigmas))], dim=1).to(dev)  # (B, T, L', N, S)
+        t = self._num_sigmas
+        unwritten = [(self.layers[s], self.spec.sigmas[j]) for s in range(len(self.layers)) for j in range(t)
+                     if (s, j) not in self._written]
+        if unwritten:  # a block that did not run (a cache skipped it): its slot would hold garbage
+            layer, sigma = unwritten[0]
+            raise RuntimeError(f"feature block {layer} produced no output at sigma {sigma} (is a cache skipping "
+                               "blocks? caches cannot run under capture)")
+        if self._copied is not None:
+            self._copied.synchronize()  # the one wait for the non-blocking copies
+        sig = torch.stack([self._received[j] for j in range(t)], dim=1).float().cpu()  # (B, T)
+        targets = torch.tensor(self.spec.sigmas, dtype=torch.float32)
+        off = (sig - targets).abs().amax(0)
+        tol = torch.finfo(self.backbone.dtype).eps * targets.clamp(min=1e-3) + 1e-6
+        if bool((off > tol).any()):
+            j = int((off > tol).nonzero()[0])
+            raise RuntimeError(f"the transformer received sigma {float(sig[:, j].max()):.6g} where the plan placed "
+                               f"{self.spec.sigmas[j]}: the pipeline did not follow the planned schedule")
+        dev = self.features.device
+        concept_maps = cross = text = None
+        n_layers = len(self.concept_layers)
+        if self._concepts:
+            concept_maps = torch.stack([self._concepts[j] / n_layers for j in range(t)], dim=1
+                                       ).transpose(2, 3).to(dev)  # (B, T, N, K) → (B, T, K, N)
+        if self._cross:
+            cross = torch.stack([self._cross[j] / n_layers for j in range(t)], dim=1).to(dev)  # (B, T, N)
+        if self._text:
+            slots = range(len(self.config.text_layers))
+            text = torch.stack([torch.stack([self._text[j][s] for s in slots], dim=1)
+                                for j in range(t)], dim=1).to(dev)  # (B, T, L', N, S)
         return CaptureResult(
-            features=self.features.buffer,
+            features=self.features,
             sigmas=sig,
             layers=self.layers,
             target_sigmas=self.spec.sigmas,

@@ -29,6 +29,24 @@ Device = Annotated[str, typer.Option(help="Torch device: auto (cuda if present, 
 Dtype = Annotated[str, typer.Option(help="Weight dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, "
                                          "float16 or float32.", callback=_check_dtype)]
 
+Compile = Annotated[str, typer.Option(
+    "--compile", help="torch.compile the transformer, capture hooks inside: off, blocks (each block class once: "
+                      "fast warm-up) or transformer (one graph).")]
+COMPILE_MODES = ("off", "blocks", "transformer")
+
+
+def check_compile(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise typer.BadParameter(f"choose from {', '.join(COMPILE_MODES)}, got {mode!r}", param_hint="'--compile'")
+
+
+def compile_if(backbone, mode: str) -> None:
+    """`--compile`: compile the backbone's transformer (capture's hooks installed first)."""
+    if mode != "off":
+        from ..capture import compile_backbone
+
+        compile_backbone(backbone, mode)
+
 Dino = Annotated[Path | None, typer.Option(help="Local DINOv3 ViT folder (e.g. dinov3-vitb16-pretrain-lvd1689m): "
                                                 "its features join the heads' inputs (MMDiff §3.3).")]
 

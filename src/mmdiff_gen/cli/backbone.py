@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import Device, Dtype, Model, output_file, read_prompts, resolve_device, torch_dtype
+from ._options import (Compile, Device, Dtype, Model, check_compile, compile_if, output_file, read_prompts,
+                       resolve_device, torch_dtype)
 
 out = Console()
 
@@ -102,6 +103,7 @@ def capture(
     batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
     seed: Annotated[int, typer.Option(help="Global seed; prompt i uses seed + i.")] = 0,
     max_sequence_length: Annotated[int, typer.Option(help="T5 tokens.")] = 512,
+    compile: Compile = "off",
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -114,9 +116,11 @@ def capture(
     from ..capture import CaptureSpec
     from ..jobs.capture_job import CaptureJob, run_capture
 
+    check_compile(compile)
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
         bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
+        compile_if(bb, compile)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg, max_sequence_length=max_sequence_length)
         kw.pop("negative_prompt")  # run_capture uses "" whenever true CFG is on

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 from ._errors import clean_errors, err, fail
-from ._options import Device, Dino, Dtype, Model, parse_tasks, read_prompts, resolve_device, torch_dtype
+from ._options import (Compile, Device, Dino, Dtype, Model, check_compile, compile_if, parse_tasks, read_prompts,
+                       resolve_device, torch_dtype)
 
 out = Console(stderr=True)
 AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an unfinished or damaged dataset "
@@ -49,6 +50,7 @@ def generate(
     openseg_threshold: Annotated[float | None, typer.Option(help="openseg: background threshold [0.5].")] = None,
     min_quality: Annotated[float | None, typer.Option(help="Drop samples whose quality score is below this "
                                                            "(0–1; recorded as filtered in the shard stats).")] = None,
+    compile: Compile = "off",
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -57,6 +59,7 @@ def generate(
     from ..jobs.plan import local_device, worker_identity
 
     task_list = parse_tasks(tasks)
+    check_compile(compile)
     texts = read_prompts(prompts)
     if min(images_per_prompt, batch_size, shard_size, steps or 1, size or 1) < 1:
         fail("--images-per-prompt, --batch-size, --shard-size, --steps and --size must be ≥ 1", code=2)
@@ -101,6 +104,7 @@ def generate(
         if min_quality is not None and not {"seg", "saliency", "openseg"} & set(task_list):
             fail("--min-quality needs a task with a quality signal: seg, saliency or openseg", code=2)
         bb = load_backbone(model, dtype=torch_dt, device=dev)
+        compile_if(bb, compile)
         dino_features = None
         if dino is not None:
             from ..backbones.dino import DinoFeatures
@@ -135,6 +139,10 @@ def generate(
                       "re-run the same command to resume", highlight=False, soft_wrap=True)
             raise typer.Exit(128 + e.signum) from None
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in rep.seconds.items())
+    if compile != "off":
+        from ..capture import compiled_graphs
+
+        stages += f"; torch.compile built {compiled_graphs()} graph(s)"  # armed / unarmed variants, not per step
     out.print(f"{out_dir}: {rep.samples_written} samples written in {rep.shards_written} shard(s), "
               f"{rep.shards_skipped} already finished, {rep.samples_failed} failed"
               + (f", {rep.samples_filtered} below --min-quality" if rep.samples_filtered else "")

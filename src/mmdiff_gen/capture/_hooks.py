@@ -1,0 +1,314 @@
+"""The hooks capture runs on: installed once per backbone, before any compilation, switched by plain state.
+
+torch.compile traces the forward hooks a module has when it is compiled (and does not notice hooks added
+later), so hooks that come and go per capture never fire in a compiled transformer. Here every hook is
+registered once, on every block capture may read (`prepare`), and does nothing unless `armed`: one more
+variant of the compiled graph (armed / not armed), not a recompile per step, layer or target.
+
+Which call is captured is decided outside the transformer, by whoever runs it (the planned schedule in
+`generate`, the batch layout in `extract`): `arm()` before the call; the transformer's forward hook
+disarms at its end, so the unconditional second call of FLUX's true CFG runs unarmed. Nothing in an
+armed call reads a value back to the host. Hooks compute on every row of the call; the caller picks
+the conditional rows afterwards (`take`). What an armed call records:
+
+    ("feat", i)        (R, N, C) image tokens of feature block i
+    ("concepts", j)    (R, N, K) concept maps of joint block j (MMDiff eq. 4), j in the concept layers
+    ("cross", j)       (R, N) averaged image→prompt attention of joint block j
+    ("text", a)        (R, N, S) image→text attention per text token of attention block a
+    "timestep"         (R,) the timestep the transformer received (checked against the plan in `result`)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+
+from ..backbones.base import Backbone
+from .concepts import concept_block_update, concept_map, cross_attention_map
+from .text_attention import _heads, _norm, text_attention
+
+
+@dataclass(eq=False)
+class Config:
+    """What armed calls record (constant over a capture; compiled graphs guard on these values).
+
+    Args:
+        feature_layers: feature-block indices whose image tokens are kept.
+        concept_depth: the concept stream runs through joint blocks 0..concept_depth−1 (0: no stream).
+        concept_layers: joint blocks whose concept (and cross-attention) maps are kept.
+        init: (K, C) initial concept tokens, or None (cross-attention only).
+        cross: keep the averaged cross-attention maps.
+        text_layers: attention-block indices whose per-token image→text attention is kept.
+        text_mask: (B, S) bool prompt-token mask of the conditional rows (cross-attention).
+    """
+
+    feature_layers: tuple[int, ...] = ()
+    concept_depth: int = 0
+    concept_layers: tuple[int, ...] = ()
+    init: torch.Tensor | None = None
+    cross: bool = False
+    text_layers: tuple[int, ...] = ()
+    text_mask: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # the transformer's compute dtype (the concept stream's modulation)
+
+
+class PinnedPool:
+    """Page-locked CPU buffers for features copied off the GPU, reused across batches.
+
+    A buffer is handed out again only once nothing else refers to its memory (the previous batch's
+    result, and every view of it, is gone), so a result a caller keeps is never overwritten.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep, self.buffers = keep, []
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        for buf in self.buffers:
+            if buf.shape == shape and buf.dtype == dtype and torch._C._storage_Use_Count(
+                    buf.untyped_storage()._cdata) == 1:  # only this pool's reference is left
+                return buf[:]  # a view: while it (or anything made from it) lives, the buffer is taken
+        buf = torch.empty(shape, dtype=dtype, pin_memory=True)
+        if len(self.buffers) >= self.keep:
+            self.buffers.pop(0)
+        self.buffers.append(buf)
+        return buf[:]
+
+
+@dataclass(eq=False)
+class _Where:
+    """A hooked block's indices in the backbone's three block lists (None where it is not one)."""
+
+    feature: int | None = None
+    joint: int | None = None
+    attention: int | None = None
+
+
+@dataclass(eq=False)
+class CaptureHooks:
+    """Every capture hook of one backbone and the state they read. Get it with `prepare(backbone)`."""
+
+    backbone: Backbone
+    config: Config = field(default_factory=Config)
+    armed: bool = False
+    keep_kwargs: bool = False  # the next call's kwargs are kept (the extra forward's conditioning)
+    kwargs: dict[str, Any] | None = None
+    listener: Any = None  # an eager-only capture that identifies calls by the sigma received (Capture, auto mode)
+    out: dict[Any, Any] = field(default_factory=dict)
+    pool: PinnedPool = field(default_factory=PinnedPool)
+    _scratch: dict[str, Any] = field(default_factory=dict)
+    _stream: torch.Tensor | None = None
+    _temb: torch.Tensor | None = None
+    handles: list[Any] = field(default_factory=list)
+
+    # --- switching (eager, between transformer calls) -----------------------------------------
+    def arm(self) -> None:
+        """Record the next transformer call."""
+        self.out = {}
+        self.armed = True
+
+    def take(self) -> dict[Any, Any]:
+        """What the last armed call recorded; raises if its hooks never ran."""
+        out, self.out = self.out, {}
+        blocks_ran = all(("feat", i) in out for i in self.config.feature_layers)
+        if self.armed or not blocks_ran:
+            self.armed = False
+            raise RuntimeError(
+                "capture hooks did not run in the transformer call: it was compiled (and run) before "
+                "mmdiff_gen.capture.prepare(backbone) installed them, so the compiled graph has none; call "
+                "prepare, or compile_backbone, before compiling")
+        return out
+
+    # --- hooks --------------------------------------------------------------------------------
+    def _install(self) -> None:
+        _eager_when_called_alone(CaptureHooks._on_call_start, CaptureHooks._on_call_end, CaptureHooks._on_block_start,
+                                 self._on_block_end(_Where()))
+        bb = self.backbone
+        where: dict[int, tuple[nn.Module, _Where]] = {}
+        for kind, blocks in (("feature", bb.feature_blocks), ("joint", bb.joint_blocks),
+                             ("attention", bb.attention_blocks)):
+            for i, blk in enumerate(blocks):
+                entry = where.setdefault(id(blk), (blk, _Where()))[1]
+                setattr(entry, kind, i)
+        tr = bb.transformer
+        self.handles = [tr.register_forward_pre_hook(self._on_call_start, with_kwargs=True),
+                        tr.register_forward_hook(self._on_call_end)]
+        for blk, w in where.values():
+            self.handles.append(blk.register_forward_hook(self._on_block_end(w)))
+            if w.joint is None and w.attention is None:
+                continue
+            attn = blk.attn
+            self.handles.append(blk.register_forward_pre_hook(self._on_block_start, with_kwargs=True))
+            for name in ("to_q", "to_k", "to_v", "add_k_proj"):
+                if getattr(attn, name, None) is not None:
+                    self.handles.append(getattr(attn, name).register_forward_hook(self._keep(name)))
+            if getattr(attn, "to_out", None) is not None:
+                self.handles.append(attn.to_out[0].register_forward_pre_hook(self._keep_input("image_out")))
+
+    def _on_call_start(self, _module, _args, kwargs):
+        if self.listener is not None:
+            self.listener._auto_begin(kwargs)  # eager only: reads the sigma back to the host
+        if self.keep_kwargs:
+            self.kwargs = dict(kwargs)
+            self.keep_kwargs = False
+        if self.armed:
+            cfg = self.config
+            timestep = kwargs["timestep"]
+            self.out["timestep"] = timestep
+            if cfg.init is not None:
+                rows = timestep.shape[0]
+                self._stream = cfg.init.unsqueeze(0).expand(rows, -1, -1)  # (R, K, C)
+                self._temb = self.backbone.concept_temb(timestep, kwargs.get("guidance"), cfg.dtype)
+
+    def _on_call_end(self, _module, _args, _output):
+        if self.armed:
+            self.armed = False
+            self._stream = self._temb = None
+        if self.listener is not None:
+            self.listener._auto_end()
+
+    def _on_block_start(self, _module, _args, kwargs):
+        if self.armed:
+            self._scratch.clear()
+            self._scratch["rotary"] = kwargs.get("image_rotary_emb")
+            enc = kwargs.get("encoder_hidden_states")
+            self._scratch["text_len"] = None if enc is None else enc.shape[1]
+
+    def _keep(self, name: str) -> Callable:
+        def hook(_module, _inputs, output):
+            # The block's own projection runs first; the concept stream calling the same module later
+            # in the block must not replace it.
+            if self.armed and name not in self._scratch:
+                self._scratch[name] = output
+        return hook
+
+    def _keep_input(self, name: str) -> Callable:
+        def hook(_module, inputs):
+            if self.armed and name not in self._scratch:
+                self._scratch[name] = inputs[0]
+        return hook
+
+    def _on_block_end(self, w: _Where) -> Callable:
+        def hook(block, _inputs, output):
+            if not self.armed:
+                return
+            cfg = self.config
+            if w.feature is not None and w.feature in cfg.feature_layers:
+                self.out[("feat", w.feature)] = self.backbone.image_tokens(output)  # (R, N, C)
+            needs_projections = (w.joint is not None and w.joint < cfg.concept_depth) or (
+                w.attention is not None and w.attention in cfg.text_layers)
+            if needs_projections and "to_k" not in self._scratch:
+                raise RuntimeError(
+                    "capture hooks inside the blocks did not run: the transformer was compiled (and run) before "
+                    "mmdiff_gen.capture.prepare(backbone) installed them; call prepare, or compile_backbone, "
+                    "before compiling")
+            if w.joint is not None and w.joint < cfg.concept_depth:
+                self._concepts(block, w.joint)
+            if w.attention is not None and w.attention in cfg.text_layers:
+                self.out[("text", w.attention)] = self._text_attention(block)
+            self._scratch.clear()  # nothing of the block outlives it (in a compiled graph: no extra outputs)
+        return hook
+
+    def _concepts(self, block: nn.Module, idx: int) -> None:
+        """The concept stream through one joint block, and its maps if the block is a concept layer."""
+        cfg, sc, attn = self.config, self._scratch, block.attn
+        image_keys = _norm(attn.norm_k, _heads(attn, sc["to_k"]))  # (R, N, H, D), not yet rotated
+        n = image_keys.shape[1]
+        rotary = sc["rotary"]
+        img_rot = None if rotary is None else (rotary[0][-n:], rotary[1][-n:])
+        if img_rot is not None:
+            image_keys = apply_rotary_emb(image_keys, img_rot, sequence_dim=1)
+        if cfg.init is not None:
+            image_values = _heads(attn, sc["to_v"])
+            self._stream, concept_out = concept_block_update(block, self._stream, self._temb, image_keys, image_values)
+            if idx in cfg.concept_layers:
+                self.out[("concepts", idx)] = concept_map(sc["image_out"], concept_out)  # (R, N, K)
+        if cfg.cross and idx in cfg.concept_layers:
+            q = _norm(attn.norm_q, _heads(attn, sc["to_q"]))
+            tk = _norm(attn.norm_added_k, _heads(attn, sc["add_k_proj"]))
+            if rotary is not None:
+                q = apply_rotary_emb(q, img_rot, sequence_dim=1)
+                s = tk.shape[1]
+                tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
+            mask = cfg.text_mask
+            if mask is not None and mask.shape[0] != q.shape[0]:  # the call also carries other rows
+                mask = mask.repeat(q.shape[0] // mask.shape[0], 1)
+            self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask)  # (R, N)
+
+    def _text_attention(self, block: nn.Module) -> torch.Tensor:
+        """(R, N, S) image→text attention per text token, recomputed from the block's own q and k."""
+        sc, attn = self._scratch, block.attn
+        q = _norm(attn.norm_q, _heads(attn, sc["to_q"]))
+        k = _norm(attn.norm_k, _heads(attn, sc["to_k"]))
+        if "add_k_proj" in sc:  # a joint block: image projections here, text through the added projections
+            tk = _norm(attn.norm_added_k, _heads(attn, sc["add_k_proj"]))
+        else:  # FLUX single-stream: one projection over [text; image]
+            s = sc["text_len"]
+            q, tk, k = q[:, s:], k[:, :s], k[:, s:]
+        rotary = sc["rotary"]
+        if rotary is not None:  # FLUX: positions [text; image]
+            s, n = tk.shape[1], q.shape[1]
+            img = (rotary[0][s : s + n], rotary[1][s : s + n])
+            q, k = apply_rotary_emb(q, img, sequence_dim=1), apply_rotary_emb(k, img, sequence_dim=1)
+            tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
+        return text_attention(q, tk, k)
+
+
+def _eager_when_called_alone(*functions) -> None:
+    """Run these hooks eagerly when dynamo meets them as frames of their own, inline them when it traces.
+
+    Compiling the whole transformer inlines every hook into one graph (armed / unarmed: two variants).
+    Compiling the repeated blocks (diffusers' `compile_repeated_blocks`) leaves `Module._call_impl` to
+    dynamo's skip list, so a block's own hooks become frames of their own: compiled, each block's
+    indices would be guarded, one recompile per block past the recompile limit. Skipping those frames
+    (and what they call) runs them as plain Python; the projection hooks, called inside a block's
+    compiled forward, stay in its graph.
+    """
+    from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+
+    for fn in functions:  # skip the frame and everything it calls (the concept stream runs eagerly there)
+        set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+
+
+def compile_backbone(backbone: Backbone, mode: str = "blocks", **compile_kwargs) -> None:
+    """torch.compile the transformer with capture's hooks inside the compiled graphs.
+
+    Args:
+        mode: "blocks" (diffusers' `compile_repeated_blocks`: each block class compiled once, a fast
+            warm-up) or "transformer" (the whole forward as one graph).
+        compile_kwargs: passed to torch.compile (backend, mode, dynamic…); fullgraph defaults to True:
+            armed calls never break the graph.
+    """
+    if mode not in ("blocks", "transformer"):
+        raise ValueError(f"compile mode must be blocks or transformer, got {mode!r}")
+    prepare(backbone)
+    compile_kwargs.setdefault("fullgraph", True)
+    tr = backbone.transformer
+    if mode == "blocks":
+        tr.compile_repeated_blocks(**compile_kwargs)
+    else:
+        tr.compile(**compile_kwargs)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (compiles and recompiles), for reports."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def prepare(backbone: Backbone) -> CaptureHooks:
+    """Install capture's hooks on `backbone` (once; later calls return the same hooks).
+
+    Call it before compiling the transformer yourself (`generate --compile` does it for you): a compiled
+    graph only contains the hooks that existed when it was traced.
+    """
+    hooks = getattr(backbone, "_capture_hooks", None)
+    if hooks is None:
+        hooks = CaptureHooks(backbone)
+        hooks._install()
+        backbone._capture_hooks = hooks
+    return hooks

@@ -1,0 +1,95 @@
+"""Capture in a compiled transformer (whole and regional), fullgraph, no recompiles per step, same results.
+
+The aot_eager backend runs dynamo's tracing, guards and AOT graph capture without codegen: what decides
+whether hooks fire and how often graphs are rebuilt, in seconds on this CPU. `bench/gpu_check.py` and
+`bench/compile_capture.py` run inductor.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+
+from mmdiff_gen.backbones import load_backbone, wrap_pipeline
+from mmdiff_gen.backbones.tiny import build_tiny_flux, build_tiny_sd3
+from mmdiff_gen.capture import CaptureSpec, compile_backbone, compiled_graphs, extract, generate
+from mmdiff_gen.capture._noise import generators_for
+
+PROMPTS = ["a red circle on the left", "a small blue star"]
+SEEDS = [3, 4]
+KW = dict(height=64, width=64, num_inference_steps=6, max_sequence_length=32, output_type="np")
+SPEC = CaptureSpec(concepts=("object", "background"), cross_attention=True, layers=(0, 3),
+                   text_attention_layers=(1, 3), store_dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _same(a, b):
+    for name in ("features", "concept_maps", "cross_attention", "text_attention", "sigmas"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x is not None and torch.allclose(x, y, atol=1e-5, rtol=1e-5), name
+
+
+IMAGES = torch.linspace(0, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("mode", ["transformer", "blocks"])
+def test_compiled_capture_equals_eager_without_recompiles_per_step(mode):
+    bb = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
+    cfg = dict(true_cfg_scale=3.0, negative_prompt="")
+    eager = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)
+    eager_cfg = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **cfg, **KW)
+    eager_real = extract(bb, IMAGES, SPEC, captions=PROMPTS)
+    compile_backbone(bb, mode, backend="aot_eager")  # fullgraph=True: an armed call must not break the graph
+    first = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)
+    warm = compiled_graphs()
+    again = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)
+    assert compiled_graphs() == warm  # the same run again builds nothing: no guard on the step or target
+    for ours in (first, again):
+        assert np.array_equal(ours.images, eager.images)
+        _same(ours.capture, eager.capture)
+    _same(generate(bb, PROMPTS, SPEC, seeds=SEEDS, **cfg, **KW).capture, eager_cfg.capture)
+    _same(extract(bb, IMAGES, SPEC, captions=PROMPTS), eager_real)
+    # Armed / unarmed × generation, true CFG, the real-image batch: a handful of graphs, not one per step.
+    assert compiled_graphs() <= (8 if mode == "transformer" else 16), compiled_graphs()
+    # The images equal a plain call of the same compiled transformer (hooks present, unarmed).
+    plain = bb.pipe(prompt=PROMPTS, generator=generators_for(SEEDS), sigmas=list(first.schedule.pipeline_sigmas),
+                    **KW).images
+    assert np.array_equal(plain, first.images)
+
+
+def test_compiled_sd3_with_cfg_in_batch():
+    bb = wrap_pipeline(build_tiny_sd3(seed=0), name="tiny-sd3")
+    spec = CaptureSpec(concepts=("object", "background"), layers=(0, 1), store_dtype="float32")
+    kw = dict(KW, guidance_scale=4.0)
+    eager = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)
+    compile_backbone(bb, "transformer", backend="aot_eager")
+    ours = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)
+    assert np.array_equal(ours.images, eager.images)
+    assert torch.allclose(ours.capture.features, eager.capture.features, atol=1e-5)
+    assert torch.allclose(ours.capture.concept_maps, eager.capture.concept_maps, atol=1e-5)
+
+
+def test_toy_backbone_compiled_by_blocks():
+    toy = load_backbone("toy", dtype=torch.float32, device="cpu")
+    spec = CaptureSpec.for_tasks(["seg", "depth"], store_dtype="float32")
+    kw = dict(height=64, width=64, num_inference_steps=8, output_type="np")
+    eager = generate(toy, PROMPTS, spec, seeds=SEEDS, **kw)
+    compile_backbone(toy, "blocks", backend="aot_eager")
+    ours = generate(toy, PROMPTS, spec, seeds=SEEDS, **kw)
+    assert np.array_equal(ours.images, eager.images)
+    assert torch.allclose(ours.capture.features, eager.capture.features, atol=1e-5)
+    assert torch.allclose(ours.capture.concept_maps, eager.capture.concept_maps, atol=1e-5)
+
+
+def test_compiled_before_the_hooks_existed_is_refused_in_one_line():
+    bb = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
+    bb.transformer.compile(backend="aot_eager")  # compiled and run with no capture hooks in it
+    bb.pipe(prompt=PROMPTS[:1], **KW)
+    with pytest.raises(RuntimeError, match="compiled .* before .*prepare"):
+        generate(bb, PROMPTS[:1], SPEC, seeds=SEEDS[:1], **KW)
