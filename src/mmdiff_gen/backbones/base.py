@@ -266,13 +266,52 @@ class Backbone(ABC):
         return dict(sampling)
 
     # --- identity ---------------------------------------------------------------------------
-    def identity(self) -> dict[str, str]:
-        """Name, a hash of the transformer config and the weights fingerprint: what heads check."""
+    def identity(self) -> dict:
+        """Name, a hash of the transformer config, the weights fingerprint and any LoRA: what heads check
+        and what a dataset's fingerprint holds. How the weights are stored (fp8, int8, offloaded) is not
+        part of it: storage variants of the same weights compute the same features up to rounding."""
         cfg = dict(self.transformer.config)
-        blob = json.dumps({k: v for k, v in sorted(cfg.items()) if not k.startswith("_")}, sort_keys=True, default=str)
-        return {
+        blob = json.dumps({k: v for k, v in sorted(cfg.items()) if not k.startswith("_") and k != "quantization_config"},
+                          sort_keys=True, default=str)
+        ident = {
             "family": self.family,
             "name": self.name,
             "config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16],
             "weights": self.weights_id,
         }
+        lora = self.lora_identity()
+        return ident | ({"lora": lora} if lora else {})
+
+    def lora_identity(self) -> list[dict]:
+        """The LoRA adapters that change what the transformer computes, sorted by name: enabled ones with
+        their scale and a sha256 of their weights, and fused ones ("fused": true; their weights are in
+        the base weights now). Empty without LoRA (peft not even imported)."""
+        from_pipe = set(getattr(self.pipe, "_merged_adapters", None) or ())  # diffusers' fuse_lora bookkeeping
+        tr = self.transformer
+        layers = []
+        if getattr(tr, "_hf_peft_config_loaded", False):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in tr.modules() if isinstance(m, BaseTunerLayer)]
+        out = {}
+        for m in layers:
+            if m.disable_adapters and not m.merged_adapters:
+                continue
+            for name in set(m.active_adapters) | set(m.merged_adapters):
+                if name in out or name not in getattr(m, "scaling", {}):
+                    continue
+                scale = m.scaling[name] / (m.lora_alpha[name] / m.r[name])  # set_adapters' / fuse_lora's weight
+                out[name] = {"name": name, "scale": round(float(scale), 6), "sha256": self._lora_sha256(name),
+                             "fused": name in m.merged_adapters}
+        for name in from_pipe - set(out):  # fused, then unloaded: only the name is left
+            out[name] = {"name": name, "fused": True}
+        return [out[k] for k in sorted(out)]
+
+    def _lora_sha256(self, name: str) -> str:
+        h = hashlib.sha256()
+        for pname, p in sorted(self.transformer.named_parameters()):
+            if "lora_" in pname and pname.endswith(f".{name}.weight"):
+                h.update(pname.encode())
+                if p.device.type != "meta":  # sequential offload keeps them on meta between calls
+                    h.update(p.detach().to("cpu", torch.float32).numpy().tobytes())
+        return h.hexdigest()[:16]

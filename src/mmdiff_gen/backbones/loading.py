@@ -91,18 +91,27 @@ BUILTIN = {"tiny-random": _tiny_random("build_tiny_flux"), "tiny-random-sd3": _t
 DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
 
 
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # 1 MiB read per weight file, whatever its size
+
+
 def _weights_id(folder: Path) -> str:
-    """A cheap fingerprint of the weights: the Hub commit of a cached snapshot, else the transformer's
-    weight files (names and sizes) and mmdiff.json. Heads record it, so retrained weights are caught."""
+    """A cheap fingerprint of the weights: the Hub commit of a cached snapshot (content-addressed), else
+    the transformer's weight files — names, sizes and 16 blocks of 64 KiB spread over each file (so a
+    retrained or fine-tuned file of the same size is caught) — and mmdiff.json. Heads record it."""
     if folder.parent.name == "snapshots":
         return folder.name
     h = hashlib.sha256()
-    for f in sorted((folder / "transformer").glob("*")):
-        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    for f in sorted(p for p in (folder / "transformer").glob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            for i in range(_SAMPLES):
+                fh.seek(i * max(0, size - _SAMPLE_BYTES) // max(1, _SAMPLES - 1))
+                h.update(fh.read(_SAMPLE_BYTES))
     settings = folder / SETTINGS_FILE
     if settings.is_file():
         h.update(settings.read_bytes())
-    return h.hexdigest()[:16]
+    return "s" + h.hexdigest()[:15]  # "s": sampled content (ids of name-and-size hashes had no prefix)
 
 
 def load_backbone(

@@ -70,6 +70,14 @@ class HeadMeta:
                 f"({self.backbone.get('family')}, config {mine}); the loaded backbone is {identity.get('name')!r} "
                 f"({identity.get('family')}, config {theirs})" + (" with other weights" if retrained else "")
             )
+        lora_mine, lora_theirs = self.backbone.get("lora", []), identity.get("lora", [])
+        if lora_mine != lora_theirs:  # a LoRA changes the features the head reads
+            def says(lora):
+                return ", ".join(f"{a['name']!r}" + (" (fused)" if a.get("fused") else f" at scale {a.get('scale')}")
+                                 for a in lora) or "no LoRA"
+            raise HeadMismatch(f"this {self.config.task} head was trained with {says(lora_mine)}; the loaded backbone "
+                               f"carries {says(lora_theirs)}: train the head on this backbone's features, or load the "
+                               "backbone as the head was trained")
 
 
 def save_head(path: Path, model: MMDiffHead, meta: HeadMeta) -> None:

@@ -167,8 +167,12 @@ def overlong_prompts(backbone: Backbone, prompts: list[str], max_len: int) -> li
 def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annotator: Annotator, dtype: str) -> dict:
     """dataset.json: the effective config, the input fingerprint and what a reader needs to decode labels."""
     heads = annotator.identity()
+    # How the weights are held (fp8 / int8 storage, offload) is recorded; storage changes pixels slightly, so a
+    # resumed run must not mix it with another (offload does not change what is computed).
+    runtime = dict(getattr(backbone, "runtime", None) or {"offload": "none", "storage": "full"})
     inputs = {"prompts": prompts, "tasks": list(job.tasks), "sampling": job.sampling(), "dtype": dtype,
               "backbone": backbone.identity(), "heads": {t: h["sha256"] for t, h in heads.items()},
+              "storage": runtime.get("storage", "full"),
               "openseg": heads.get("openseg"), "min_quality": job.min_quality,
               "shard_size": job.shard_size, "format": job.format, "image_format": job.image_format}
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -191,6 +195,7 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
         "seed_policy": SEED_POLICY,
         "key": "zero-padded global sample index, 9 digits: prompt_index × images_per_prompt + repeat",
         "backbone": backbone.identity(),
+        "runtime": runtime,
         "heads": heads,
         "classes": annotator.classes,
         "palette": annotator.palette,
