@@ -499,3 +499,56 @@ def test_settings_are_refused_before_anything_is_written(tiny, annotator, tmp_pa
     with pytest.raises(SettingsError, match=match):
         run_generate(tiny, annotator, PROMPTS, job(tmp_path / "ds", **bad), progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_pipelined_writing_equals_writing_in_the_main_thread(tiny, annotator, reference, tmp_path, monkeypatch):
+    """Batch k is encoded on threads while batch k + 1 generates: the shards are the same bytes."""
+    ref, _ = reference
+    out = tmp_path / "sync"
+    run_generate(tiny, annotator, PROMPTS, job(out, write_workers=0), progress=False)
+    assert shard_bytes(out) == shard_bytes(ref)  # the reference ran with the default 2 writer threads
+    # One sample whose encoding fails is recorded and left out; the others are written, in order.
+    from mmdiff_gen.jobs import dataset_job
+
+    real = dataset_job.encode_sample
+
+    def broken(image, prompt, meta, labels, **kw):
+        if meta["key"] == "000000002":
+            raise ValueError("cannot encode (simulated)")
+        return real(image, prompt, meta, labels, **kw)
+
+    monkeypatch.setattr(dataset_job, "encode_sample", broken)
+    rep = run_generate(tiny, annotator, PROMPTS, job(tmp_path / "bad"), progress=False)
+    assert (rep.samples_written, rep.samples_failed) == (5, 1)
+    st = json.loads((tmp_path / "bad" / "00000_stats.json").read_text())
+    assert [r["status"] for r in st["samples"]] == ["ok", "ok", "error", "ok"]
+    assert st["samples"][2]["error"] == "ValueError while encoding: cannot encode (simulated)"
+    assert [s.key for s in GeneratedDataset(tmp_path / "bad")] == ["000000000", "000000001", "000000003",
+                                                                    "000000004", "000000005"]
+
+
+def test_pipelined_writer_keeps_order_and_bounds_what_is_pending(tmp_path):
+    import threading
+    import time as _time
+
+    from mmdiff_gen.io.shards import PipelinedWriter, ShardWriter
+
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def encode(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        _time.sleep(0.002 * (i % 3))  # out-of-order completion
+        with lock:
+            live[0] -= 1
+        return {"txt": str(i).encode()}
+
+    with ShardWriter(tmp_path, 0, "webdataset") as w, PipelinedWriter(w, encode, workers=3, max_pending=2) as p:
+        for i in range(30):
+            p.put(f"{i:09d}", i, on_error=lambda e: None)
+        p.finish()
+        w.commit({})
+    with tarfile.open(tmp_path / "00000.tar") as t:
+        assert [t.extractfile(m).read() for m in t] == [str(i).encode() for i in range(30)]
+    assert peak[0] <= 3  # never more encodes at once than threads; puts block when 2 are pending

@@ -37,6 +37,8 @@ def generate(
     image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
     fmt: Annotated[str, typer.Option("--format", help="webdataset (tar shards) or files (folders).")] = "webdataset",
     shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    write_workers: Annotated[int, typer.Option(help="Threads that encode and write a batch while the next one "
+                                                    "generates (0: in between batches).")] = 2,
     rank: Annotated[int | None, typer.Option(help="This worker's rank [RANK, SLURM_PROCID, …, else 0].")] = None,
     world_size: Annotated[int | None, typer.Option(help="Number of workers [WORLD_SIZE, SLURM_NTASKS, …, else 1].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
@@ -61,6 +63,8 @@ def generate(
     task_list = parse_tasks(tasks)
     check_compile(compile)
     texts = read_prompts(prompts)
+    if write_workers < 0:
+        fail("--write-workers must be ≥ 0", code=2)
     if min(images_per_prompt, batch_size, shard_size, steps or 1, size or 1) < 1:
         fail("--images-per-prompt, --batch-size, --shard-size, --steps and --size must be ≥ 1", code=2)
     if seed < 0:
@@ -124,7 +128,8 @@ def generate(
                                 true_cfg_scale=true_cfg)
         job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
                           batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,
-                          overwrite=overwrite, retry_failed=retry_failed, min_quality=min_quality, **kw)
+                          overwrite=overwrite, retry_failed=retry_failed, min_quality=min_quality,
+                          write_workers=write_workers, **kw)
         long = overlong_prompts(bb, texts, job.max_sequence_length)
         if long:
             i, n = long[0]

@@ -15,6 +15,35 @@ from PIL import Image
 TASK_MEMBER = {"seg": "seg.png", "saliency": "sal.png", "depth": "depth.png", "openseg": "openseg.png"}
 IGNORE_INDEX = 255
 DEPTH_SCALE = 1000.0  # depth PNG value per unit: metres → millimetres, the NYU convention
+# zlib level of 16-bit depth PNGs: level 6 (PIL's default) took 24–410 ms per noisy 1024² map, level 1 a
+# fraction of that for slightly larger files (BENCHMARKS.md); still lossless.
+DEPTH_PNG_LEVEL = 1
+
+
+def encode_sample(image: np.ndarray, prompt: str, meta: dict, labels: dict[str, np.ndarray], *, image_format: str,
+                  classes: list[str]) -> dict[str, bytes]:
+    """Every member of one generated sample: the image, its prompt, its labels and its JSON metadata.
+
+    Args:
+        image: (H, W, 3) uint8.
+        labels: per task (TASK_MEMBER keys): seg / openseg (H, W) uint8 ids, saliency (H, W) uint8, depth
+            (H, W) float in the dataset's unit.
+        meta: the JSON member; the names of the seg classes present are added to it.
+    """
+    out = {image_format: encode_image(image, image_format), "txt": prompt.encode("utf-8")}
+    meta = dict(meta)
+    if "seg" in labels:
+        ids = labels["seg"]
+        meta["classes"] = [classes[i] if i < len(classes) else str(i) for i in np.unique(ids) if i != IGNORE_INDEX]
+        out["seg.png"] = encode_gray(ids)
+    if "saliency" in labels:
+        out["sal.png"] = encode_gray(labels["saliency"])
+    if "depth" in labels:
+        out["depth.png"] = encode_depth(labels["depth"], DEPTH_SCALE)
+    if "openseg" in labels:
+        out["openseg.png"] = encode_gray(labels["openseg"])
+    out["json"] = encode_json(meta)
+    return out
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -45,7 +74,7 @@ def encode_depth(depth: np.ndarray, scale: float = DEPTH_SCALE) -> bytes:
     """(H, W) depth → 16-bit PNG bytes of depth_to_uint16."""
     png = depth_to_uint16(depth, scale)
     buf = io.BytesIO()
-    Image.fromarray(png).save(buf, format="PNG")
+    Image.fromarray(png).save(buf, format="PNG", compress_level=DEPTH_PNG_LEVEL)
     return buf.getvalue()
 
 

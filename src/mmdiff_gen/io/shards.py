@@ -18,14 +18,17 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import socket
 import tarfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 DATASET_FILE = "dataset.json"
 SIZES_FILE = "sizes.json"  # {shard file: samples}, what open_clip-style loaders read
@@ -215,6 +218,99 @@ class ShardWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is not None:
             self.abort()
+
+
+class PipelinedWriter:
+    """Encodes samples on a small thread pool and writes them in order, so a job's next batch generates
+    while this one is encoded and written.
+
+    `put` hands over one sample (raw arrays; `encode` makes its member bytes) and returns at once unless
+    `max_pending` samples are still waiting (back-pressure: memory stays bounded). Samples reach the
+    shard in the order they were put; one whose encoding fails is left out and reported to its
+    `on_error` (the others go on); an OSError while writing (a full disk) is raised in the caller at
+    its next `put` or at `finish`. Leaving by an exception drops what is pending and aborts the shard.
+    Threads suffice: PIL's encoders and zlib release the GIL.
+
+    Args:
+        writer: the shard being written.
+        encode: sample → {member suffix: bytes}.
+        workers: encoding threads; 0 encodes and writes in the caller (the reference path).
+        max_pending: samples put but not yet written.
+    """
+
+    def __init__(self, writer: ShardWriter, encode: Callable[[Any], dict[str, bytes]], workers: int = 2,
+                 max_pending: int = 16):
+        self.writer, self.encode, self.workers = writer, encode, workers
+        self.waited = 0.0  # seconds the caller spent blocked on the writer (the generator's idle time)
+        self._error: BaseException | None = None
+        if workers:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="encode")
+            self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+            self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+            self._thread.start()
+
+    def put(self, key: str, sample: Any, on_error: Callable[[str], None]) -> None:
+        self._raise()
+        if not self.workers:
+            self._write_one(key, self._encode(sample, on_error))
+            return
+        t0 = time.perf_counter()
+        self._queue.put((key, self._pool.submit(self._encode, sample, on_error)))
+        self.waited += time.perf_counter() - t0
+
+    def finish(self) -> None:
+        """Wait until every sample put is written; the shard can then be committed."""
+        if self.workers:
+            t0 = time.perf_counter()
+            self._queue.put(None)
+            self._thread.join()
+            self._pool.shutdown()
+            self.waited += time.perf_counter() - t0
+        self._raise()
+
+    def _encode(self, sample: Any, on_error: Callable[[str], None]) -> dict[str, bytes] | None:
+        try:
+            return self.encode(sample)
+        except Exception as e:  # noqa: BLE001 — one sample's bad label map must not lose the shard
+            on_error(f"{type(e).__name__} while encoding: {e}")
+            return None
+
+    def _write_one(self, key: str, members: dict[str, bytes] | None) -> None:
+        if members is not None:
+            self.writer.write(key, members)
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, future = item
+            if self._error is None:
+                try:
+                    self._write_one(key, future.result())
+                except BaseException as e:  # noqa: BLE001 — handed to the caller's thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "PipelinedWriter":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if not self.workers or not self._thread.is_alive():
+            return
+        if exc_type is not None:
+            self._error = self._error or RuntimeError("aborted")  # the drain thread stops writing
+        while True:  # unblock and stop the drain thread, dropping what is pending
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+        self._thread.join()
+        self._pool.shutdown(cancel_futures=True)
 
 
 # --- several processes on one folder ------------------------------------------------------------

@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ import torch
 from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
-from ..io.members import DEPTH_SCALE, IGNORE_INDEX, TASK_MEMBER, encode_depth, encode_gray, encode_image, encode_json
-from ..io.shards import (DATASET_FILE, FILES_LAYOUT, ShardClaim, ShardWriter, clear_dataset, read_stats,
+from ..io.members import DEPTH_SCALE, IGNORE_INDEX, TASK_MEMBER, encode_sample
+from ..io.shards import (DATASET_FILE, FILES_LAYOUT, PipelinedWriter, ShardClaim, ShardWriter, clear_dataset, read_stats,
                          recover_replacements, remove_dead_temporaries, remove_shard_temporaries, shard_name,
                          shard_problem, write_indexes, write_json_atomic)
 from ._progress import JobProgress
@@ -95,6 +96,7 @@ class GenerateJob:
         min_quality: samples whose quality score is below it are not written (status "filtered").
         overwrite: replace a dataset made from other inputs instead of refusing.
         retry_failed: also redo finished shards that recorded failed samples.
+        write_workers: threads that encode samples while the next batch generates (0: in the main thread).
     """
 
     out: Path
@@ -116,6 +118,7 @@ class GenerateJob:
     min_quality: float | None = None
     overwrite: bool = False
     retry_failed: bool = False
+    write_workers: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -280,25 +283,6 @@ def _signals_raise():
             signal.signal(getattr(signal, n), h)
 
 
-def _members(job: GenerateJob, s: PlannedSample, image: np.ndarray, labels: dict[str, np.ndarray],
-             sigmas: list[float], quality: dict, classes: list[str]) -> dict[str, bytes]:
-    meta = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat, "seed": s.seed, "sigmas": sigmas,
-            "quality": quality}
-    out = {job.image_format: encode_image(image, job.image_format), "txt": s.prompt.encode("utf-8")}
-    if "seg" in labels:
-        ids = labels["seg"]
-        meta["classes"] = [classes[i] if i < len(classes) else str(i) for i in np.unique(ids) if i != IGNORE_INDEX]
-        out["seg.png"] = encode_gray(ids)
-    if "saliency" in labels:
-        out["sal.png"] = encode_gray(labels["saliency"])
-    if "depth" in labels:
-        out["depth.png"] = encode_depth(labels["depth"], DEPTH_SCALE)
-    if "openseg" in labels:
-        out["openseg.png"] = encode_gray(labels["openseg"])
-    out["json"] = encode_json(meta)
-    return out
-
-
 class _Runner:
     """Generates and annotates batches; isolates a failing sample by retrying its batch one by one."""
 
@@ -456,13 +440,16 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
                  report: JobReport, bar: JobProgress, claim: ShardClaim) -> list[str]:
     """Generate, annotate and write one shard; returns the errors of its failed samples.
 
-    A shard in which every sample failed is not marked done (a re-run redoes it), and when every sample
-    of the run's first batch fails the job stops at once with that error: a systematic fault must not
-    burn GPU hours one shard at a time.
+    Batch k is encoded and written (io.shards.PipelinedWriter) while batch k + 1 generates. A shard in
+    which every sample failed is not marked done (a re-run redoes it), and when every sample of the
+    run's first batch fails the job stops at once with that error: a systematic fault must not burn GPU
+    hours one shard at a time.
     """
     t_start = time.perf_counter()
     records = []
-    with ShardWriter(job.out, shard, job.format) as writer:
+    encode = partial(_encode, image_format=job.image_format, classes=info["classes"])
+    with ShardWriter(job.out, shard, job.format) as writer, \
+            PipelinedWriter(writer, encode, workers=job.write_workers, max_pending=2 * job.batch_size) as pipe:
         for b in range(0, len(samples), job.batch_size):
             if not claim.held():
                 raise _LostClaim(shard)
@@ -471,22 +458,25 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
             if not runner.done_one and all(isinstance(r, str) for r in results):
                 raise RuntimeError(f"every sample of the first batch failed: {results[0]}")
             runner.done_one = True
-            t0 = time.perf_counter()
+            waited = pipe.waited
             for s, r in zip(batch, results):
+                base = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat}
                 if isinstance(r, str):
-                    records.append({"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat,
-                                    "status": "error", "error": r})
+                    records.append({**base, "status": "error", "error": r})
                     continue
                 image, labels, sigmas, quality = r
-                record = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat,
-                          "quality": quality.get("score")}
+                record = {**base, "quality": quality.get("score"), "status": "ok"}
+                records.append(record)
                 if job.min_quality is not None and (quality.get("score") or 0.0) < job.min_quality:
-                    records.append({**record, "status": "filtered"})  # deterministic: a re-run would drop it again
+                    record["status"] = "filtered"  # deterministic: a re-run would drop it again
                     continue
-                writer.write(s.key, _members(job, s, image, labels, sigmas, quality, info["classes"]))
-                records.append({**record, "status": "ok"})
-            bar.add_time("write", time.perf_counter() - t0)
+                meta = {**base, "seed": s.seed, "sigmas": sigmas, "quality": quality}
+                pipe.put(s.key, (image, s.prompt, meta, labels), partial(_failed, record))
+            bar.add_time("write", pipe.waited - waited)  # only the time generation waited on the writer
             bar.advance(len(batch))
+        t0 = time.perf_counter()
+        pipe.finish()
+        bar.add_time("write", time.perf_counter() - t0)
         errors = [r["error"] for r in records if r["status"] == "error"]
         filtered = sum(r["status"] == "filtered" for r in records)
         report.samples_failed += len(errors)
@@ -504,6 +494,15 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
     report.samples_filtered += filtered
     _write_indexes(job.out, info)
     return errors
+
+
+def _encode(sample: tuple, image_format: str, classes: list[str]) -> dict[str, bytes]:
+    image, prompt, meta, labels = sample
+    return encode_sample(image, prompt, meta, labels, image_format=image_format, classes=classes)
+
+
+def _failed(record: dict, error: str) -> None:
+    record["status"], record["error"] = "error", error
 
 
 def _write_indexes(out: Path, info: dict) -> None:
