@@ -125,3 +125,21 @@ def test_checkpoint_refuses_retrained_weights(tmp_path):
     meta.check_backbone({"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w1"})
     with pytest.raises(HeadMismatch, match="other weights"):
         meta.check_backbone({"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w2"})
+
+
+def test_head_precision_bf16_autocast_and_refusals():
+    from mmdiff_gen.heads.model import bf16_heads, head_precision, predictions
+
+    head = MMDiffHead(HeadConfig(task="seg", feature_dim=C, num_layers=L, num_timesteps=T, num_concepts=0,
+                                 num_classes=5, dim=16, decoder_channels=16)).eval()
+    feats = torch.randn(B, L, T, H * W, C)
+    with torch.no_grad():
+        with head_precision("cpu", "auto"):  # float32 on a CPU
+            ref = head(feats, (H, W), (16, 24))
+        with head_precision("cpu", "bf16"):
+            low = head(feats, (H, W), (16, 24))
+    assert ref.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert (predictions("seg", low) == predictions("seg", ref)).float().mean() > 0.9
+    assert bf16_heads("cuda", "auto") and not bf16_heads("cuda", "fp32") and not bf16_heads("cpu", "auto")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        head_precision("cpu", "fp8")

@@ -14,7 +14,7 @@ from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureResult, CaptureSpec
 from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head, read_meta
 from ..heads.inputs import head_inputs
-from ..heads.model import MMDiffHead, predictions
+from ..heads.model import MMDiffHead, head_precision, predictions
 from ..heads.openseg import OpenSegConfig, class_maps, segment
 from ..heads.quality import agreement, saliency_confidence, seg_confidence
 
@@ -89,6 +89,7 @@ class Annotator:
         files: head file per task ("seg", "saliency", "depth").
         backbone: the backbone's identity(); a head trained on another backbone is refused.
         device: where the heads run (the backbone's device, so features never leave it).
+        precision: "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" or "fp32" (heads.head_precision).
         dino: the DINOv3 features, needed exactly when a head was trained with them.
         openseg: the zero-shot segmentation task (Seg4Diff), with `token_positions` — the backbone's
             `class_token_positions` — to find each class's words in the prompts.
@@ -96,8 +97,10 @@ class Annotator:
 
     def __init__(self, files: dict[str, Path], backbone: dict, device: str | torch.device = "cpu",
                  dino: DinoFeatures | None = None, openseg: OpenSegConfig | None = None,
-                 token_positions: Callable | None = None):
+                 token_positions: Callable | None = None, precision: str = "auto"):
         self.heads: dict[str, _Head] = {}
+        self.device, self.precision = device, precision
+        head_precision(device, precision)  # refuses an unknown precision now, not at the first batch
         self.dino = dino
         self.openseg = openseg
         self.token_positions = token_positions
@@ -174,7 +177,8 @@ class Annotator:
                 cm = cap.concept_maps[:, :, [cap.concepts.index(w) for w in m.concepts]]  # (B, T, K_head, N)
             ca = cap.cross_attention if m.side in ("cross", "both") else None
             feats, side = head_inputs(feats, cap.grid, steps, cm, ca)
-            pred = h.model(feats, cap.grid, size, concepts=side, extra=extra if m.dino else None)
+            with head_precision(self.device, self.precision):
+                pred = h.model(feats, cap.grid, size, concepts=side, extra=extra if m.dino else None)
             labels[task] = predictions(task, pred).cpu()
             if task == "seg":
                 signals["seg_confidence"] = seg_confidence(pred).cpu()

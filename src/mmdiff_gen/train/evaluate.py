@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from ..heads.model import MMDiffHead, predictions
+from ..heads.model import MMDiffHead, head_precision, predictions
 from .feature_cache import FeatureCache
 from .metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 
 
 @torch.no_grad()
 def evaluate_head(model: MMDiffHead, task: str, side: str, timesteps: tuple[int, ...] | None, cache: FeatureCache,
-                  classes: list[str], batch_size: int = 32) -> dict:
-    """Metrics of `model` on every sample of `cache` (side maps and timesteps as it was trained with)."""
+                  classes: list[str], batch_size: int = 32, precision: str = "fp32") -> dict:
+    """Metrics of `model` on every sample of `cache` (side maps and timesteps as it was trained with), run in
+    `precision` (heads.head_precision: "fp32", "bf16" autocast, or "auto")."""
     from .trainer import forward
 
     model.eval()
@@ -20,7 +21,8 @@ def evaluate_head(model: MMDiffHead, task: str, side: str, timesteps: tuple[int,
     acc = {"seg": lambda: SegMetrics(len(classes)), "saliency": SaliencyMetrics, "depth": DepthMetrics}[task]()
     for batch in cache.batches(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = forward(model, batch, cache.grid, cache.image_size, side, timesteps, model.config.extra_channels > 0)
+        with head_precision(device, precision):
+            out = forward(model, batch, cache.grid, cache.image_size, side, timesteps, model.config.extra_channels > 0)
         pred = predictions(task, out).cpu().numpy()
         gt = batch[task].cpu().numpy()
         for p, g in zip(pred, gt):
