@@ -139,7 +139,8 @@ def test_two_workers_equal_one(tiny, annotator, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "workers"
     reports = [run_generate(tiny, annotator, PROMPTS, job(out), rank=r, world_size=2, progress=False) for r in (0, 1)]
-    assert [r.shards_written for r in reports] == [1, 1]
+    # Run one after the other, worker 0 writes its shard, then takes over worker 1's, unclaimed and unfinished.
+    assert [(r.shards_written, r.shards_taken_over) for r in reports] == [(2, 1), (0, 0)]
     assert shard_bytes(out) == shard_bytes(ref)
     a, b = list(GeneratedDataset(out)), list(GeneratedDataset(ref))
     assert [s.key for s in a] == [s.key for s in b]
@@ -230,6 +231,15 @@ def test_coco_export_round_trip_and_preview(reference, tmp_path):
                                                                     "saliency"]
     assert contact_sheet(src, tmp_path / "sheet.png", n=3) == 3
     assert Image.open(tmp_path / "sheet.png").size[0] == 4 * 128
+
+
+def test_shard_order_and_default_shard_size():
+    from mmdiff_gen.jobs.plan import default_shard_size, shard_order
+
+    assert shard_order(7, 1, 3) == [1, 4, 6, 5, 3, 2, 0]  # own shards, then the others' from the end
+    assert sorted(shard_order(20, 5, 8)) == list(range(20))
+    assert (default_shard_size(512, 512), default_shard_size(1024, 1024), default_shard_size(64, 64)) == (256, 64, 1000)
+    assert default_shard_size(4096, 4096) == 16
 
 
 def test_worker_identity_from_flags_and_environment():

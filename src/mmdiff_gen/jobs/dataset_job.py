@@ -31,7 +31,7 @@ from ..io.shards import (DATASET_FILE, FILES_LAYOUT, PipelinedWriter, ShardClaim
                          shard_problem, write_indexes, write_json_atomic)
 from ._progress import JobProgress
 from .annotate import Annotator
-from .plan import SEED_POLICY, PlannedSample, owned_shards, plan_samples, shard_ranges
+from .plan import SEED_POLICY, PlannedSample, owned_shards, plan_samples, shard_order, shard_ranges
 
 FORMAT_VERSION = 1
 MAX_FAILED_SHARDS = 3  # consecutive shards in which every sample failed: stop the job
@@ -91,7 +91,7 @@ class GenerateJob:
             max_sequence_length: sampling settings, as in FluxPipeline.
         image_format: "jpg" (quality 95, 4:4:4) or "png".
         format: "webdataset" (NNNNN.tar shards) or "files" (images/, seg/, saliency/, depth/, meta/).
-        shard_size: samples per shard.
+        shard_size: samples per shard (the CLI's default: plan.default_shard_size, minutes of GPU time).
         store_dtype: dtype of the captured features (bfloat16 keeps FLUX's large activations).
         min_quality: samples whose quality score is below it are not written (status "filtered").
         overwrite: replace a dataset made from other inputs instead of refusing.
@@ -152,6 +152,7 @@ class JobReport:
     shards_busy: int = 0  # claimed by another live process (a duplicate worker): left to it
     shards_damaged: int = 0  # finished before, but their files no longer matched the done marker: redone
     shards_failed: int = 0  # every sample failed: not marked done, a re-run redoes them
+    shards_taken_over: int = 0  # another worker's, unclaimed and unfinished when this one ran out of its own
     samples_written: int = 0
     samples_failed: int = 0
     samples_filtered: int = 0
@@ -359,12 +360,14 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
     prepare_output(job, info, rank)
     plan = plan_samples(prompts, job.images_per_prompt, job.seed)
     ranges = shard_ranges(len(plan), job.shard_size)
-    mine = owned_shards(len(ranges), rank, world_size)
+    mine = set(owned_shards(len(ranges), rank, world_size))
     remove_dead_temporaries(job.out)  # of killed runs on this host; live writers' files are theirs
     report = JobReport(rank=rank, world_size=world_size, shards_owned=len(mine))
-    todo = [s for s in mine if not _finished(job, info, s, report)]
-    bar = JobProgress(sum(len(ranges[s]) for s in todo), f"worker {rank}/{world_size}" if world_size > 1 else "generate",
-                      enabled=progress)
+    # Own shards first, then unclaimed unfinished ones of others (plan.shard_order): balanced to the end.
+    todo = [s for s in shard_order(len(ranges), rank, world_size)
+            if not _finished(job, info, s, report if s in mine else None)]
+    bar = JobProgress(sum(len(ranges[s]) for s in todo if s in mine),
+                      f"worker {rank}/{world_size}" if world_size > 1 else "generate", enabled=progress)
     failed_in_a_row = 0
     try:
         runner = _Runner(backbone, annotator, job, bar)
@@ -372,13 +375,16 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
             for s in todo:
                 claim = ShardClaim(job.out, s)
                 if not claim.acquire():
-                    report.shards_busy += 1  # a duplicate worker writes it; it is not ours to redo
+                    report.shards_busy += s in mine  # a duplicate worker writes it; it is not ours to redo
                     continue
                 try:
                     if _finished(job, info, s, None):  # finished by another process since we looked
-                        report.shards_skipped += 1
+                        report.shards_skipped += s in mine
                         continue
                     remove_shard_temporaries(job.out, s)  # we hold the claim: other writers of it are gone
+                    if s not in mine:
+                        report.shards_taken_over += 1
+                        bar.total += len(ranges[s])
                     errors = _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar, claim)
                 except _LostClaim:
                     report.shards_busy += 1

@@ -50,6 +50,22 @@ def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
     return [s for s in range(num_shards) if s % world_size == rank]
 
 
+def shard_order(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """The order a worker visits shards in: its own (`owned_shards`) first, then everyone else's from the
+    last one back. A worker that runs out of work takes over unfinished shards nobody has claimed yet
+    (the claim keeps two workers off one shard), so a resumed partial run, or one whose workers run at
+    different speeds, keeps every GPU busy to the end; starting from the end meets the owners late."""
+    own = owned_shards(num_shards, rank, world_size)
+    return own + [s for s in reversed(range(num_shards)) if s % world_size != rank]
+
+
+def default_shard_size(height: int, width: int) -> int:
+    """Samples per shard when none is given: about 5 minutes of one GPU's time for FLUX.1-dev at 28 steps
+    (≈ 1.3 s per 512² image and ≈ 5 s per 1024² on an H100, from its pixel count), so a requeue or a
+    SIGUSR1 loses minutes, not hours; 16–1000."""
+    return int(min(1000, max(16, round(256 * (512 * 512) / (height * width)))))
+
+
 _RANK_VARS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
               ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"))
 
