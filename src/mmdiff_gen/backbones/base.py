@@ -193,7 +193,8 @@ class Backbone(ABC):
         """(B, C_vae, H/f, W/f) posterior means of images (B, 3, H, W) in [−1, 1], shifted and scaled
         as the transformer sees them (deterministic: the mode, not a sample)."""
         vae = self.pipe.vae
-        lat = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        # The execution device, as the pipeline's own decode: under offload vae.device is cpu or meta between calls.
+        lat = vae.encode(images.to(device=self.device, dtype=vae.dtype)).latent_dist.mode()
         return (lat - vae.config.shift_factor) * vae.config.scaling_factor
 
     # --- geometry ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Backbone
+from .runtime import onload
 
 # black-forest-labs/FLUX.1-dev transformer/config.json: builds the real architecture on the meta
 # device (geometry tests, FLOP counts) without the weights.
@@ -80,9 +81,10 @@ class FluxBackbone(Backbone):
 
     def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
         tok = self.pipe.tokenizer_2(list(words), padding="longest", return_tensors="pt")
-        t5 = self.pipe.text_encoder_2
-        hidden = t5(tok.input_ids.to(t5.device), output_hidden_states=False)[0]  # (K, S, D_t5)
+        # Inputs on the execution device, as the pipeline's encode_prompt: under offload t5.device is cpu or meta.
+        hidden = self.pipe.text_encoder_2(tok.input_ids.to(self.device), output_hidden_states=False)[0]  # (K, S, D_t5)
         first = hidden[:, 0].to(device=self.device, dtype=self.dtype)  # (K, D_t5)
+        onload(self.transformer)  # model offload: the embedder runs outside the transformer's forward
         return self.transformer.context_embedder(first)  # (K, C)
 
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

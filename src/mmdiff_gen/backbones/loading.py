@@ -74,12 +74,12 @@ def _read_model_index(model: str) -> tuple[str, dict]:
 
 
 def _tiny_random(build: str):
-    def load(dtype: torch.dtype, device) -> Backbone:
+    def load(dtype: torch.dtype) -> Any:
+        """The pipeline in `dtype`, on the CPU (load_backbone places it)."""
         from . import tiny
 
         pipe = getattr(tiny, build)(seed=0)  # float32 weights
-        pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
-        return _adapter_for(type(pipe).__name__)(pipe, name=f"tiny-random{'-sd3' if 'sd3' in build else ''}")
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     return load
 
 
@@ -119,39 +119,70 @@ def load_backbone(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cuda",
+    offload: str = "none",
+    storage: str = "full",
     **pipeline_kwargs: Any,
 ) -> Backbone:
-    """Load a frozen pipeline and wrap it in its family adapter.
+    """Load a frozen pipeline, store and place it as asked, and wrap it in its family adapter.
 
     Args:
         model: a short name (see BUILTIN), a local pipeline folder, or a hub id resolved from the
             local HF cache only.
-        dtype: weight dtype; bf16 on CUDA for real use, float32 on CPU.
-        device: where the pipeline runs; chosen by the caller, never guessed here.
+        dtype: the dtype the transformer computes in (and the other components' weights); bf16 on CUDA for
+            real use, float32 on CPU.
+        device: where the pipeline computes; chosen by the caller, never guessed here.
+        offload: none (all on `device`), model (each component moved in for its forward), sequential (every
+            layer streamed in: slowest, least memory) or group (diffusers' leaf-level group offload, prefetched
+            on a CUDA stream). Needs an accelerator.
+        storage: full (the weights in `dtype`), fp8 (transformer weights stored in float8_e4m3fn, each layer
+            upcast to `dtype` for its forward) or int8 (torchao int8 weight-only transformer).
         pipeline_kwargs: passed to `from_pretrained` (e.g. `variant`).
+
+    The backbone's `runtime` records what was applied ({"offload", "storage"}).
     """
+    from .runtime import apply_runtime, check_runtime, describe, int8_config
+
+    check_runtime(offload, storage, device=device)
+    if storage == "int8" and "quantization_config" in pipeline_kwargs:
+        raise ValueError("storage int8 and a quantization_config both quantize the transformer: pass one")
     if model in BUILTIN:
-        return BUILTIN[model](dtype, device)
-    source = model
-    if model in BUILTIN_FOLDERS:
-        source = str(BUILTIN_FOLDERS[model])
-        if not (BUILTIN_FOLDERS[model] / "model_index.json").is_file():
-            raise BackboneNotFound(f"the embedded {model!r} backbone is not in this install ({source}); "
-                                   f"train it with `mmdiff-gen toy train`")
-    folder, index = _read_model_index(source)
-    adapter = _adapter_for(index.get("_class_name", "?"))
-    cls = _pipeline_class(index["_class_name"])
-    try:
-        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **pipeline_kwargs)
-    except (OSError, EnvironmentError) as err:
-        raise BackboneNotFound(f"could not load {model!r} from {folder}: {str(err).splitlines()[0]}") from None
-    pipe.to(device)
+        pipe = BUILTIN[model](dtype)
+        name, settings, weights_id = model, {}, ""
+    else:
+        source = model
+        if model in BUILTIN_FOLDERS:
+            source = str(BUILTIN_FOLDERS[model])
+            if not (BUILTIN_FOLDERS[model] / "model_index.json").is_file():
+                raise BackboneNotFound(f"the embedded {model!r} backbone is not in this install ({source}); "
+                                       f"train it with `mmdiff-gen toy train`")
+        folder, index = _read_model_index(source)
+        _adapter_for(index.get("_class_name", "?"))  # an unsupported pipeline fails before loading
+        cls = _pipeline_class(index["_class_name"])
+        if storage == "int8":  # quantized while it loads (diffusers' TorchAoConfig): full weights never held
+            from diffusers import TorchAoConfig
+            from diffusers.quantizers import PipelineQuantizationConfig
+
+            pipeline_kwargs["quantization_config"] = PipelineQuantizationConfig(
+                quant_mapping={"transformer": TorchAoConfig(int8_config())})
+        try:
+            pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **pipeline_kwargs)
+        except OSError as err:
+            raise BackboneNotFound(f"could not load {model!r} from {folder}: {str(err).splitlines()[0]}") from None
+        settings_file = Path(folder) / SETTINGS_FILE
+        name, weights_id = model, _weights_id(Path(folder))
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    apply_runtime(pipe, offload=offload, storage=storage, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    settings_file = Path(folder) / SETTINGS_FILE
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    return adapter(pipe, name=model, settings=settings, weights_id=_weights_id(Path(folder)))
+    bb = _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings, weights_id=weights_id)
+    bb.runtime = describe(pipe)
+    return bb
 
 
 def wrap_pipeline(pipe: Any, name: str = "custom", settings: dict | None = None, weights_id: str = "") -> Backbone:
-    """Wrap an already-built pipeline (tests, notebooks) in its family adapter."""
-    return _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings, weights_id=weights_id)
+    """Wrap an already-built pipeline (tests, notebooks) in its family adapter; its `runtime` says how the
+    transformer is held (offload, fp8 / quantized storage), as read from the pipeline."""
+    from .runtime import describe
+
+    bb = _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings, weights_id=weights_id)
+    bb.runtime = describe(pipe)
+    return bb

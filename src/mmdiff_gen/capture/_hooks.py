@@ -28,6 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..backbones.runtime import onload
 from .concepts import concept_block_update, concept_map, cross_attention_map
 from .text_attention import _heads, _norm, text_attention
 
@@ -161,6 +162,7 @@ class CaptureHooks:
             if cfg.init is not None:
                 rows = timestep.shape[0]
                 self._stream = cfg.init.unsqueeze(0).expand(rows, -1, -1)  # (R, K, C)
+                onload(self.backbone.transformer)  # model offload moves the weights in only after this pre-hook
                 self._temb = self.backbone.concept_temb(timestep, kwargs.get("guidance"), cfg.dtype)
 
     def _on_call_end(self, _module, _args, _output):

@@ -122,4 +122,7 @@ def generate(
             noise = per_sample_noise(tuple(x0.shape[1:]), generators, x0.device, x0.dtype)
             for sigma in schedule.extra:
                 cap.forward_at(noise_to(x0, noise, sigma), sigma)
+            # Under model offload the pipeline freed its models as it returned; the extra forward moved the
+            # transformer back in: free it again, or the next batch's text encoders join it on the GPU.
+            backbone.pipe.maybe_free_model_hooks()
     return Generation(images=out.images, capture=cap.result(), schedule=schedule, seeds=seeds)

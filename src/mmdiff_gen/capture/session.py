@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..backbones.base import Backbone
+from ..backbones.runtime import block_offloaded
 from ._gate import Gate, rows_of
 from ._hooks import Config, prepare
 from .spec import CaptureSpec
@@ -123,6 +124,10 @@ class Capture:
                 getattr(b.attn, "fused_projections", False) for b in backbone.attention_blocks):
             raise ValueError("concept and text-attention capture need unfused QKV projections: call "
                              "transformer.unfuse_qkv_projections()")
+        if (stream or spec.text_attention_layers) and block_offloaded(backbone.attention_blocks):
+            raise ValueError("block-level group offload moves a block's weights off the device as the block returns, "
+                             "before the concept stream reuses them: use offload_type='leaf_level' (what --offload "
+                             "group applies)")
         self.hooks = prepare(backbone)
         self.config = Config(
             feature_layers=tuple(self.layers),

@@ -1,0 +1,136 @@
+"""How a pipeline holds and moves its weights (offload, fp8 / int8 storage), applied through diffusers' own APIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+#: --offload: where the weights live between calls. "group" is diffusers' leaf-level group offload (block-level
+#: puts a block's weights back on the CPU as the block returns, before capture's concept stream reuses them).
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
+#: --storage: how the transformer's weights are stored; it always computes in the load dtype.
+STORAGE_MODES = ("full", "fp8", "int8")
+
+
+def check_runtime(offload: str, storage: str, *, device: str | torch.device) -> None:
+    """Refuse an unknown mode, offload without an accelerator, or int8 without torchao: before anything loads."""
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE_MODES)}")
+    if offload != "none" and torch.device(device).type == "cpu":
+        raise ValueError(f"--offload {offload} needs a GPU: on the CPU the weights already sit in main memory "
+                         "(use --offload none)")
+    if storage == "int8":
+        _torchao()
+
+
+def _torchao():
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        raise ImportError("--storage int8 needs torchao: pip install torchao (or mmdiff-gen[quant])") from None
+    return tq
+
+
+def int8_config() -> Any:
+    """torchao's int8 weight-only config (per-row scales; activations stay in the compute dtype)."""
+    return _torchao().Int8WeightOnlyConfig()
+
+
+def apply_runtime(pipe: Any, *, offload: str, storage: str, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Store the transformer as asked and place the pipeline, with diffusers' own APIs.
+
+    Refuses nothing: `check_runtime` is the policy (the tests run the offload modes on the CPU, which diffusers
+    allows when given the device). int8 weights a loader already quantized (`TorchAoConfig`) are left as they are.
+    """
+    tr = pipe.transformer
+    if storage == "fp8":  # weights kept in fp8, each layer upcast to `dtype` for its forward
+        tr.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    elif storage == "int8" and describe(pipe)["storage"] != "int8":
+        _torchao().quantize_(tr, int8_config())
+    dev = torch.device(device)
+    if offload == "none":
+        pipe.to(dev)
+    elif offload == "model":  # each component moves to the device for its own forward (accelerate hooks)
+        pipe.enable_model_cpu_offload(device=dev)
+    elif offload == "sequential":  # every leaf streamed in for its call; weights on "meta" between calls
+        pipe.enable_sequential_cpu_offload(device=dev)
+    elif offload == "group":  # each layer its own group, the next one prefetched on a CUDA stream
+        cuda = dev.type == "cuda"
+        pipe.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="leaf_level",
+                                  use_stream=cuda, record_stream=cuda)
+    else:
+        raise ValueError(f"unknown offload {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
+
+
+def describe(pipe: Any) -> dict[str, str]:
+    """{"offload", "storage"} as the pipeline holds its transformer now, read from diffusers' and accelerate's
+    hooks and the transformer's quantization config: what dataset.json records."""
+    tr = pipe.transformer
+    offload, storage = "none", "full"
+    for m in tr.modules():
+        hook = getattr(m, "_hf_hook", None)
+        if hook is not None:
+            if type(hook).__name__ == "CpuOffload":
+                offload = "model"
+            elif getattr(hook, "offload", False) or any(getattr(h, "offload", False)
+                                                        for h in getattr(hook, "hooks", ())):
+                offload = "sequential"
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None:
+            if registry.get_hook("group_offloading") is not None:
+                offload = "group"
+            cast = registry.get_hook("layerwise_casting")
+            if cast is not None:
+                fp8 = cast.storage_dtype == torch.float8_e4m3fn
+                storage = "fp8" if fp8 else str(cast.storage_dtype).removeprefix("torch.")
+    quant = tr.config.get("quantization_config") if hasattr(tr.config, "get") else None
+    if quant is not None:
+        storage = _quant_name(quant)
+    elif storage == "full":
+        kind = next((type(p).__name__ for p in tr.parameters() if type(p).__module__.startswith("torchao")), None)
+        if kind is not None:
+            storage = "int8" if kind == "Int8Tensor" else f"torchao-{kind}"
+    return {"offload": offload, "storage": storage}
+
+
+def _quant_name(quant: Any) -> str:
+    """A quantization config → a short name: int8 (torchao int8 weight-only), bitsandbytes-nf4, gguf,
+    quanto-int8…"""
+    get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
+    method = get("quant_method", "quantized")
+    method = str(getattr(method, "value", method))  # diffusers' QuantizationMethod enum
+    if method == "torchao":
+        qt = get("quant_type")
+        name = type(qt).__name__ if not isinstance(qt, dict) else str(qt.get("default", qt).get("_type", ""))
+        return "int8" if name == "Int8WeightOnlyConfig" else f"torchao-{name or 'custom'}"
+    if method == "bitsandbytes":
+        if get("load_in_4bit"):
+            return f"bitsandbytes-{get('bnb_4bit_quant_type', '4bit')}"
+        return "bitsandbytes-int8"
+    if method == "quanto":
+        return f"quanto-{get('weights_dtype', '')}".rstrip("-")
+    return method
+
+
+def onload(module: nn.Module) -> None:
+    """Before calling a submodule of `module` outside `module`'s own forward: under accelerate's model offload the
+    whole component moves to the device only in its forward hook, so run that hook's pre_forward first, as
+    diffusers' `apply_forward_hook` does for `vae.encode`. Sequential and leaf-level group offload hook every leaf,
+    and nothing else moves weights: a no-op there."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(module)
+
+
+def block_offloaded(blocks: list[nn.Module]) -> bool:
+    """Whether any of these blocks is a group of diffusers' block-level group offload (its weights leave the
+    device when the block returns)."""
+    for b in blocks:
+        registry = getattr(b, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("group_offloading") is not None:
+            return True
+    return False
