@@ -1,10 +1,10 @@
-"""Generate images for a prompt list and dump their captured features, batch by batch."""
+"""Generate images for a prompt list and dump their captured features, batch by batch (split among workers)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..backbones.base import Backbone
 from ..capture import CaptureSpec, generate
@@ -38,10 +38,18 @@ def run_capture(
     spec: CaptureSpec,
     job: CaptureJob,
     on_batch: Callable[[int], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> int:
-    """Generate every prompt once and write KEY.png / .safetensors / .json per sample. Returns the count."""
+    """Generate every prompt once and write KEY.png / .safetensors / .json per sample. Returns the count written.
+
+    With `world_size` workers on one folder, worker `rank` takes batches b ≡ rank (mod world_size) of the
+    single-worker batching, so the workers together write exactly the files of one worker.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"worker rank {rank} is not in 0…{world_size - 1}")
     written = 0
-    for start in range(0, len(prompts), job.batch_size):
+    for start in range(rank * job.batch_size, len(prompts), job.batch_size * world_size):
         batch = list(prompts[start : start + job.batch_size])
         seeds = [job.seed + start + i for i in range(len(batch))]
         gen = generate(

@@ -3,11 +3,19 @@
 Labelled images go through real-image mode once, recording the per-token attention of every
 text-image block at every sigma; each (layer, sigma) is scored as zero-shot segmentation against
 the ground truth (mIoU over the dataset, background included), at each background threshold.
+
+Several workers split the images (batch b goes to worker b mod W) and keep confusion matrices, which add up:
+each worker writes its own to a part file and worker 0 merges them, so W workers score exactly what one does.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -17,12 +25,68 @@ from ..capture import CaptureSpec, extract
 from ..heads.openseg import class_maps, segment
 from ..train.feature_cache import check_one_size
 from ..train.metrics import SegMetrics
+from ._wait import STALL_S, wait_for
 
 
-def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas: Sequence[float],
+@dataclass
+class ProbeScores:
+    """Summed confusion matrices of every (layer, sigma, threshold): (L, T, R, K, K) int64, K classes.
+
+    `named` counts samples whose caption names at least one class; `settings` identifies the run (parts of
+    other runs are not merged)."""
+
+    layers: list[int]
+    sigmas: list[float]
+    thresholds: list[float]
+    confusion: np.ndarray
+    named: int
+    samples: int
+    settings: str
+
+    def __add__(self, other: ProbeScores) -> ProbeScores:
+        if other.settings != self.settings:
+            raise ValueError("probe parts of different runs cannot be merged")
+        return ProbeScores(self.layers, self.sigmas, self.thresholds, self.confusion + other.confusion,
+                           self.named + other.named, self.samples + other.samples, self.settings)
+
+    def result(self) -> dict:
+        """{"miou": array (L, T, R) of mIoU in percent, "layers", "sigmas", "thresholds", "best": {layer,
+        sigma, threshold, miou}, "samples": count}."""
+        if self.named == 0:
+            raise ValueError("no caption names any of the classes: the probe reads the attention of the class "
+                             "words (give captions with --captions)")
+        meter = SegMetrics(self.confusion.shape[-1])
+        miou = np.empty(self.confusion.shape[:3])
+        for pos in np.ndindex(*miou.shape):
+            meter.conf = self.confusion[pos]
+            miou[pos] = meter.result()["miou"]
+        li, ti, ri = np.unravel_index(np.nanargmax(miou), miou.shape)
+        return {"miou": miou, "layers": list(self.layers), "sigmas": list(self.sigmas),
+                "thresholds": list(self.thresholds),
+                "best": {"layer": int(self.layers[li]), "sigma": float(self.sigmas[ti]),
+                         "threshold": float(self.thresholds[ri]), "miou": float(miou[li, ti, ri])},
+                "samples": self.samples}
+
+    def save(self, path: Path) -> None:
+        """Written then renamed (np.savez: no pickle)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, layers=np.array(self.layers), sigmas=np.array(self.sigmas),
+                 thresholds=np.array(self.thresholds), confusion=self.confusion,
+                 counts=np.array([self.named, self.samples]), settings=np.array(self.settings))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> ProbeScores:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["layers"].tolist(), z["sigmas"].tolist(), z["thresholds"].tolist(), z["confusion"],
+                       int(z["counts"][0]), int(z["counts"][1]), str(z["settings"]))
+
+
+def probe_scores(backbone: Backbone, samples, classes: Sequence[str], *, sigmas: Sequence[float],
                  thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6), n: int | None = None, batch_size: int = 16,
-                 seed: int = 0, on_batch=None) -> dict:
-    """Score every (attention block, sigma, threshold) as zero-shot segmentation on `samples`.
+                 seed: int = 0, on_batch=None, rank: int = 0, world_size: int = 1) -> ProbeScores:
+    """This worker's confusion matrices of every (attention block, sigma, threshold) on its batches of `samples`.
 
     Args:
         backbone: the wrapped pipeline.
@@ -31,18 +95,21 @@ def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
         sigmas: the sigmas to probe.
         thresholds: background thresholds to try.
         n: use the first n samples (None: all).
-    Returns:
-        {"miou": array (L, T, R) of mIoU in percent, "layers", "sigmas", "thresholds", "best": {layer,
-        sigma, threshold, miou}, "samples": count}.
+        rank, world_size: this worker scores batches b ≡ rank (mod world_size) of the first n samples.
     """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"worker rank {rank} is not in 0…{world_size - 1}")
     layers = tuple(range(len(backbone.attention_blocks)))
     spec = CaptureSpec(layers=(0,), sigmas=tuple(sigmas), text_attention_layers=layers, store_dtype="float32",
                        store_device="cpu")
     sig = spec.sigmas  # noisiest first
     count = len(samples) if n is None else min(n, len(samples))
+    keys = samples.keys if hasattr(samples, "keys") else [f"{i}" for i in range(len(samples))]
+    settings = json.dumps([backbone.identity(), list(classes), list(sig), list(thresholds), count, batch_size, seed,
+                           hashlib.sha256("\n".join(keys[:count]).encode()).hexdigest()[:16]], sort_keys=True)
     meters = [[[SegMetrics(len(classes)) for _ in thresholds] for _ in sig] for _ in layers]
-    named = 0  # samples whose caption names at least one class
-    for start in range(0, count, batch_size):
+    named = done = 0  # named: samples whose caption names at least one class
+    for start in range(rank * batch_size, count, batch_size * world_size):
         batch = [samples[i] for i in range(start, min(start + batch_size, count))]
         if any(x.seg is None for x in batch):
             raise ValueError("probe-layers needs segmentation labels")
@@ -55,6 +122,7 @@ def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
                       seeds=[seed + start + i for i in range(len(batch))])
         positions = backbone.class_token_positions(captions, classes)
         named += sum(bool(p) for p in positions)
+        done += len(batch)
         size = batch[0].image.shape[:2]
         gts = [x.seg for x in batch]
         for li in range(len(layers)):
@@ -66,15 +134,50 @@ def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
                         meters[li][ti][ri].update(p, g)
         if on_batch is not None:
             on_batch(len(batch))
-    if named == 0:
-        raise ValueError("no caption names any of the classes: the probe reads the attention of the class words "
-                         "(give captions with --captions)")
-    miou = np.array([[[m.result()["miou"] for m in row] for row in layer] for layer in meters])  # (L, T, R)
-    li, ti, ri = np.unravel_index(np.nanargmax(miou), miou.shape)
-    return {"miou": miou, "layers": list(layers), "sigmas": list(sig), "thresholds": list(thresholds),
-            "best": {"layer": int(li), "sigma": float(sig[ti]), "threshold": float(thresholds[ri]),
-                     "miou": float(miou[li, ti, ri])},
-            "samples": count}
+    confusion = np.array([[[m.conf for m in row] for row in layer] for layer in meters]).reshape(
+        len(layers), len(sig), len(thresholds), len(classes), len(classes))
+    return ProbeScores(list(layers), list(sig), list(thresholds), confusion, named, done, settings)
+
+
+def probe_layers(backbone: Backbone, samples, classes: Sequence[str], *, sigmas: Sequence[float],
+                 thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6), n: int | None = None, batch_size: int = 16,
+                 seed: int = 0, on_batch=None) -> dict:
+    """Score every (attention block, sigma, threshold) as zero-shot segmentation on `samples` in this process
+    (`ProbeScores.result()` of `probe_scores`)."""
+    return probe_scores(backbone, samples, classes, sigmas=sigmas, thresholds=thresholds, n=n,
+                        batch_size=batch_size, seed=seed, on_batch=on_batch).result()
+
+
+def part_path(json_out: Path, rank: int, world_size: int) -> Path:
+    """Where worker `rank` leaves its scores: hidden, beside the JSON table worker 0 writes."""
+    json_out = Path(json_out)
+    return json_out.with_name(f".{json_out.name}.part{rank}-of-{world_size}.npz")
+
+
+def gather_scores(scores: ProbeScores, json_out: Path, rank: int, world_size: int, *,
+                  stall_s: float = STALL_S, poll_s: float = 2.0) -> ProbeScores | None:
+    """Workers 1…W-1 write their part files; worker 0 waits for them, merges and deletes them, and returns the
+    sum (the others get None). A part left by an earlier run of other settings is waited past, not merged."""
+    if rank != 0:
+        scores.save(part_path(json_out, rank, world_size))
+        return None
+    paths = [part_path(json_out, r, world_size) for r in range(1, world_size)]
+
+    def ready() -> int:
+        n = 0
+        for p in paths:
+            try:
+                n += ProbeScores.load(p).settings == scores.settings
+            except (OSError, ValueError, KeyError):
+                pass
+        return n
+
+    wait_for(ready, len(paths), "probe parts", stall_s=stall_s, poll_s=poll_s)
+    total = scores
+    for p in paths:
+        total = total + ProbeScores.load(p)
+        p.unlink()
+    return total
 
 
 def describe_layer(backbone: Backbone, index: int) -> str:

@@ -1,11 +1,20 @@
 """Backbone features extracted once (real-image mode) and stored in shards, so head training never reruns it.
 
-Layout: DIR/cache.json (backbone identity, capture spec, grid, image size, shard list) and
-DIR/shard_00000.safetensors … holding, per sample: features (L, T, N, C) in the spec's store dtype
-(bf16 by default: FLUX's massive activations overflow fp16), concept_maps (T, K, N) and
-cross_attention (T, N) when captured, dino (E, h, w) bf16 DINOv3 maps when asked for, and the labels present (seg, saliency uint8; depth float32 metres). A shard
-is written then renamed and listed in cache.json last, so a killed extraction resumes at the
-first missing shard.
+Layout: DIR/cache.json (backbone identity, capture spec, grid, image size, shard layout),
+DIR/shard_00000.safetensors … and, per finished shard, DIR/shard_00000.done.json (its done marker, written
+last). A shard holds, per sample: features (L, T, N, C) in the spec's store dtype (bf16 by default: FLUX's
+massive activations overflow fp16), concept_maps (T, K, N) and cross_attention (T, N) when captured, dino
+(E, h, w) bf16 DINOv3 maps when asked for, the labels present (seg, saliency uint8; depth float32 metres)
+and index (the sample's position in the dataset).
+
+Host memory is bounded: shards are sized by bytes (`max_shard_bytes`, 2 GiB by default; the samples per shard
+follow from one probe sample's bytes), each shard's tensors are allocated once and filled batch by batch,
+and readers load the rows of one batch (safetensors slices), never a whole shard.
+
+Several workers share one extraction without talking to each other: shard s is written by rank s mod W only,
+cache.json is written (the same bytes, atomically) by every rank before any shard, and a killed extraction
+resumes at the shards without a done marker. Caches written before done markers existed (a "shards" list of
+finished shards in cache.json) are read as they are, and reused when finished; extending one is refused.
 """
 
 from __future__ import annotations
@@ -13,20 +22,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..backbones.base import Backbone
 from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureSpec, extract
 from ..io.readers import Sample
+from ..io.shards import write_json_atomic
+from ..jobs._wait import STALL_S, wait_for
+from ..jobs.plan import owned_shards, shard_ranges
 
 LABELS = ("seg", "saliency", "depth")
+MAX_SHARD_BYTES = 2 * 2**30
+FORMAT = 2  # 1 (no "format" key): cache.json lists finished shards; 2: a done marker per shard
+# The shard layout: kept from the first run when a cache is resumed, never part of what must match.
+LAYOUT = ("format", "shard_size", "num_shards", "shards", "bytes_per_sample", "max_shard_bytes")
+
+
+def shard_file(s: int) -> str:
+    return f"shard_{s:05d}.safetensors"
+
+
+def done_file(s: int) -> str:
+    return f"shard_{s:05d}.done.json"
 
 
 def check_one_size(samples: Sequence[Sample], shape: tuple[int, ...]) -> None:
@@ -37,24 +63,69 @@ def check_one_size(samples: Sequence[Sample], shape: tuple[int, ...]) -> None:
                              f"{shape[1]}×{shape[0]}: pass --size to resize and crop every image to one size")
 
 
+def _extract_batch(backbone: Backbone, batch: list[Sample], indices: range, spec: CaptureSpec, seed: int,
+                   labels: Sequence[str], dino: DinoFeatures | None) -> dict[str, torch.Tensor]:
+    """Every stored tensor of `batch` (samples `indices` of the dataset), batch first; sample i is noised with
+    seed + i."""
+    images = [Image.fromarray(x.image) for x in batch]
+    res = extract(backbone, images, spec, captions=[x.caption for x in batch], seeds=[seed + i for i in indices])
+    t = {"features": res.features.cpu()}
+    if res.concept_maps is not None:
+        t["concept_maps"] = res.concept_maps.cpu()
+    if res.cross_attention is not None:
+        t["cross_attention"] = res.cross_attention.cpu()
+    if dino is not None:
+        t["dino"] = dino(images_tensor(images), res.grid).to(torch.bfloat16).cpu()
+    for key in labels:
+        arr = np.stack([getattr(x, key) for x in batch])
+        t[key] = torch.from_numpy(arr.astype(np.float32 if key == "depth" else np.uint8))
+    t["index"] = torch.tensor(list(indices), dtype=torch.int64)
+    return t
+
+
+def _identity(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in LAYOUT}
+
+
+def missing_shards(root: Path, manifest: dict) -> list[int]:
+    """Shards of the cache at `root` that are not finished yet."""
+    n = len(shard_ranges(manifest["count"], manifest["shard_size"]))
+    if "format" not in manifest:  # format 1: cache.json lists the finished shards
+        listed = set(manifest["shards"])
+        return [s for s in range(n) if shard_file(s) not in listed]
+    return [s for s in range(n) if not (Path(root) / done_file(s)).is_file()]
+
+
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
-                shard_size: int = 256, batch_size: int = 16, seed: int = 0,
-                on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None) -> Path:
-    """Extract features of every sample into `out` (resumable: finished shards are kept).
+                shard_size: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, batch_size: int = 16,
+                seed: int = 0, on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None,
+                rank: int = 0, world_size: int = 1) -> Path:
+    """Extract features of this worker's shards of `samples` into `out` (resumable: finished shards are kept).
 
-    `samples` is any sequence of Sample; a dataset reader (with a `keys` list) is read lazily,
-    one shard at a time.
+    Args:
+        samples: any sequence of Sample; a dataset reader (with a `keys` list) is read lazily, batch by batch.
+        shard_size: at most this many samples per shard (None: as many as `max_shard_bytes` holds).
+        max_shard_bytes: tensor bytes per shard; the samples per shard follow from one probe sample (extracted
+            once, before any shard, when the folder has no cache.json yet).
+        rank, world_size: this worker writes shards s ≡ rank (mod world_size) only; run every rank on the same
+            folder (in any order, at once or not) for the whole cache.
 
-    Noise seeds are seed + sample index, so a cache is reproducible whatever the batch size. With
-    `dino`, the DINOv3 maps of every image are stored too (MMDiff §3.3's optional features).
+    Noise seeds are seed + sample index and batches start at shard starts, so a cache is reproducible whatever
+    the number of workers (byte for byte on one device type) and, within rounding, the batch size. With `dino`,
+    the DINOv3 maps of every image are stored too (MMDiff §3.3's optional features).
     """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"worker rank {rank} is not in 0…{world_size - 1}")
+    if (shard_size is not None and shard_size < 1) or max_shard_bytes < 1 or batch_size < 1:
+        raise ValueError("shard_size, max_shard_bytes and batch_size must be ≥ 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "cache.json"
     keys = samples.keys if hasattr(samples, "keys") else [x.key for x in samples]  # datasets load lazily
     first = samples[0]
     h, w = first.image.shape[:2]
-    manifest = {
+    labels = [k for k in LABELS if getattr(first, k) is not None]
+    manifest = json.loads(json.dumps({  # tuples → lists, as it will read back
         "backbone": backbone.identity(),
         "spec": spec.to_dict(),
         "grid": list(backbone.token_grid(h, w)),
@@ -62,60 +133,80 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         "image_size": [h, w],
         "count": len(samples),
         "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
-        "shard_size": shard_size,
         "seed": seed,
-        "labels": [k for k in LABELS if getattr(first, k) is not None],
+        "labels": labels,
         "classes": list(getattr(samples, "classes", [])),
         "palette": list(getattr(samples, "palette", [])),
         "dino": dino.identity() if dino is not None else {},
-        "shards": [],
-    }
-    manifest = json.loads(json.dumps(manifest))  # tuples → lists, as it will read back
+    }))
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if {k: v for k, v in old.items() if k != "shards"} != {k: v for k, v in manifest.items() if k != "shards"}:
+        if _identity(old) != _identity(manifest):
             raise ValueError(f"{out} holds a feature cache of other data or settings; use a new folder")
-        manifest["shards"] = old["shards"]
-    done = set(manifest["shards"])
-    for s, start in enumerate(range(0, len(samples), shard_size)):
-        name = f"shard_{s:05d}.safetensors"
-        if name in done:
-            continue
-        part = [samples[i] for i in range(start, min(start + shard_size, len(samples)))]
-        tensors: dict[str, list[torch.Tensor]] = {}
-        for b in range(0, len(part), batch_size):
-            batch = part[b : b + batch_size]
-            check_one_size(batch, first.image.shape)
-            images = [Image.fromarray(x.image) for x in batch]
-            res = extract(backbone, images, spec, captions=[x.caption for x in batch],
-                          seeds=[seed + start + b + i for i in range(len(batch))])
-            if dino is not None:
-                tensors.setdefault("dino", []).append(dino(images_tensor(images), res.grid).to(torch.bfloat16).cpu())
-            tensors.setdefault("features", []).append(res.features.cpu())
-            if res.concept_maps is not None:
-                tensors.setdefault("concept_maps", []).append(res.concept_maps.cpu())
-            if res.cross_attention is not None:
-                tensors.setdefault("cross_attention", []).append(res.cross_attention.cpu())
-            for key in manifest["labels"]:
-                arr = np.stack([getattr(x, key) for x in batch])
-                tensors.setdefault(key, []).append(torch.from_numpy(arr.astype(np.float32 if key == "depth" else np.uint8)))
-            if on_batch is not None:
-                on_batch(len(batch))
-        tensors["index"] = [torch.arange(start, start + len(part))]
-        tmp = out / f".{name}.tmp"
-        save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, out / name)
-        manifest["shards"].append(name)
-        tmp = out / ".cache.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, manifest_path)
-    if not manifest_path.is_file():
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+        if "format" not in old:
+            if missing_shards(out, old):
+                raise ValueError(f"{out} holds an unfinished feature cache of an older mmdiff-gen (no done markers): "
+                                 "extract into a new folder")
+            return out  # finished: read as it is
+        manifest = old  # its shard layout is kept, whatever this run's shard options
+    else:
+        probe = _extract_batch(backbone, [first], range(1), spec, seed, labels, dino)
+        per_sample = sum(v[0].numel() * v.element_size() for v in probe.values())
+        n = max(1, max_shard_bytes // per_sample)
+        n = min(n, shard_size) if shard_size is not None else n
+        num = len(shard_ranges(len(samples), n))
+        manifest.update(format=FORMAT, shard_size=n, num_shards=num, shards=[shard_file(s) for s in range(num)],
+                        bytes_per_sample=per_sample, max_shard_bytes=max_shard_bytes)
+        write_json_atomic(manifest_path, manifest)  # every rank writes the same bytes
+    ranges = shard_ranges(manifest["count"], manifest["shard_size"])
+    for s in owned_shards(len(ranges), rank, world_size):
+        if not (out / done_file(s)).is_file():
+            _write_shard(backbone, samples, ranges[s], spec, out, s, seed=seed, labels=labels, dino=dino,
+                         batch_size=batch_size, shape=first.image.shape, on_batch=on_batch)
     return out
 
 
+def _write_shard(backbone: Backbone, samples: Sequence[Sample], rows: range, spec: CaptureSpec, out: Path, s: int, *,
+                 seed: int, labels: Sequence[str], dino: DinoFeatures | None, batch_size: int,
+                 shape: tuple[int, ...], on_batch: Callable[[int], None] | None) -> None:
+    """Shard s: its tensors allocated once at the first batch, filled batch by batch, written then renamed, then
+    its done marker. Peak host memory: one shard plus one batch."""
+    name = shard_file(s)
+    for stale in out.glob(f".{name}.*.tmp"):  # a killed run's partial file; only this shard's owner writes it
+        stale.unlink(missing_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    for b in range(rows.start, rows.stop, batch_size):
+        idx = range(b, min(b + batch_size, rows.stop))
+        batch = [samples[i] for i in idx]
+        check_one_size(batch, shape)
+        t = _extract_batch(backbone, batch, idx, spec, seed, labels, dino)
+        if not shard:
+            shard = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype) for k, v in t.items()}
+        for k, v in t.items():
+            shard[k][b - rows.start : b - rows.start + len(idx)] = v
+        del t, batch
+        if on_batch is not None:
+            on_batch(len(idx))
+    tmp = out / f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        save_file(shard, str(tmp))  # 0.8 writes from the tensors; older releases copy them first (safetensors#458)
+        os.replace(tmp, out / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    write_json_atomic(out / done_file(s), {"shard": name, "samples": len(rows), "bytes": (out / name).stat().st_size})
+
+
+def wait_for_cache(root: Path, *, stall_s: float = STALL_S, poll_s: float = 2.0) -> None:
+    """Block until every shard of the cache at `root` is finished (by whichever workers write them)."""
+    manifest = json.loads((Path(root) / "cache.json").read_text())
+    total = len(shard_ranges(manifest["count"], manifest["shard_size"]))
+    wait_for(lambda: total - len(missing_shards(root, manifest)), total, f"shards of {root}",
+             stall_s=stall_s, poll_s=poll_s)
+
+
 class FeatureCache:
-    """Reads a finished cache: metadata plus shard-by-shard batches for training and evaluation."""
+    """Reads a finished cache: metadata plus batches for training and evaluation, one batch's rows at a time."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -123,10 +214,11 @@ class FeatureCache:
         if not path.is_file():
             raise FileNotFoundError(f"{self.root} has no cache.json: not a feature cache")
         self.manifest = json.loads(path.read_text())
-        expected = -(-self.manifest["count"] // self.manifest["shard_size"])
-        if len(self.manifest["shards"]) != expected:
-            raise ValueError(f"{self.root} is unfinished ({len(self.manifest['shards'])}/{expected} shards): "
-                             "re-run the extraction to complete it")
+        self.ranges = shard_ranges(self.manifest["count"], self.manifest["shard_size"])
+        missing = missing_shards(self.root, self.manifest)
+        if missing:
+            raise ValueError(f"{self.root} is unfinished ({len(self.ranges) - len(missing)}/{len(self.ranges)} "
+                             "shards): re-run the extraction (every worker) to complete it")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -147,19 +239,63 @@ class FeatureCache:
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
-    def shard(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.root / name))
+    def num_batches(self, batch_size: int, world_size: int = 1) -> int:
+        """Batches each of `world_size` ranks gets from `batches` (the same for every rank)."""
+        full, rest = divmod(len(self), batch_size * world_size)
+        return full + (rest // world_size > 0)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
-                ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of whole samples; with `shuffle`, shards in random order and samples shuffled within."""
-        names = list(self.manifest["shards"])
-        if shuffle:
-            names = [names[i] for i in torch.randperm(len(names), generator=generator)]
-        for name in names:
-            data = self.shard(name)
-            n = data["index"].shape[0]
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                yield {k: v[idx] for k, v in data.items()}
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of whole samples; with `shuffle`, shards in random order and samples shuffled within.
+
+        With `world_size` ranks (each passing a generator in the same state), global batch k is the next
+        batch_size × world_size samples of one order and rank r gets its r-th part: every rank gets the same
+        number of equal-sized batches (`num_batches`; at the end, each gets an equal share of what is left and
+        fewer than world_size samples are dropped), reads only its own rows, and the ranks together see the
+        single-process batches of batch_size × world_size.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0…{world_size - 1}")
+        # One order for all ranks: the same generator calls, in the same order, on every rank.
+        shards = torch.randperm(len(self.ranges), generator=generator).tolist() if shuffle else range(len(self.ranges))
+        order: list[tuple[int, int]] = []
+        for s in shards:
+            n = len(self.ranges[s])
+            order += [(s, i) for i in (torch.randperm(n, generator=generator).tolist() if shuffle else range(n))]
+        reader = _Rows(self.root)
+        step = batch_size * world_size
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            per = len(chunk) // world_size
+            if per == 0:
+                break
+            yield reader.read(chunk[rank * per : (rank + 1) * per])
+
+
+class _Rows:
+    """Reads (shard, row) lists through safetensors slices, holding one shard open at a time."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.open_shard, self.handle = -1, None
+
+    def _shard(self, s: int):
+        if s != self.open_shard:
+            self.handle = None  # closes the previous shard's mapping
+            self.handle = safe_open(str(self.root / shard_file(s)), framework="pt")
+            self.open_shard = s
+        return self.handle
+
+    def read(self, picks: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        i = 0
+        while i < len(picks):  # a run of consecutive rows of one shard is one slice
+            s, a = picks[i]
+            j = i + 1
+            while j < len(picks) and picks[j] == (s, a + j - i):
+                j += 1
+            f = self._shard(s)
+            for k in f.keys():  # noqa: SIM118 — a safetensors handle, not a dict
+                parts.setdefault(k, []).append(f.get_slice(k)[a : a + j - i])
+            i = j
+        return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}

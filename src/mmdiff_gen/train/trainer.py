@@ -1,9 +1,12 @@
-"""Train one head on a feature cache: AdamW (decoder at half rate), EMA, resumable, multi-GPU via accelerate."""
+"""Train one head on a feature cache: AdamW (decoder at half rate), EMA, resumable, multi-GPU via accelerate.
+
+Under torchrun / accelerate launch / srun every process reads only its share of each global batch
+(`FeatureCache.batches`), and every process runs the same number of steps, so DDP never waits on a rank
+that has no batch left."""
 
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +30,7 @@ class TrainConfig:
     Args:
         task: "seg", "saliency" or "depth".
         epochs: passes over the cache (paper: 20 in the controlled comparison).
-        batch_size: samples per step (per process under accelerate).
+        batch_size: samples per step and process (W processes step on W × batch_size samples together).
         lr: AdamW base rate for the aggregation modules (paper: 1e-4).
         decoder_lr_scale: decoders train at this fraction of `lr` (paper: 0.5).
         weight_decay: AdamW weight decay.
@@ -73,7 +76,7 @@ def _sides(side: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | 
 
 
 def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
-    first = cache.shard(cache.manifest["shards"][0])
+    first = next(cache.batches(1))  # one sample: the shapes
     _, l, t, _, c = first["features"].shape
     t_used = t if cfg.timesteps is None else len(cfg.timesteps)
     cm, ca = _sides(cfg.side, first)
@@ -108,11 +111,12 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
                eval_cache: FeatureCache | None = None, depth_unit: str = "") -> dict:
     """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file).
 
-    Resumes from the hidden per-epoch state file beside `out` (.NAME.state.safetensors). Returns the metrics.
+    Resumes from the hidden per-epoch state file beside `out` (.NAME.state.safetensors). Returns the metrics
+    (on the main process; evaluation runs there only, and the others return {}).
     """
     from accelerate import Accelerator
 
-    acc = Accelerator()
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # without cpu=True, CPU workers would not form a group
     out = Path(out)
     num_classes = len(classes) if cfg.task == "seg" else 1
     model = build_head(cache, cfg, num_classes)
@@ -135,21 +139,20 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
     loss_fn = LOSSES[cfg.task]
     label = {"seg": "seg", "saliency": "saliency", "depth": "depth"}[cfg.task]
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(cache) / cfg.batch_size)
+    steps_per_epoch = cache.num_batches(cfg.batch_size, acc.num_processes)  # the same on every rank
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed + epoch)
         model.train()
         t0, total, n = time.time(), 0.0, 0
-        for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen)):
-            if i % acc.num_processes != acc.process_index:
-                continue  # each process takes its share of batches
+        for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen, rank=acc.process_index,
+                                                world_size=acc.num_processes)):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             pred = forward(model, batch, grid, size, cfg.side, cfg.timesteps, cfg.dino)
             loss = loss_fn(pred.float(), batch[label])
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
-            step = epoch * steps_per_epoch + i // acc.num_processes
+            step = epoch * steps_per_epoch + i
             decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights must not dominate short runs
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), acc.unwrap_model(model).parameters()):
@@ -157,15 +160,16 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
                 for e, b in zip(ema.buffers(), acc.unwrap_model(model).buffers()):
                     e.copy_(b)
             total, n = total + loss.item(), n + 1
+        mean = acc.reduce(torch.tensor([total / max(n, 1)], device=acc.device), reduction="mean").item()
         if acc.is_main_process:
-            print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.epochs} loss {total / max(n, 1):.4f} "
+            print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} "
                   f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             save_state(state_path, {"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
                                     "opt": opt.state_dict(), "epoch": epoch + 1})
         acc.wait_for_everyone()
     metrics = {}
-    if eval_cache is not None:
+    if eval_cache is not None and acc.is_main_process:  # the others are done: no barrier to time out on
         metrics = evaluate_head(ema, cfg.task, cfg.side, cfg.timesteps, eval_cache, classes)
     if acc.is_main_process:
         spec = cache.spec
