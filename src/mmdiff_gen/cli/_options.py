@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._errors import fail
+from ._errors import clean_errors, fail
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +28,41 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Short name, local pip
 Device = Annotated[str, typer.Option(help="Torch device: auto (cuda if present, else cpu), cuda, cuda:1, cpu…")]
 Dtype = Annotated[str, typer.Option(help="Weight dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, "
                                          "float16 or float32.", callback=_check_dtype)]
+
+HeadsPrecision = Annotated[str, typer.Option(
+    "--precision", help="Heads' arithmetic: auto (bf16 autocast on CUDA, float32 elsewhere), bf16 or fp32.",
+    callback=lambda v: _one_of(v, ("auto", "bf16", "fp32"), "--precision"))]
+
+
+def _one_of(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"choose from {', '.join(choices)}, got {value!r}", param_hint=f"'{option}'")
+    return value
+
+
+# As backbones.runtime names them (a test keeps the two equal; importing it here would load torch for `--help`).
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
+STORAGE_MODES = ("full", "fp8", "int8")
+
+
+Offload = Annotated[str, typer.Option(
+    help="Keep weights off the GPU between calls (needs a GPU): none, model (each component moved in for its "
+         "forward), sequential (layer by layer: least memory, slowest) or group (each layer prefetched on a "
+         "CUDA stream: little GPU memory, pinned host memory for all weights).", callback=lambda v: _one_of(v, OFFLOAD_MODES, "--offload"))]
+Storage = Annotated[str, typer.Option(
+    help="How the transformer's weights are stored: full (--dtype), fp8 (float8, each layer computed in "
+         "--dtype) or int8 (torchao int8 weight-only: pip install torchao).",
+    callback=lambda v: _one_of(v, STORAGE_MODES, "--storage"))]
+
+
+def check_runtime(offload: str, storage: str, device: str) -> None:
+    """--offload / --storage against the device, before anything loads: offload on a CPU is a usage error (exit 2);
+    int8 without torchao says what to install (exit 1)."""
+    from ..backbones.runtime import check_runtime as check
+
+    with clean_errors(usage=(ValueError,)):
+        check(offload, storage, device=device)
+
 
 Compile = Annotated[str, typer.Option(
     "--compile", help="torch.compile the transformer, capture hooks inside: off, blocks (each block class once: "
@@ -121,3 +156,30 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         fail(f"prompts file {path} has no prompts", code=2)
     return prompts
+
+
+def worker(device: str, env: dict[str, str] | None = None) -> tuple[str, int, int, str]:
+    """(device, rank, world size, where they came from) of this worker: `cuda` becomes its GPU (LOCAL_RANK /
+    SLURM_LOCALID, made current before anything is placed), rank and world size as `generate` reads them
+    (from `env`, default os.environ)."""
+    from ..jobs.plan import local_device, worker_identity
+
+    dev = local_device(resolve_device(device), env)
+    with clean_errors(usage=(ValueError,)):
+        r, w, source = worker_identity(env=env)
+    if dev.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(dev)
+    return dev, r, w, source
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """"2G" → 2 GiB; K, M, G, T are binary (an optional trailing B or iB is allowed); a plain number is bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    value = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")) if m else 0
+    if value < 1:
+        raise typer.BadParameter(f"a size such as 2G, 512M or 1000000 expected, got {text!r}", param_hint=f"'{option}'")
+    return value

@@ -20,10 +20,13 @@ _QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # downloads, and transformers' "Loading weights" bars
     "TQDM_DISABLE": "1",  # diffusers' "Loading pipeline components…" (diffusers has no switch read at import)
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TORCH_LOGS": "-all",  # torch's import resets its logger to WARNING (e.g. _pytree's notes when torchao loads)
 }
 # Warnings raised inside these packages; deprecation and future warnings are silenced wherever they come from.
-_THIRD_PARTY = r"(torch|torchvision|diffusers|transformers|accelerate|huggingface_hub|safetensors|webdataset)(\.|$)"
-_STD_LOGGERS = ("accelerate", "torch")  # plain `logging` loggers: they reach stderr through logging.lastResort
+_THIRD_PARTY = (r"(torch|torchvision|torchao|diffusers|transformers|accelerate|huggingface_hub|safetensors|"
+                r"webdataset)(\.|$)")
+# Plain `logging` loggers: they reach stderr through logging.lastResort (torchao: "Failed to load …so" on import).
+_STD_LOGGERS = ("accelerate", "torch", "torchao")
 
 
 def _restore_env(saved: dict[str, str | None]) -> None:
@@ -51,7 +54,10 @@ def quiet_third_party():
         warnings.filterwarnings("ignore", module=_THIRD_PARTY)
         for name in _STD_LOGGERS:
             logger = logging.getLogger(name)
-            stack.callback(logger.setLevel, logger.level)
+            # Back to what it was, but never to NOTSET: torch sets WARNING on its loggers at import, and an
+            # unset "torch" logger inherits a test runner's DEBUG root, which switches on torch's structured
+            # tracing (every compiled graph dumped: a hundredfold slower).
+            stack.callback(logger.setLevel, logger.level or logging.WARNING)
             logger.setLevel(logging.ERROR)
         for name in ("diffusers.utils.logging", "transformers.utils.logging"):  # both have the same switches
             lib = sys.modules.get(name)

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import (Compile, Device, Dtype, Model, check_compile, compile_if, output_file, read_prompts,
-                       resolve_device, torch_dtype)
+from ._options import (Compile, Device, Dtype, Model, Offload, Storage, check_compile, check_runtime, compile_if,
+                       output_file, read_prompts, resolve_device, torch_dtype, worker)
 
 out = Console()
 
@@ -106,12 +106,17 @@ def capture(
     compile: Compile = "off",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    offload: Offload = "none",
+    storage: Storage = "full",
 ) -> None:
-    """Generate each prompt once and dump its image, captured features and concept maps."""
+    """Generate each prompt once and dump its image, captured features and concept maps.
+
+    Many GPUs: one process per GPU on the same --out (torchrun, srun); worker r takes batches b ≡ r (mod W)."""
     texts = read_prompts(prompts)
     if batch_size < 1:
         fail("--batch-size must be ≥ 1", code=2)
-    dev = resolve_device(device)
+    dev, r, w, source = worker(device)
+    check_runtime(offload, storage, dev)
     from ..backbones import load_backbone
     from ..capture import CaptureSpec
     from ..jobs.capture_job import CaptureJob, run_capture
@@ -119,13 +124,15 @@ def capture(
     check_compile(compile)
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
-        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
         compile_if(bb, compile)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg, max_sequence_length=max_sequence_length)
         kw.pop("negative_prompt")  # run_capture uses "" whenever true CFG is on
         job = CaptureJob(out=out_dir, seed=seed, batch_size=batch_size, **kw)
-        n = run_capture(bb, texts, spec, job)
+        if w > 1:
+            out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False, soft_wrap=True)
+        n = run_capture(bb, texts, spec, job, rank=r, world_size=w)
     out.print(f"wrote {n} samples to {out_dir} (KEY.png, KEY.safetensors, KEY.json)")
 
 
@@ -144,25 +151,41 @@ def probe_layers(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full table here.")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    offload: Offload = "none",
+    storage: Storage = "full",
 ) -> None:
-    """Find the expert layer: zero-shot segmentation mIoU of every block's image→text attention × sigma."""
+    """Find the expert layer: zero-shot segmentation mIoU of every block's image→text attention × sigma.
+
+    Many GPUs: one process per GPU (torchrun, srun) with --json; worker r scores batches b ≡ r (mod W) and leaves
+    its counts beside the JSON file, worker 0 merges them and writes the table."""
     import json
 
     if json_out is not None:  # before minutes of probing
         output_file(json_out, "--json")
+    dev, r, w, source = worker(device)
+    if w > 1 and json_out is None:
+        fail(f"{w} workers ({source}) need --json: each leaves its scores beside it for worker 0 to merge", code=2)
+    check_runtime(offload, storage, dev)
     from ..backbones import load_backbone
     from ..io.datasets import open_dataset
-    from ..jobs.probe import describe_layer
-    from ..jobs.probe import probe_layers as run
+    from ..jobs.probe import describe_layer, gather_scores, probe_scores
 
     with clean_errors():
         ds = open_dataset(data, split=split, size=size, captions=captions)
         names = [c.strip() for c in classes.split(",")] if classes else list(ds.classes)
         if len(names) < 2:
             fail("--classes is required: the dataset records no class names", code=2)
-        dev = resolve_device(device)
-        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
-        res = run(bb, ds, names, sigmas=_sigmas(sigmas), n=n, batch_size=batch_size)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
+        if w > 1:
+            out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False, soft_wrap=True)
+        scores = probe_scores(bb, ds, names, sigmas=_sigmas(sigmas), n=n, batch_size=batch_size, rank=r, world_size=w)
+        if w > 1:
+            scores = gather_scores(scores, json_out, r, w)
+            if scores is None:
+                out.print(f"worker {r} of {w}: its images are scored; worker 0 merges them into {json_out}",
+                          highlight=False, soft_wrap=True)
+                return
+        res = scores.result()
     best_t = res["miou"].max(2)  # (L, T): best threshold per cell
     t = Table(title=f"zero-shot segmentation mIoU (best background threshold), {res['samples']} samples")
     t.add_column("block")

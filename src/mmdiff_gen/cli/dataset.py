@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 
 from ._errors import clean_errors, err, fail
-from ._options import (Compile, Device, Dino, Dtype, Model, check_compile, compile_if, parse_tasks, read_prompts,
-                       resolve_device, torch_dtype)
+from ._options import (Compile, Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_compile,
+                       check_runtime, compile_if, parse_tasks, read_prompts, resolve_device, torch_dtype)
 
 out = Console(stderr=True)
 AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an unfinished or damaged dataset "
@@ -36,7 +36,8 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
     image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
     fmt: Annotated[str, typer.Option("--format", help="webdataset (tar shards) or files (folders).")] = "webdataset",
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    shard_size: Annotated[int | None, typer.Option(help="Samples per shard [≈ 5 GPU-minutes of FLUX.1-dev at this "
+                                                        "size: 256 at 512², 64 at 1024², at most 1000].")] = None,
     write_workers: Annotated[int, typer.Option(help="Threads that encode and write a batch while the next one "
                                                     "generates (0: in between batches).")] = 2,
     rank: Annotated[int | None, typer.Option(help="This worker's rank [RANK, SLURM_PROCID, …, else 0].")] = None,
@@ -53,19 +54,22 @@ def generate(
     min_quality: Annotated[float | None, typer.Option(help="Drop samples whose quality score is below this "
                                                            "(0–1; recorded as filtered in the shard stats).")] = None,
     compile: Compile = "off",
+    precision: HeadsPrecision = "auto",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    offload: Offload = "none",
+    storage: Storage = "full",
 ) -> None:
     """Generate images with their segmentation, saliency and depth in one pass per batch, as shards."""
     from ..backbones.loading import DEFAULT_HEADS
-    from ..jobs.plan import local_device, worker_identity
+    from ..jobs.plan import default_shard_size, local_device, worker_identity
 
     task_list = parse_tasks(tasks)
     check_compile(compile)
     texts = read_prompts(prompts)
     if write_workers < 0:
         fail("--write-workers must be ≥ 0", code=2)
-    if min(images_per_prompt, batch_size, shard_size, steps or 1, size or 1) < 1:
+    if min(images_per_prompt, batch_size, shard_size or 1, steps or 1, size or 1) < 1:
         fail("--images-per-prompt, --batch-size, --shard-size, --steps and --size must be ≥ 1", code=2)
     if seed < 0:
         fail("--seed must be ≥ 0", code=2)
@@ -75,6 +79,7 @@ def generate(
         fail(f"--format must be webdataset or files, got {fmt!r}", code=2)
     dev = local_device(resolve_device(device))
     torch_dt = torch_dtype(dtype, dev)
+    check_runtime(offload, storage, dev)
     from ..heads.checkpoint import HeadMismatch
     from ..jobs.dataset_job import FingerprintMismatch, Interrupted, SettingsError, check_sampling
 
@@ -107,7 +112,7 @@ def generate(
                 fail("openseg needs class names: pass --classes background,cat,dog,…", code=2)
         if min_quality is not None and not {"seg", "saliency", "openseg"} & set(task_list):
             fail("--min-quality needs a task with a quality signal: seg, saliency or openseg", code=2)
-        bb = load_backbone(model, dtype=torch_dt, device=dev)
+        bb = load_backbone(model, dtype=torch_dt, device=dev, offload=offload, storage=storage)
         compile_if(bb, compile)
         dino_features = None
         if dino is not None:
@@ -123,11 +128,12 @@ def generate(
                                     sigma=g["sigma"] if openseg_sigma is None else openseg_sigma,
                                     threshold=g["threshold"] if openseg_threshold is None else openseg_threshold)
         annotator = Annotator(files, bb.identity(), device=dev, dino=dino_features, openseg=openseg,
-                              token_positions=bb.class_token_positions)
+                              token_positions=bb.class_token_positions, precision=precision)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg)
         job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
-                          batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,
+                          batch_size=batch_size, image_format=image_format, format=fmt,
+                          shard_size=shard_size or default_shard_size(kw["height"], kw["width"]),
                           overwrite=overwrite, retry_failed=retry_failed, min_quality=min_quality,
                           write_workers=write_workers, **kw)
         long = overlong_prompts(bb, texts, job.max_sequence_length)
@@ -153,6 +159,7 @@ def generate(
               + (f", {rep.samples_filtered} below --min-quality" if rep.samples_filtered else "")
               + (f", {rep.shards_damaged} damaged shard(s) redone" if rep.shards_damaged else "")
               + (f", {rep.shards_busy} shard(s) left to another live worker" if rep.shards_busy else "")
+              + (f", {rep.shards_taken_over} taken over from other workers" if rep.shards_taken_over else "")
               + (f" ({stages})" if stages else ""),
               highlight=False, soft_wrap=True)
     if rep.samples_failed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import Device, Dino, Dtype, Model, output_file, parse_tasks, resolve_device, torch_dtype
+from ._options import (Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_runtime, output_file,
+                       parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
 
 out = Console()
 # Images per real-image forward when train / eval extract for themselves: × 4 sigmas = 16 rows, a modest
@@ -32,25 +34,35 @@ Captions = Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"captio
 
 
 def _build_cache(data: str, split: str | None, size: int | None, captions: Path | None, out_dir: Path, model: str,
-                 tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int, seed: int, device: str,
-                 dtype: str, dino: Path | None = None) -> int:
-    """Real-image-mode features of a dataset into a resumable cache; returns the sample count."""
+                 tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int | None, seed: int,
+                 device: str, dtype: str, dino: Path | None = None, offload: str = "none", storage: str = "full",
+                 max_shard_bytes: int | None = None, wait: bool = True,
+                 env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """Real-image-mode features of a dataset into a resumable cache, this worker's shards (shard s is worker
+    s mod W's, rank and world size read from `env`); with `wait`, then waits for the other workers' shards.
+    Returns (samples, rank, world size)."""
     from ..backbones import load_backbone
     from ..capture import CaptureSpec
     from ..io.datasets import open_dataset
-    from ..train.feature_cache import build_cache
+    from ..train.feature_cache import MAX_SHARD_BYTES, build_cache, wait_for_cache
 
+    dev, r, w, source = worker(device, env)
+    if w > 1:
+        out.print(f"worker {r} of {w} ({source}) on {dev}: extracting shards s ≡ {r} (mod {w}) of {out_dir}",
+                  highlight=False, soft_wrap=True)
     ds = open_dataset(data, split=split, size=size, captions=captions)
-    dev = resolve_device(device)
-    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
+    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
     spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu")
     features = None
     if dino is not None:
         from ..backbones.dino import DinoFeatures
 
         features = DinoFeatures.load(dino, device=dev, dtype=torch_dtype(dtype, dev))
-    build_cache(bb, ds, spec, out_dir, shard_size=shard_size, batch_size=batch_size, seed=seed, dino=features)
-    return len(ds)
+    build_cache(bb, ds, spec, out_dir, shard_size=shard_size, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES,
+                batch_size=batch_size, seed=seed, dino=features, rank=r, world_size=w)
+    if wait and w > 1:
+        wait_for_cache(out_dir)
+    return len(ds), r, w
 
 
 def extract(
@@ -63,21 +75,36 @@ def extract(
     tasks: Annotated[str, typer.Option(help="Tasks whose paper concept sets are captured.")] = "seg,saliency,depth",
     cross_attention: Annotated[bool, typer.Option(help="Also store averaged cross-attention maps.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per transformer forward (× number of sigmas).")] = 16,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
+    shard_size: Annotated[int | None, typer.Option(help="At most this many samples per shard [as many as "
+                                                        "--max-shard-bytes holds].")] = None,
+    max_shard_bytes: Annotated[str, typer.Option(help="Tensor bytes per shard (2G = 2 GiB; K, M, G binary): bounds "
+                                                      "the host memory of extraction.")] = "2G",
     seed: Annotated[int, typer.Option(help="Noise seed base; sample i uses seed + i.")] = 0,
     dino: Dino = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    offload: Offload = "none",
+    storage: Storage = "full",
 ) -> None:
-    """Encode labelled images once in real-image mode and store features, concept maps and labels."""
+    """Encode labelled images once in real-image mode and store features, concept maps and labels.
+
+    Many GPUs: one process per GPU on the same --out (torchrun, srun); worker r writes shards s ≡ r (mod W)."""
     task_list = [t for t in parse_tasks(tasks) if t != "openseg"]  # openseg reads no cache
     if data is None:
         fail("--data is required (a dataset: voc:PATH, duts:PATH, nyu:PATH, folder:PATH or a files-layout folder)",
              code=2)
+    if min(batch_size, shard_size or 1) < 1:
+        fail("--batch-size and --shard-size must be ≥ 1", code=2)
+    max_bytes = parse_bytes(max_shard_bytes, "--max-shard-bytes")
+    check_runtime(offload, storage, resolve_device(device))
     with clean_errors():
-        n = _build_cache(data, split, size, captions, out_dir, model, task_list, cross_attention, batch_size,
-                         shard_size, seed, device, dtype, dino)
-    out.print(f"feature cache of {n} samples in {out_dir}")
+        n, r, w = _build_cache(data, split, size, captions, out_dir, model, task_list, cross_attention, batch_size,
+                               shard_size, seed, device, dtype, dino, offload, storage, max_bytes, wait=False)
+    if w > 1:
+        out.print(f"worker {r} of {w}: its shards of the feature cache of {n} samples in {out_dir} are done "
+                  "(the cache is complete once every worker is)", highlight=False, soft_wrap=True)
+    else:
+        out.print(f"feature cache of {n} samples in {out_dir}")
 
 
 def train(
@@ -104,7 +131,10 @@ def train(
     fusion: Annotated[str, typer.Option(help="learned (paper) or mean (ablation).")] = "learned",
     decoder_channels: Annotated[int | None, typer.Option(help="Decoder width (default 256).")] = None,
 ) -> None:
-    """Train one head on a feature cache (resumable; multi-GPU with `accelerate launch`)."""
+    """Train one head on a feature cache (resumable).
+
+    Many GPUs: one process group, a process per GPU (torchrun or accelerate launch); --data is extracted shard by
+    shard across them, then every process trains on its share of each batch, all for the same number of steps."""
     picked = parse_tasks(task, option="--task")
     if len(picked) != 1:
         raise typer.BadParameter(f"train one task at a time, got {task!r}", param_hint="'--task'")
@@ -126,12 +156,15 @@ def train(
     from ..train.feature_cache import FeatureCache
     from ..train.trainer import TrainConfig, train_head
 
+    # Training ranks are those of its process group (torchrun, accelerate launch): SLURM task and job-array ids
+    # do not split the extraction, so array tasks training different heads each extract their whole data.
+    group = {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
     with clean_errors():
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
                 _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), EXTRACT_BATCH,
-                             256, 0, device, dtype, dino)
+                             None, 0, device, dtype, dino, env=group)
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
         tr = FeatureCache(cache)
@@ -154,6 +187,7 @@ def evaluate(
     captions: Captions = None,
     model: Model = "toy",
     dino: Dino = None,
+    precision: HeadsPrecision = "fp32",
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -168,7 +202,7 @@ def evaluate(
         if data is not None:
             m = read_meta(head)
             _build_cache(data, split, size, captions, cache, model, [m.config.task], m.side in ("cross", "both"),
-                         EXTRACT_BATCH, 256, 0, device, dtype, dino)
+                         EXTRACT_BATCH, None, 0, device, dtype, dino, env={})  # one process scores: it extracts all
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
         cached = fc.manifest.get("dino", {})
@@ -177,7 +211,7 @@ def evaluate(
             fail(f"the head reads DINOv3 maps of {meta.dino['name']!r}; {cache} has "
                  + (f"those of {cached['name']!r}" if cached else "none (extract it with --dino PATH)"), code=2)
         steps = meta.timestep_indices(list(fc.spec.sigmas))
-        metrics = evaluate_head(model, meta.config.task, meta.side, steps, fc, meta.classes)
+        metrics = evaluate_head(model, meta.config.task, meta.side, steps, fc, meta.classes, precision=precision)
     _print_metrics(meta.config.task, metrics)
     if json_out is not None:
         json_out.write_text(json.dumps(metrics, indent=1))
