@@ -25,9 +25,14 @@ demo: $(STAMP)
 	$(BIN)/mmdiff-gen export --format coco --in $(DEMO_OUT)/dataset --out $(DEMO_OUT)/coco
 	$(BIN)/mmdiff-gen preview $(DEMO_OUT)/dataset --out $(DEMO_OUT)/preview.png
 
+# The CPU benches in full mode (tens of minutes on 2 cores); the GPU check only where CUDA is present.
 bench: $(STAMP)
 	$(BIN)/python bench/capture_overhead.py
 	$(BIN)/python bench/generate_job.py
+	$(BIN)/python bench/compile_capture.py
+	$(BIN)/python bench/storage_agreement.py
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python bench/gpu_check.py; else echo "bench/gpu_check.py: no CUDA device here, skipped"; fi
 
 clean:
 	rm -rf $(VENV) out

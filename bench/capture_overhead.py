@@ -3,6 +3,7 @@
 One command, one run, on the tiny FLUX-architecture pipeline of the tests (random weights):
 
     python bench/capture_overhead.py [--device cuda] [--steps 28] [--batch 4] [--repeats 7]
+    python bench/capture_overhead.py --smoke     # 4 steps, batch 2, 1 repeat: seconds (tests/test_benches.py)
 
 Every variant generates the same images (same prompts, seeds and contract schedule). Times are the
 minimum (and median) of interleaved repeats: on a shared 2-core CPU the minimum is the stable figure,
@@ -75,14 +76,17 @@ def peak_memory(bb, name, steps, batch, device) -> float:
     return probe.peak / 2**20
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="4 steps, batch 2, 1 repeat: seconds")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch, args.repeats = 4, 2, 1
     torch.set_num_threads(torch.get_num_threads())
 
     bb = build(args.device)
@@ -117,6 +121,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 One command, one run:
 
     python bench/generate_job.py [--heads DIR] [--repeats 7] [--json out.json]
+    python bench/generate_job.py --smoke     # 4 steps, batch 2, 1 repeat, 2 prompts: seconds (tests/test_benches.py)
 
 (a) `generate` (seg + saliency + depth) vs plain FluxPipeline generation of the same images, split into
     backbone, capture, heads and writing time, with the transformer calls counted;
@@ -10,7 +11,9 @@ One command, one run:
     images and the same heads;
 (c) images per second against batch size (the whole job: generation, heads, encoding, shards);
 (d) peak resident memory of the job while the number of prompts grows tenfold (child processes);
-(e) at FLUX.1-dev scale, by FLOP count on the meta device, the heads' share of a 28-step 1024² generation.
+(e) at FLUX.1-dev scale, by FLOP count on the meta device, the heads' share of a 28-step 1024² generation;
+(f) the whole job with encoding and writing in the main thread vs on threads while the next batch generates:
+    wall time against generation + heads, and the share of it spent waiting on the writer.
 
 Times are minima of interleaved repeats (on a shared CPU, noise only ever adds time); medians are shown too.
 """
@@ -37,7 +40,8 @@ from mmdiff_gen.capture import extract, generate, plan_schedule
 from mmdiff_gen.capture._noise import generators_for
 from mmdiff_gen.io.shards import ShardWriter
 from mmdiff_gen.jobs.annotate import Annotator, head_files
-from mmdiff_gen.jobs.dataset_job import GenerateJob, _members, run_generate
+from mmdiff_gen.io.members import encode_sample
+from mmdiff_gen.jobs.dataset_job import GenerateJob, run_generate
 from mmdiff_gen.jobs.plan import plan_samples
 from mmdiff_gen.toy.world import render_scene
 
@@ -59,9 +63,9 @@ class CallCounter:
         self.calls += 1
 
 
-def settings(bb) -> dict:
-    """The toy's recommended sampling kwargs (true CFG 5 with an empty negative prompt)."""
-    return bb.sampling_kwargs()
+def settings(bb, steps: int | None = None) -> dict:
+    """The toy's recommended sampling kwargs (true CFG 5 with an empty negative prompt); `steps` overrides its 24."""
+    return bb.sampling_kwargs(num_inference_steps=steps)
 
 
 def plain(bb, ann, texts, seeds, kw, _out):
@@ -72,13 +76,15 @@ def plain(bb, ann, texts, seeds, kw, _out):
     return {"backbone": time.perf_counter() - t0}, images
 
 
-def _write(ann, texts, images, labels, cap, out):
+def _write(ann, texts, images, annotation, cap, out):
     """Encode and write one shard, as the job does."""
-    job = GenerateJob(out=out, tasks=tuple(TASKS))
     with ShardWriter(out, 0, "webdataset") as w:
         for i, s in enumerate(plan_samples(texts, 1, 0)):
-            lab = {t: v[i].numpy() for t, v in labels.items()}
-            w.write(s.key, _members(job, s, np.asarray(images[i]), lab, [float(x) for x in cap.sigmas[i]], ann.classes))
+            lab = {t: v[i].numpy() for t, v in annotation.labels.items()}
+            meta = {"key": s.key, "seed": s.seed, "sigmas": [float(x) for x in cap.sigmas[i]],
+                    "quality": annotation.quality[i]}
+            w.write(s.key, encode_sample(np.asarray(images[i]), s.prompt, meta, lab, image_format="jpg",
+                                         classes=ann.classes))
         w.commit({"written": len(texts)})
 
 
@@ -105,8 +111,8 @@ def two_stage(bb, ann, texts, seeds, kw, out):
     return times, images
 
 
-def compare(bb, ann, batch: int, repeats: int) -> dict:
-    kw = settings(bb)
+def compare(bb, ann, batch: int, repeats: int, steps: int | None = None) -> dict:
+    kw = settings(bb, steps)
     texts, seeds = prompts(batch), list(range(batch))
     variants = {"plain": plain, "generate (ours)": ours, "two-stage": two_stage}
     counter = CallCounter(bb.transformer)
@@ -128,8 +134,8 @@ def compare(bb, ann, batch: int, repeats: int) -> dict:
     return {"best": best, "median": med, "calls": calls, "steps": kw["num_inference_steps"]}
 
 
-def throughput(bb, ann, batches: list[int], n: int) -> dict:
-    kw = settings(bb)
+def throughput(bb, ann, batches: list[int], n: int, steps: int | None = None) -> dict:
+    kw = settings(bb, steps)
     texts = prompts(n)
     out = {}
     for b in batches:
@@ -143,20 +149,73 @@ def throughput(bb, ann, batches: list[int], n: int) -> dict:
     return out
 
 
-def memory_child(n: int, heads: str) -> None:
+def pipelining(bb, ann, n: int, batch: int, steps: int | None = None) -> dict:
+    """(f) The whole job with encoding and writing in the main thread (0 workers) vs on 2 threads while the next
+    batch generates: wall time against the generation + heads time, and the share of it spent waiting on the
+    writer (the GPU's idle share on a GPU node). 4 samples per prompt, as datasets are made."""
+    kw = settings(bb, steps)
+    texts = prompts(max(1, n // 4))
+    out = {}
+    for workers in (0, 2, 0, 2):  # interleaved: the second of each is kept (the first warms caches up)
+        with tempfile.TemporaryDirectory() as tmp:
+            job = GenerateJob(out=Path(tmp) / "ds", tasks=tuple(TASKS), images_per_prompt=4, batch_size=batch,
+                              shard_size=max(1, n // 2), write_workers=workers, **kw)
+            t0 = time.perf_counter()
+            rep = run_generate(bb, ann, texts, job, progress=False)
+            wall = time.perf_counter() - t0
+        busy = rep.seconds.get("backbone", 0.0) + rep.seconds.get("heads", 0.0)
+        out[workers] = {"wall_s": wall, "generate_and_heads_s": busy, "write_wait_s": rep.seconds.get("write", 0.0),
+                        "overhead": wall / busy - 1, "idle_share": rep.seconds.get("write", 0.0) / wall}
+    return out
+
+
+def writer_at_1024(batches: int = 4, batch: int = 4, gpu_s: float = 1.0) -> dict:
+    """(f') The writer alone at FLUX.1-dev's 1024²: a GPU that spends `gpu_s` per batch is stood in for by a
+    sleep (the host thread is as free as it is while it waits for CUDA); the members are a photo-like JPEG, a
+    seg map, a saliency map and a noisy depth map. The share of wall time the 'GPU' waits on the writer."""
+    from mmdiff_gen.io.shards import PipelinedWriter
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    image = np.clip(128 + 60 * np.sin(xx / 37.0)[..., None] + rng.normal(0, 12, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    labels = {"seg": ((xx // 128 + yy // 128) % 21).astype(np.uint8),
+              "saliency": np.clip(255 * np.exp(-((xx - 512) ** 2 + (yy - 512) ** 2) / 1e5), 0, 255).astype(np.uint8),
+              "depth": (2 + yy / 300 + rng.normal(0, 0.05, (1024, 1024))).astype(np.float32)}
+    classes = [str(i) for i in range(21)]
+    out = {}
+    for workers in (0, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            with ShardWriter(Path(tmp), 0, "webdataset") as w, PipelinedWriter(
+                    w, lambda x: encode_sample(*x, image_format="jpg", classes=classes), workers=workers,
+                    max_pending=2 * batch) as pipe:
+                for b in range(batches):
+                    time.sleep(gpu_s)  # the GPU generating batch b
+                    for i in range(batch):
+                        pipe.put(f"{b * batch + i:09d}", (image, "a prompt", {"key": b * batch + i}, labels),
+                                 on_error=print)
+                pipe.finish()
+                w.commit({})
+            wall = time.perf_counter() - t0
+        out[workers] = {"wall_s": wall, "gpu_s": batches * gpu_s, "idle_share": 1 - batches * gpu_s / wall}
+    return out
+
+
+def memory_child(n: int, heads: str, steps: int | None = None) -> None:
     """Run the whole job on n prompts and print the peak RSS in MiB (called in a fresh process)."""
     bb = load_backbone("toy", dtype=torch.float32, device="cpu")
     ann = Annotator(head_files(Path(heads), TASKS), bb.identity())
     with tempfile.TemporaryDirectory() as tmp:
-        job = GenerateJob(out=Path(tmp), tasks=tuple(TASKS), batch_size=8, shard_size=64, **settings(bb))
+        job = GenerateJob(out=Path(tmp), tasks=tuple(TASKS), batch_size=8, shard_size=64, **settings(bb, steps))
         run_generate(bb, ann, prompts(n), job, progress=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def memory(heads: str, sizes: list[int]) -> dict:
+def memory(heads: str, sizes: list[int], steps: int | None = None) -> dict:
     out = {}
     for n in sizes:
-        res = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--heads", heads],
+        res = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--heads", heads]
+                             + (["--steps", str(steps)] if steps else []),
                              capture_output=True, text=True, check=True)
         out[n] = float(res.stdout.strip().splitlines()[-1])
     return out
@@ -193,8 +252,10 @@ def flux_flops() -> dict:
             "heads_share": sum(heads.values()) / generation}
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="4 steps, batch 2, 1 repeat, 2 prompts: seconds")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the toy's own)")
     ap.add_argument("--heads", default=str(DEFAULT_HEADS["toy"]))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
@@ -203,16 +264,18 @@ def main():
     ap.add_argument("--memory", default="16,160", help="prompt counts for the memory comparison")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.repeats, args.batches, args.throughput_n, args.memory, args.steps = 2, 1, "2", 2, "2", 4
     if args.memory_child:
-        return memory_child(args.memory_child, args.heads)
+        return memory_child(args.memory_child, args.heads, args.steps)
 
     bb = load_backbone("toy", dtype=torch.float32, device="cpu")
     ann = Annotator(head_files(Path(args.heads), TASKS), bb.identity())
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; toy backbone, {settings(bb)}")
+          f"torch {torch.__version__}; toy backbone, {settings(bb, args.steps)}")
 
-    cmp = compare(bb, ann, args.batch, args.repeats)
+    cmp = compare(bb, ann, args.batch, args.repeats, args.steps)
     b, m = cmp["best"], cmp["median"]
     base = b["plain"]["total"]
     print(f"\n(a, b) batch {args.batch}, min (median) of {args.repeats} interleaved repeats; transformer calls per batch")
@@ -229,20 +292,35 @@ def main():
           f"(median {m['two-stage']['total'] / m['generate (ours)']['total']:.3f}×)")
 
     batches = [int(x) for x in args.batches.split(",")]
-    tp = throughput(bb, ann, batches, args.throughput_n)
+    tp = throughput(bb, ann, batches, args.throughput_n, args.steps)
     print(f"\n(c) images/s, whole job, {args.throughput_n} prompts:", ", ".join(f"batch {k}: {v:.2f}" for k, v in tp.items()))
 
     sizes = [int(x) for x in args.memory.split(",")]
-    mem = memory(args.heads, sizes)
+    mem = memory(args.heads, sizes, args.steps)
     print("(d) peak RSS:", ", ".join(f"{n} prompts: {v:.0f} MiB" for n, v in mem.items()),
           f"→ ratio {mem[sizes[-1]] / mem[sizes[0]]:.3f}")
+
+    pipe = pipelining(bb, ann, args.throughput_n, args.batch, args.steps)
+    print(f"(f) whole job, {args.throughput_n} samples, batch {args.batch}: wall time vs generation + heads time")
+    for workers, r in pipe.items():
+        print(f"  {workers} writer threads: wall {r['wall_s']:.2f} s, generation + heads {r['generate_and_heads_s']:.2f} s "
+              f"(+{r['overhead'] * 100:.1f}%), waiting on the writer {r['write_wait_s']:.2f} s = "
+              f"{r['idle_share'] * 100:.1f}% of the wall time")
+
+    w1024 = writer_at_1024(batches=1 if args.smoke else 4, batch=1 if args.smoke else 4,
+                           gpu_s=0.05 if args.smoke else 1.0)
+    print("(f') writer alone at 1024², the GPU stood in for by a sleep: "
+          + ", ".join(f"{k} writer threads: idle share {v['idle_share'] * 100:.1f}% (wall {v['wall_s']:.2f} s for "
+                      f"{v['gpu_s']:.2f} s of 'GPU')" for k, v in w1024.items()))
 
     fl = flux_flops()
     print(f"(e) FLUX.1-dev 1024², 28 steps + 1: transformer {fl['generation'] / 1e15:.1f} PFLOP; heads "
           + ", ".join(f"{k} {v / 1e12:.2f} TFLOP" for k, v in fl["heads"].items())
           + f" → heads share {fl['heads_share'] * 100:.2f}% (goal ≤ 1%)")
+    res = {"compare": cmp, "throughput": tp, "memory": mem, "pipelining": pipe, "writer_1024": w1024, "flops": fl}
     if args.json:
-        Path(args.json).write_text(json.dumps({"compare": cmp, "throughput": tp, "memory": mem, "flops": fl}, indent=1))
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":

@@ -102,3 +102,19 @@ def test_generation_is_seeded_per_sample(tiny):
     # Same prompt and seed give the same image whatever else is in the batch (up to GEMM round-off).
     assert np.abs(both.images[1] - second.images[0]).max() < 1e-4
     assert torch.allclose(both.capture.features[1].float(), second.capture.features[0].float(), atol=5e-2)
+
+
+def test_pinned_pool_reuses_a_buffer_only_once_nothing_refers_to_it(monkeypatch):
+    from mmdiff_gen.capture._hooks import PinnedPool
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))  # no CUDA here
+    pool = PinnedPool(keep=2)
+    first = pool.get((2, 3), torch.float32)
+    ptr = first.data_ptr()
+    assert pool.get((2, 3), torch.float32).data_ptr() != ptr  # the first result is alive: never handed out again
+    row = first[0]  # a caller keeps part of it
+    del first
+    assert pool.get((2, 3), torch.float32).data_ptr() != ptr
+    del row
+    assert pool.get((2, 3), torch.float32).data_ptr() == ptr  # nothing refers to it any more: reused

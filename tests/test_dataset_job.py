@@ -514,9 +514,9 @@ def test_settings_are_refused_before_anything_is_written(tiny, annotator, tmp_pa
 def test_pipelined_writing_equals_writing_in_the_main_thread(tiny, annotator, reference, tmp_path, monkeypatch):
     """Batch k is encoded on threads while batch k + 1 generates: the shards are the same bytes."""
     ref, _ = reference
-    out = tmp_path / "sync"
-    run_generate(tiny, annotator, PROMPTS, job(out, write_workers=0), progress=False)
-    assert shard_bytes(out) == shard_bytes(ref)  # the reference ran with the default 2 writer threads
+    out = tmp_path / "threads"
+    run_generate(tiny, annotator, PROMPTS, job(out, write_workers=2), progress=False)
+    assert shard_bytes(out) == shard_bytes(ref)  # the reference wrote in the main thread (the CPU default)
     # One sample whose encoding fails is recorded and left out; the others are written, in order.
     from mmdiff_gen.jobs import dataset_job
 
@@ -528,7 +528,7 @@ def test_pipelined_writing_equals_writing_in_the_main_thread(tiny, annotator, re
         return real(image, prompt, meta, labels, **kw)
 
     monkeypatch.setattr(dataset_job, "encode_sample", broken)
-    rep = run_generate(tiny, annotator, PROMPTS, job(tmp_path / "bad"), progress=False)
+    rep = run_generate(tiny, annotator, PROMPTS, job(tmp_path / "bad", write_workers=2), progress=False)
     assert (rep.samples_written, rep.samples_failed) == (5, 1)
     st = json.loads((tmp_path / "bad" / "00000_stats.json").read_text())
     assert [r["status"] for r in st["samples"]] == ["ok", "ok", "error", "ok"]

@@ -69,14 +69,20 @@ class PinnedPool:
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         for buf in self.buffers:
-            if buf.shape == shape and buf.dtype == dtype and torch._C._storage_Use_Count(
-                    buf.untyped_storage()._cdata) == 1:  # only this pool's reference is left
+            if buf.shape == shape and buf.dtype == dtype and _only_reference(buf):
                 return buf[:]  # a view: while it (or anything made from it) lives, the buffer is taken
         buf = torch.empty(shape, dtype=dtype, pin_memory=True)
         if len(self.buffers) >= self.keep:
             self.buffers.pop(0)
         self.buffers.append(buf)
         return buf[:]
+
+
+def _only_reference(buf: torch.Tensor) -> bool:
+    """Whether no tensor but `buf` uses its memory (torch's storage use count; a private API: if it is gone,
+    buffers are simply not reused)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count is not None and count(buf.untyped_storage()._cdata) == 2  # `buf` + the storage object asked
 
 
 @dataclass(eq=False)

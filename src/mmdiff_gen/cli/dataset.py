@@ -38,8 +38,9 @@ def generate(
     fmt: Annotated[str, typer.Option("--format", help="webdataset (tar shards) or files (folders).")] = "webdataset",
     shard_size: Annotated[int | None, typer.Option(help="Samples per shard [≈ 5 GPU-minutes of FLUX.1-dev at this "
                                                         "size: 256 at 512², 64 at 1024², at most 1000].")] = None,
-    write_workers: Annotated[int, typer.Option(help="Threads that encode and write a batch while the next one "
-                                                    "generates (0: in between batches).")] = 2,
+    write_workers: Annotated[int | None, typer.Option(help="Threads that encode and write a batch while the next "
+                                                           "one generates, 0: in between batches [2 on a GPU, 0 on "
+                                                           "a CPU].")] = None,
     rank: Annotated[int | None, typer.Option(help="This worker's rank [RANK, SLURM_PROCID, …, else 0].")] = None,
     world_size: Annotated[int | None, typer.Option(help="Number of workers [WORLD_SIZE, SLURM_NTASKS, …, else 1].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
@@ -67,7 +68,7 @@ def generate(
     task_list = parse_tasks(tasks)
     check_compile(compile)
     texts = read_prompts(prompts)
-    if write_workers < 0:
+    if write_workers is not None and write_workers < 0:
         fail("--write-workers must be ≥ 0", code=2)
     if min(images_per_prompt, batch_size, shard_size or 1, steps or 1, size or 1) < 1:
         fail("--images-per-prompt, --batch-size, --shard-size, --steps and --size must be ≥ 1", code=2)

@@ -251,11 +251,11 @@ class PipelinedWriter:
 
     def put(self, key: str, sample: Any, on_error: Callable[[str], None]) -> None:
         self._raise()
-        if not self.workers:
-            self._write_one(key, self._encode(sample, on_error))
-            return
         t0 = time.perf_counter()
-        self._queue.put((key, self._pool.submit(self._encode, sample, on_error)))
+        if self.workers:
+            self._queue.put((key, self._pool.submit(self._encode, sample, on_error)))
+        else:
+            self._write_one(key, self._encode(sample, on_error))
         self.waited += time.perf_counter() - t0
 
     def finish(self) -> None:

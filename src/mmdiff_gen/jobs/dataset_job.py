@@ -96,7 +96,9 @@ class GenerateJob:
         min_quality: samples whose quality score is below it are not written (status "filtered").
         overwrite: replace a dataset made from other inputs instead of refusing.
         retry_failed: also redo finished shards that recorded failed samples.
-        write_workers: threads that encode samples while the next batch generates (0: in the main thread).
+        write_workers: threads that encode samples while the next batch generates (0: in the main thread);
+            None: 2 when the backbone computes on a GPU, 0 on a CPU, whose cores the backbone already uses
+            (on this 2-core machine, 2 threads slowed the toy's generation by 16% in BENCHMARKS.md's run).
     """
 
     out: Path
@@ -118,7 +120,7 @@ class GenerateJob:
     min_quality: float | None = None
     overwrite: bool = False
     retry_failed: bool = False
-    write_workers: int = 2
+    write_workers: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -454,8 +456,9 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
     t_start = time.perf_counter()
     records = []
     encode = partial(_encode, image_format=job.image_format, classes=info["classes"])
+    workers = job.write_workers if job.write_workers is not None else (0 if runner.bb.device.type == "cpu" else 2)
     with ShardWriter(job.out, shard, job.format) as writer, \
-            PipelinedWriter(writer, encode, workers=job.write_workers, max_pending=2 * job.batch_size) as pipe:
+            PipelinedWriter(writer, encode, workers=workers, max_pending=2 * job.batch_size) as pipe:
         for b in range(0, len(samples), job.batch_size):
             if not claim.held():
                 raise _LostClaim(shard)
