@@ -383,7 +383,7 @@ def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, 
         real_indexes(*a)
         raise Killed
 
-    moments = [(os, "rename", rename_then_die), (shards, "_finish_replacement", die),
+    moments = [(os, "rename", rename_then_die), (shards, "_move_back", die),
                (dataset_job, "write_json_atomic", dataset_json_then_die),
                (shards.ShardWriter, "write", die_in_second_sample), (dataset_job, "_write_indexes", first_shard_then_die)]
     seen = []

@@ -275,8 +275,10 @@ def _eager_when_called_alone(*functions) -> None:
     (and what they call) runs them as plain Python; the projection hooks, called inside a block's
     compiled forward, stay in its graph.
     """
-    from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
-
+    try:
+        from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+    except ImportError:  # a torch without per-code strategies: only regional compilation would recompile more
+        return
     for fn in functions:  # skip the frame and everything it calls (the concept stream runs eagerly there)
         set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 

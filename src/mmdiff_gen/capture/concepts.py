@@ -3,13 +3,12 @@
 A separate stream of concept tokens runs through the joint blocks (FLUX double-stream blocks, SD3
 JointTransformerBlocks) with the text stream's weights. Concept queries attend to [concept keys;
 image keys]; image and text queries never see concept keys, so generation is untouched. The stock
-block runs unchanged: hooks read the image projections and attention output it computes, and the
-concept update below reuses them. Both families' blocks share these module names; SD3-medium has
+block runs unchanged: capture's hooks (`_hooks.py`) keep the image projections and attention output it
+computes, and the concept update below reuses them. Both families' blocks share these module names; SD3-medium has
 no q/k norms (None) and its last block is `context_pre_only` (no text output).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F

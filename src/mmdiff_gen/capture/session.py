@@ -164,9 +164,12 @@ class Capture:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.hooks.listener = None
-        self.hooks.armed = self.hooks.keep_kwargs = False
-        self.hooks.out = {}
+        h = self.hooks  # nothing of this run may outlive it on the backbone (a failed call left it all)
+        h.listener = None
+        h.armed = h.keep_kwargs = False
+        h.out, h.kwargs = {}, None
+        h._scratch.clear()
+        h._stream = h._temb = None
 
     # --- one call ---------------------------------------------------------------------------
     def arm(self, sigmas: Sequence[float], eps: float | None = None) -> bool:

@@ -205,10 +205,9 @@ class ShardWriter:
         """Discard the unfinished shard; an older finished version of it (if any) stays as it was."""
         if self.fmt == "webdataset":
             try:
-                self._tar.close()  # may fail again on a full disk
-                self._file.close()
+                self._file.close()  # the tar's trailer is not needed: the file is deleted
             except OSError:
-                pass
+                pass  # a full disk may fail the flush again
             finally:
                 self._tmp.unlink(missing_ok=True)
 
@@ -328,9 +327,9 @@ def _pid_alive(pid: int) -> bool:
 
 def _holder_gone(host: str, pid: int, age_s: float) -> bool:
     """A process on this host is checked directly; one elsewhere, by how long its claim went unrefreshed."""
-    if host == _HOST:
-        return not _pid_alive(pid)
-    return age_s > CLAIM_TIMEOUT_S
+    if host == _HOST and not _pid_alive(pid):
+        return True
+    return age_s > CLAIM_TIMEOUT_S  # also on this host: a recycled pid must not hold a shard forever
 
 
 class ShardClaim:
@@ -422,11 +421,15 @@ def is_dataset_file(name: str) -> bool:
     return name in (DATASET_FILE, SIZES_FILE, WIDS_INDEX) or name in folders or bool(_OURS.fullmatch(name))
 
 
-def _finish_replacement(root: Path, old: Path) -> None:
-    """Move the user's files of a renamed-away dataset folder back into `root`, then delete the rest."""
+def _move_back(root: Path, old: Path) -> None:
+    """Move the user's files of a renamed-away dataset folder back into `root`."""
     for p in old.iterdir():
         if not is_dataset_file(p.name) and not (root / p.name).exists():
             os.replace(p, root / p.name)
+
+
+def _finish_replacement(root: Path, old: Path) -> None:
+    _move_back(root, old)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -440,15 +443,18 @@ def recover_replacements(root: Path) -> None:
             _finish_replacement(root, old)
 
 
-def clear_dataset(root: Path) -> None:
+def clear_dataset(root: Path) -> Path | None:
     """Remove a dataset's files so that no moment shows a mix of it and the dataset that replaces it.
 
     The folder is renamed away in one step (so `root/*.tar` goes from the old shards, all of them, to
-    none), a fresh folder takes its name, the user's own files (anything `is_dataset_file` does not
-    claim) are moved back, and the old shards are deleted. A process killed in between leaves
-    `.NAME.replaced-HOST.PID` beside the folder; the next run finishes the job (`recover_replacements`).
-    Where the folder cannot be renamed (a mount point, a read-only parent), files are deleted one by one,
-    done markers and indexes first, so our readers never take a lone old tar for part of the new dataset.
+    none), a fresh folder takes its name and the user's own files (anything `is_dataset_file` does not
+    claim) are moved back. Returns the renamed-away folder, invisible under `root` already: the caller
+    deletes it once the new dataset.json is written (deleting terabytes on a network file system takes
+    long, and other workers wait for that file). A process killed in between leaves
+    `.NAME.replaced-HOST.PID` beside the folder; the next run on that host finishes the job
+    (`recover_replacements`). Where the folder cannot be renamed (a mount point, a read-only parent),
+    files are deleted one by one, done markers and indexes first, so our readers never take a lone old tar
+    for part of the new dataset; None is returned.
     """
     root = Path(root)
     old = root.parent / f".{root.name}{_REPLACED}{_tmp_tag()}"
@@ -461,27 +467,33 @@ def clear_dataset(root: Path) -> None:
                        key=lambda p: (p.name != DATASET_FILE, not p.name.endswith(".json"), p.name))
         for p in names:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-        return
+        return None
     root.mkdir(exist_ok=True)
-    _finish_replacement(root, old)
+    _move_back(root, old)
+    return old
 
 
-def write_indexes(root: Path, finished: Callable[[], dict[str, int]], wids: bool = True) -> None:
+def write_indexes(root: Path, finished: Callable[[], dict[str, tuple[int, int]]], wids: bool = True) -> None:
     """sizes.json ({shard file: samples}, open_clip's) and, for tars, shardindex.json (wids': `wids_version`
-    and a `shardlist` of `url` relative to the folder + `nsamples`), so wids.ShardListDataset reads the folder.
+    and a `shardlist` of `url` relative to the folder + `nsamples` + `filesize`), so wids.ShardListDataset
+    reads the folder.
 
-    Several workers finish shards at once: `finished()` (the finished shards' sample counts) is read and
-    the files written under an exclusive lock, so the last writer's view includes every earlier commit.
+    Several workers finish shards at once: `finished()` (each whole shard's sample count and bytes) is read
+    and the files written under an exclusive lock where the file system offers one, so the last writer's
+    view includes every earlier commit.
     """
     import fcntl
 
     root = Path(root)
     with open(root / DATASET_FILE, "rb") as lock:  # the one file every worker of this dataset shares
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        sizes = dict(sorted(finished().items()))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no flock here (some Lustre mounts): a rare stale index, rebuilt by the next commit or run
+        found = dict(sorted(finished().items()))
+        sizes = {name: n for name, (n, _) in found.items()}
         write_json_atomic(root / SIZES_FILE, sizes)
         if wids:
-            shardlist = [{"url": name, "nsamples": n, "filesize": (root / name).stat().st_size}
-                         for name, n in sizes.items()]
+            shardlist = [{"url": name, "nsamples": n, "filesize": size} for name, (n, size) in found.items()]
             write_json_atomic(root / WIDS_INDEX, {"__kind__": "wids-shard-index-v1", "wids_version": 1,
                                                   "name": root.resolve().name, "shardlist": shardlist})

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from ..backbones.base import Backbone
 from ..capture import generate
 from ..io.members import DEPTH_SCALE, IGNORE_INDEX, TASK_MEMBER, encode_sample
 from ..io.shards import (DATASET_FILE, FILES_LAYOUT, PipelinedWriter, ShardClaim, ShardWriter, clear_dataset, read_stats,
+                         stats_path,
                          recover_replacements, remove_dead_temporaries, remove_shard_temporaries, shard_name,
                          shard_problem, write_indexes, write_json_atomic)
 from ._progress import JobProgress
@@ -98,7 +100,7 @@ class GenerateJob:
         retry_failed: also redo finished shards that recorded failed samples.
         write_workers: threads that encode samples while the next batch generates (0: in the main thread);
             None: 2 when the backbone computes on a GPU, 0 on a CPU, whose cores the backbone already uses
-            (on this 2-core machine, 2 threads slowed the toy's generation by 16% in BENCHMARKS.md's run).
+            (BENCHMARKS.md: writer threads slowed CPU generation on a 2-core machine).
     """
 
     out: Path
@@ -244,8 +246,10 @@ def prepare_output(job: GenerateJob, info: dict, rank: int = 0, wait_s: float = 
             f"shards without a {DATASET_FILE} ({', '.join(sorted(ours)[:3])})"
         raise FingerprintMismatch(f"{out} holds {what}; use another --out, or --overwrite to replace it")
     if rank == 0:
-        clear_dataset(out)
-        write_json_atomic(path, info)
+        old_tree = clear_dataset(out)
+        write_json_atomic(path, info)  # first: the other workers wait for it
+        if old_tree is not None:
+            shutil.rmtree(old_tree, ignore_errors=True)
         return
     deadline = time.monotonic() + wait_s
     while (_read_json(path) or {}).get("fingerprint") != info["fingerprint"]:
@@ -389,7 +393,7 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
                         bar.total += len(ranges[s])
                     errors = _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar, claim)
                 except _LostClaim:
-                    report.shards_busy += 1
+                    report.shards_busy += s in mine
                     continue
                 finally:
                     claim.release()
@@ -515,12 +519,36 @@ def _failed(record: dict, error: str) -> None:
 
 
 def _write_indexes(out: Path, info: dict) -> None:
-    """sizes.json and the wids index over every finished shard of this dataset."""
-    def finished() -> dict[str, int]:
-        return {f"{shard_name(s)}.tar": st["written"] for s in range(info["num_shards"])
-                if (st := read_stats(out, s, info["fingerprint"]))}
+    """sizes.json and the wids index over every whole shard of this dataset (a damaged one, waiting to be
+    redone, is left out). Markers are parsed once per version (`_MARKERS`): a run commits many shards."""
+    def finished() -> dict[str, tuple[int, int]]:
+        found = {}
+        for s in range(info["num_shards"]):
+            st = _marker(out, s, info["fingerprint"])
+            if st is not None and shard_problem(out, st) is None:
+                size = sum(f["bytes"] for f in st.get("files", {}).values())
+                found[f"{shard_name(s)}.tar"] = (st["written"], size)
+        return found
 
     write_indexes(out, finished, wids=info["format"] == "webdataset")
+
+
+_MARKERS: dict[Path, tuple[tuple[int, int], dict | None]] = {}  # marker → ((mtime ns, size), its stats)
+
+
+def _marker(out: Path, shard: int, fingerprint: str) -> dict | None:
+    """read_stats, parsed again only when the marker file changed."""
+    path = stats_path(out, shard)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (st.st_mtime_ns, st.st_size)
+    cached = _MARKERS.get(path)
+    if cached is None or cached[0] != key:
+        cached = _MARKERS[path] = (key, read_stats(out, shard))
+    stats = cached[1]
+    return stats if stats is not None and stats.get("fingerprint") == fingerprint else None
 
 
 def job_config(job: GenerateJob) -> dict:

@@ -190,6 +190,8 @@ def _write_shard(backbone: Backbone, samples: Sequence[Sample], rows: range, spe
     tmp = out / f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         save_file(shard, str(tmp))  # 0.8 writes from the tensors; older releases copy them first (safetensors#458)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before its done marker vouches for it
         os.replace(tmp, out / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
