@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from .._atomic import atomic_path
 from .model import HeadConfig, MMDiffHead
 
 FORMAT_VERSION = 1
@@ -90,9 +90,8 @@ def save_head(path: Path, model: MMDiffHead, meta: HeadMeta) -> None:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
 
 
 def read_meta(path: Path) -> HeadMeta:

@@ -21,7 +21,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import tarfile
 import threading
 import time
@@ -29,6 +28,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+from .._atomic import HOST as _HOST
+from .._atomic import atomic_path
+from .._atomic import tmp_tag as _tmp_tag
 
 DATASET_FILE = "dataset.json"
 SIZES_FILE = "sizes.json"  # {shard file: samples}, what open_clip-style loaders read
@@ -40,12 +43,6 @@ FILES_LAYOUT = {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("me
                 "depth.png": ("depth", "png"), "openseg.png": ("openseg", "png")}
 # A claim whose holder stopped refreshing it this long ago is taken over (holders refresh it every batch).
 CLAIM_TIMEOUT_S = 3600.0
-_HOST = socket.gethostname()
-
-
-def _tmp_tag() -> str:
-    """Unique among workers sharing a file system (several nodes can have the same pid)."""
-    return f"{_HOST}.{os.getpid()}"
 
 
 def shard_name(shard: int) -> str:
@@ -57,30 +54,16 @@ def stats_path(root: Path, shard: int) -> Path:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary name beside `path`, then rename: readers see the whole file or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{_tmp_tag()}.tmp")
-    try:
+    """`data` to `path` by write-then-rename (no fsync: for the many small member files of the files
+    layout, whose shard's done marker is fsynced after them)."""
+    with atomic_path(path, fsync=False) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a unique temporary name, flush it to disk, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{_tmp_tag()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """JSON to `path` by write-then-rename, on disk before the rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
 def read_stats(root: Path, shard: int, fingerprint: str | None = None) -> dict | None:

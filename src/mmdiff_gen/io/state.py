@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .shards import _tmp_tag
+from .._atomic import atomic_path
 
 FORMAT = "mmdiff-gen/state"
 VERSION = "1"
@@ -94,15 +93,8 @@ def save_state(path: Path, state: Any) -> None:
     structure = _encode(state, "", tensors, set())
     meta = {"format": FORMAT, "version": VERSION, "structure": json.dumps(structure, allow_nan=False)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_tmp_tag()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # on disk before the rename makes it the state
         save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the state
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: Path) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._atomic import atomic_path
 from ..backbones.base import Backbone
 from ..capture import CaptureSpec, extract
 from ..heads.openseg import class_maps, segment
@@ -69,12 +69,10 @@ class ProbeScores:
 
     def save(self, path: Path) -> None:
         """Written then renamed (np.savez: no pickle)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, layers=np.array(self.layers), sigmas=np.array(self.sigmas),
-                 thresholds=np.array(self.thresholds), confusion=self.confusion,
-                 counts=np.array([self.named, self.samples]), settings=np.array(self.settings))
-        os.replace(tmp, path)
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+            np.savez(f, layers=np.array(self.layers), sigmas=np.array(self.sigmas),
+                     thresholds=np.array(self.thresholds), confusion=self.confusion,
+                     counts=np.array([self.named, self.samples]), settings=np.array(self.settings))
 
     @classmethod
     def load(cls, path: Path) -> ProbeScores:

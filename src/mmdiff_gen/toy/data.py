@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._atomic import atomic_path
 from .world import CLASSES, render_scene
 
 
@@ -44,10 +45,9 @@ def load_or_render(cache: Path, start: int, n: int) -> SceneArrays:
             return SceneArrays(z["images"], z["seg"], z["depth"], [str(c) for c in z["captions"]])
     arrays = render_arrays(start, n)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.stem + ".tmp.npz")
-    np.savez(tmp, images=arrays.images, seg=arrays.seg, depth=arrays.depth, captions=np.array(arrays.captions),
-             start=np.array(start))
-    tmp.replace(cache)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+        np.savez(f, images=arrays.images, seg=arrays.seg, depth=arrays.depth, captions=np.array(arrays.captions),
+                 start=np.array(start))
     return arrays
 
 

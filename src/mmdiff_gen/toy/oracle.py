@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._atomic import atomic_path
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from ._loop import Checkpoint, Progress, conv_autocast, warmup_cosine
 from .data import SceneArrays, render_arrays
@@ -81,9 +82,8 @@ class Oracle(nn.Module):
         meta = {"config": json.dumps(self.config), "classes": json.dumps(list(CLASSES)),
                 "palette": json.dumps([list(c) for c in PALETTE]), "metrics": json.dumps(metrics)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
 
     @classmethod
     def from_checkpoint(cls, path: Path = ORACLE_FILE) -> "Oracle":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._atomic import atomic_path
 from ..backbones.base import Backbone
 from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureSpec, extract
@@ -187,15 +186,8 @@ def _write_shard(backbone: Backbone, samples: Sequence[Sample], rows: range, spe
         del t, batch
         if on_batch is not None:
             on_batch(len(idx))
-    tmp = out / f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(out / name) as tmp:  # on disk before its done marker vouches for it
         save_file(shard, str(tmp))  # 0.8 writes from the tensors; older releases copy them first (safetensors#458)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # on disk before its done marker vouches for it
-        os.replace(tmp, out / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     write_json_atomic(out / done_file(s), {"shard": name, "samples": len(rows), "bytes": (out / name).stat().st_size})
 
 
