@@ -28,7 +28,7 @@ def _live_sigmas(sched, inputs, mu):
 
 @pytest.mark.parametrize("tokens, nearest", [(1024, [10, 18, 24, 27]), (4096, [13, 21, 25, 27])])
 def test_flux_default_schedule_misses_the_paper_sigmas(tokens, nearest):
-    # The problem the contract solves (notes/backbones.md): the default 28-step schedule only comes near.
+    # The problem the contract solves: the default 28-step schedule only comes near.
     sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     plan = contract_schedule(sched, 28, PAPER_SIGMAS, _mu(tokens))
     default = np.array(plan.default_sigmas)

@@ -34,7 +34,7 @@ def test_text_encoders_bind_colours_to_objects(toy):
 
     In "a large red circle on the left and a small blue star on the right" and its colour swap, the
     same noun gets another colour and the same colour word describes another object. An encoder that
-    ignores word order (a frozen random T5: notes/toy-backbone.md) gives those words nearly the same
+    ignores word order (a frozen random T5) gives those words nearly the same
     features in both captions; a binding one does not, wherever it stores the binding (the shipped
     encoders carry each object's place and class in its colour word).
     """

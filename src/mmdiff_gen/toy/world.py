@@ -23,7 +23,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190), "orange": (245, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
 }
 # Object sides in pixels: an object spans several 8-px image tokens (the first attempt's 10–14 px
-# objects covered 2–3 tokens and came out as blobs; notes/toy-backbone.md).
+# objects covered 2–3 tokens and came out as blobs).
 SIZES: dict[str, tuple[int, int]] = {"small": (18, 22), "large": (28, 34)}
 POSITIONS: dict[str, float] = {"left": 0.22, "center": 0.5, "right": 0.78}  # x centre as a fraction of width
 PLACE_WORDS = {"left": "on the left", "center": "in the center", "right": "on the right"}
