@@ -201,3 +201,13 @@ def test_heads_train_on_sd3_features_and_annotate_its_generations(tmp_path):
     assert report.samples_written == 2 and report.samples_failed == 0
     seg = next(iter(GeneratedDataset(tmp_path / "out"))).labels["seg"]
     assert seg.shape == (64, 64) and set(np.unique(seg).tolist()) <= set(range(len(CLASSES)))
+
+
+def test_overlong_prompts_are_counted_in_t5_tokens(sd3):
+    """SD3's second tokenizer is CLIP-G's: the backbone counts a prompt's length with its T5 tokenizer (the third)."""
+    assert sd3.t5_tokenizer is sd3.pipe.tokenizer_3 and sd3.t5_tokenizer is not sd3.pipe.tokenizer_2
+    t5 = sd3.pipe.tokenizer_3
+    long_prompt = "a large red circle " * 40
+    n = len(t5(long_prompt).input_ids)
+    assert sd3.overlong_prompts(["a cat", long_prompt], n - 1) == [(1, n)]
+    assert sd3.overlong_prompts(["a cat", long_prompt], n) == []

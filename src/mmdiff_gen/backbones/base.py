@@ -144,8 +144,20 @@ class Backbone(ABC):
     @property
     def max_sequence_length(self) -> int:
         """Text tokens the pipeline should pad to: the T5 tokenizer's limit, at most FLUX's 512."""
-        tok = getattr(self.pipe, "tokenizer_2", None)
-        return int(min(512, getattr(tok, "model_max_length", 512) or 512))
+        return int(min(512, getattr(self.t5_tokenizer, "model_max_length", 512) or 512))
+
+    @property
+    def t5_tokenizer(self) -> Any:
+        """The tokenizer of the long (T5) text input, whose length `max_sequence_length` counts (FLUX: the
+        pipeline's second tokenizer); None when the pipeline has none."""
+        return getattr(self.pipe, "tokenizer_2", None)
+
+    def overlong_prompts(self, prompts: Sequence[str], max_len: int) -> list[tuple[int, int]]:
+        """(prompt index, token count) of the prompts the T5 tokenizer will truncate at `max_len`."""
+        if self.t5_tokenizer is None:
+            return []
+        ids = self.t5_tokenizer(list(prompts), truncation=False, add_special_tokens=True).input_ids
+        return [(i, len(x)) for i, x in enumerate(ids) if len(x) > max_len]
 
     # --- grounding (Seg4Diff) -----------------------------------------------------------------
     def default_grounding(self) -> dict:

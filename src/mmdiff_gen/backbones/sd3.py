@@ -66,8 +66,12 @@ class SD3Backbone(Backbone):
     @property
     def max_sequence_length(self) -> int:
         """T5 tokens after the 77 CLIP tokens: the T5 tokenizer's limit, at most the pipeline's 256."""
-        tok = getattr(self.pipe, "tokenizer_3", None)
-        return int(min(256, getattr(tok, "model_max_length", 256) or 256))
+        return int(min(256, getattr(self.t5_tokenizer, "model_max_length", 256) or 256))
+
+    @property
+    def t5_tokenizer(self):
+        """SD3's T5 is its third text input (the second tokenizer is CLIP-G's); None without it."""
+        return getattr(self.pipe, "tokenizer_3", None)
 
     # Seg4Diff's expert layer of SD3-medium is block 9 of 24: the same relative depth elsewhere.
     GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: round(9 * n_blocks / 24))

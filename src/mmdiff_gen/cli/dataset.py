@@ -94,7 +94,7 @@ def generate(
     with clean_errors(usage=(HeadMismatch, FingerprintMismatch, SettingsError)):
         from ..backbones import load_backbone
         from ..jobs.annotate import Annotator, head_files
-        from ..jobs.dataset_job import GenerateJob, overlong_prompts, run_generate
+        from ..jobs.dataset_job import GenerateJob, run_generate
 
         trained = [t for t in task_list if t != "openseg"]
         heads = heads if heads is not None else DEFAULT_HEADS.get(model)
@@ -137,7 +137,7 @@ def generate(
                           shard_size=shard_size or default_shard_size(kw["height"], kw["width"]),
                           overwrite=overwrite, retry_failed=retry_failed, min_quality=min_quality,
                           write_workers=write_workers, **kw)
-        long = overlong_prompts(bb, texts, job.max_sequence_length)
+        long = bb.overlong_prompts(texts, job.max_sequence_length)
         if long:
             i, n = long[0]
             err.print(f"[yellow]warning:[/] {len(long)} prompt(s) exceed {job.max_sequence_length} text tokens and will be truncated "

@@ -163,15 +163,6 @@ class JobReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def overlong_prompts(backbone: Backbone, prompts: list[str], max_len: int) -> list[tuple[int, int]]:
-    """(prompt index, token count) of prompts the T5 tokenizer will truncate at `max_len`."""
-    tok = getattr(backbone.pipe, "tokenizer_2", None)
-    if tok is None:
-        return []
-    ids = tok(prompts, truncation=False, add_special_tokens=True).input_ids
-    return [(i, len(x)) for i, x in enumerate(ids) if len(x) > max_len]
-
-
 def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annotator: Annotator, dtype: str) -> dict:
     """dataset.json: the effective config, the input fingerprint and what a reader needs to decode labels."""
     heads = annotator.identity()
