@@ -65,28 +65,25 @@ def test_compiled_capture_equals_eager_without_recompiles_per_step(mode):
     assert np.array_equal(plain, first.images)
 
 
-def test_compiled_sd3_with_cfg_in_batch():
-    bb = wrap_pipeline(build_tiny_sd3(seed=0), name="tiny-sd3")
-    spec = CaptureSpec(concepts=("object", "background"), layers=(0, 1), store_dtype="float32")
-    kw = dict(KW, guidance_scale=4.0)
+def _compiled_matches_eager(bb, spec, mode, **kw):
     eager = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)
-    compile_backbone(bb, "transformer", backend="aot_eager")
+    compile_backbone(bb, mode, backend="aot_eager")
     ours = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)
     assert np.array_equal(ours.images, eager.images)
     assert torch.allclose(ours.capture.features, eager.capture.features, atol=1e-5)
     assert torch.allclose(ours.capture.concept_maps, eager.capture.concept_maps, atol=1e-5)
 
 
+def test_compiled_sd3_with_cfg_in_batch():
+    bb = wrap_pipeline(build_tiny_sd3(seed=0), name="tiny-sd3")
+    spec = CaptureSpec(concepts=("object", "background"), layers=(0, 1), store_dtype="float32")
+    _compiled_matches_eager(bb, spec, "transformer", **dict(KW, guidance_scale=4.0))
+
+
 def test_toy_backbone_compiled_by_blocks():
     toy = load_backbone("toy", dtype=torch.float32, device="cpu")
     spec = CaptureSpec.for_tasks(["seg", "depth"], store_dtype="float32")
-    kw = dict(height=64, width=64, num_inference_steps=8, output_type="np")
-    eager = generate(toy, PROMPTS, spec, seeds=SEEDS, **kw)
-    compile_backbone(toy, "blocks", backend="aot_eager")
-    ours = generate(toy, PROMPTS, spec, seeds=SEEDS, **kw)
-    assert np.array_equal(ours.images, eager.images)
-    assert torch.allclose(ours.capture.features, eager.capture.features, atol=1e-5)
-    assert torch.allclose(ours.capture.concept_maps, eager.capture.concept_maps, atol=1e-5)
+    _compiled_matches_eager(toy, spec, "blocks", height=64, width=64, num_inference_steps=8, output_type="np")
 
 
 def test_compiled_before_the_hooks_existed_is_refused_in_one_line():

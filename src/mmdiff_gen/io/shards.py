@@ -372,14 +372,20 @@ class ShardClaim:
             self.path.unlink(missing_ok=True)
 
 
+def _tagged_by_dead_process(name: str, before: str = ".") -> bool:
+    """Whether `name` ends in `{before}HOST.PID` (`tmp_tag`'s form) naming a process of this host that is
+    gone. Another node's processes cannot be judged here: their files are left alone."""
+    tail = f"{before}{_HOST}."
+    i = name.rfind(tail)
+    pid = name[i + len(tail) :] if i >= 0 else ""
+    return pid.isdigit() and not _pid_alive(int(pid))
+
+
 def remove_dead_temporaries(root: Path) -> None:
-    """Delete the hidden temporary files of this host's dead processes (`.NAME.HOST.PID.tmp`). Another
-    node's temporaries cannot be judged here and are left alone: readers never look at them."""
-    tail = f".{_HOST}."
+    """Delete the hidden temporary files (`.NAME.HOST.PID.tmp`) of this host's dead processes; readers
+    never look at temporaries, so another node's stay until a run there removes them."""
     for p in Path(root).glob(".*.tmp"):
-        i = p.name.rfind(tail)
-        pid = p.name[i + len(tail) : -len(".tmp")] if i >= 0 else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if _tagged_by_dead_process(p.name[: -len(".tmp")]):
             p.unlink(missing_ok=True)
 
 
@@ -411,19 +417,14 @@ def _move_back(root: Path, old: Path) -> None:
             os.replace(p, root / p.name)
 
 
-def _finish_replacement(root: Path, old: Path) -> None:
-    _move_back(root, old)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def recover_replacements(root: Path) -> None:
     """Finish the replacements of `root` that a dead process left half done (see `clear_dataset`)."""
     root = Path(root)
     for old in root.parent.glob(f".{root.name}{_REPLACED}*"):
-        host, _, pid = old.name.rpartition(_REPLACED)[2].rpartition(".")
-        if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+        if _tagged_by_dead_process(old.name, before="-"):  # `.DIR.replaced-HOST.PID`
             root.mkdir(exist_ok=True)  # it died between renaming the folder away and making the new one
-            _finish_replacement(root, old)
+            _move_back(root, old)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def clear_dataset(root: Path) -> Path | None:

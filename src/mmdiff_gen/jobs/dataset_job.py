@@ -404,7 +404,7 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
 
 def _finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None) -> bool:
     """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
-    st = read_stats(job.out, shard, info["fingerprint"])
+    st = _marker(job.out, shard, info["fingerprint"])
     if st is None:
         return False
     if shard_problem(job.out, st) is not None:
