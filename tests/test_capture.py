@@ -118,3 +118,20 @@ def test_pinned_pool_reuses_a_buffer_only_once_nothing_refers_to_it(monkeypatch)
     assert pool.get((2, 3), torch.float32).data_ptr() != ptr
     del row
     assert pool.get((2, 3), torch.float32).data_ptr() == ptr  # nothing refers to it any more: reused
+
+
+def test_joint_block_features_are_the_double_stream_image_outputs(tiny, recorder):
+    # The paper's Table 5 first row reads FLUX's double-stream blocks: `blocks="joint"` indexes those.
+    spec = CaptureSpec(layers=(0, 1), blocks="joint", sigmas=(0.52, 0.001), store_dtype="float32")
+    rec = recorder(tiny.transformer, tiny.joint_blocks)
+    cap = generate(tiny, PROMPTS, spec, seeds=SEEDS, **KW).capture
+    assert cap.layers == (0, 1) and cap.features.shape[:3] == (2, 2, 2)
+    for j, target in enumerate(spec.sigmas):
+        call = next(k for k, s in enumerate(rec.sigmas) if abs(float(s[0]) - target) < 1e-6)
+        for slot in range(2):
+            assert torch.equal(cap.features[:, slot, j], rec.outputs[call][slot])
+    assert tiny.default_layers(blocks="joint") == (0, 1)  # two double-stream blocks: both
+    with pytest.raises(ValueError, match="out of range"):
+        generate(tiny, PROMPTS, CaptureSpec(layers=(len(tiny.joint_blocks),), blocks="joint"), seeds=SEEDS, **KW)
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        CaptureSpec(blocks="double")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmdiff_gen.capture import CONCEPT_SETS, PAPER_SIGMAS
-from mmdiff_gen.heads.checkpoint import HeadMeta, save_head
+from mmdiff_gen.heads.checkpoint import HeadMeta, HeadMismatch, save_head
 from mmdiff_gen.heads.model import HeadConfig, MMDiffHead
 from mmdiff_gen.io.dataset import GeneratedDataset
 from mmdiff_gen.jobs.annotate import Annotator, head_files
@@ -20,9 +20,9 @@ from mmdiff_gen.toy.world import CLASSES, PALETTE
 PROMPTS = ["a large red circle on the left", "a small blue star on the right", "a large yellow square in the center"]
 
 
-def make_heads(backbone, folder, tasks=("seg", "saliency", "depth")):
+def make_heads(backbone, folder, tasks=("seg", "saliency", "depth"), blocks="feature"):
     """Untrained but complete head files for `backbone` (the job's plumbing does not need trained weights)."""
-    layers = list(backbone.default_layers())
+    layers = list(backbone.default_layers(blocks=blocks))
     for task in tasks:
         cfg = HeadConfig(task=task, feature_dim=backbone.feature_dim, num_layers=len(layers), num_timesteps=4,
                          num_concepts=len(CONCEPT_SETS[task]), num_classes=len(CLASSES) if task == "seg" else 1,
@@ -30,7 +30,8 @@ def make_heads(backbone, folder, tasks=("seg", "saliency", "depth")):
         torch.manual_seed(0)
         meta = HeadMeta(config=cfg, backbone=backbone.identity(), layers=layers, sigmas=list(PAPER_SIGMAS),
                         concepts=list(CONCEPT_SETS[task]), classes=list(CLASSES) if task == "seg" else [task],
-                        palette=[list(c) for c in PALETTE], depth_unit="metre" if task == "depth" else "")
+                        palette=[list(c) for c in PALETTE], depth_unit="metre" if task == "depth" else "",
+                        blocks=blocks)
         save_head(folder / f"{task}.safetensors", MMDiffHead(cfg), meta)
     return folder
 
@@ -562,3 +563,17 @@ def test_pipelined_writer_keeps_order_and_bounds_what_is_pending(tmp_path):
     with tarfile.open(tmp_path / "00000.tar") as t:
         assert [t.extractfile(m).read() for m in t] == [str(i).encode() for i in range(30)]
     assert peak[0] <= 3  # never more encodes at once than threads; puts block when 2 are pending
+
+
+def test_heads_on_double_stream_blocks_generate_and_do_not_mix(tiny, tmp_path):
+    joint = make_heads(tiny, tmp_path / "joint", tasks=("seg", "depth"), blocks="joint")
+    ann = Annotator(head_files(joint, ["seg", "depth"]), tiny.identity())
+    assert ann.spec().blocks == "joint" and ann.spec().layers == tiny.default_layers(blocks="joint")
+    report = run_generate(tiny, ann, PROMPTS[:1], job(tmp_path / "ds", tasks=("seg", "depth"), images_per_prompt=1),
+                          progress=False)
+    assert report.samples_written == 1
+    ds = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert ds["heads"]["seg"]["blocks"] == "joint"
+    single = make_heads(tiny, tmp_path / "single", tasks=("saliency",))
+    with pytest.raises(HeadMismatch, match="different blocks"):
+        Annotator({"seg": joint / "seg.safetensors", "saliency": single / "saliency.safetensors"}, tiny.identity())

@@ -98,6 +98,12 @@ class Backbone(ABC):
     def joint_blocks(self) -> nn.ModuleList:
         """The multi-modal (text + image) blocks that carry the concept stream."""
 
+    def blocks(self, kind: str) -> nn.ModuleList:
+        """The block list capture layers index: "feature" (feature_blocks) or "joint" (joint_blocks)."""
+        if kind not in ("feature", "joint"):
+            raise ValueError(f"blocks must be feature or joint, got {kind!r}")
+        return self.feature_blocks if kind == "feature" else self.joint_blocks
+
     @property
     def attention_blocks(self) -> list[nn.Module]:
         """Every block that mixes text and image, in forward order (the text-attention layer index)."""
@@ -111,7 +117,7 @@ class Backbone(ABC):
 
     @abstractmethod
     def image_tokens(self, block_output: Any) -> torch.Tensor:
-        """The (B, N, C) image tokens out of one feature block's output."""
+        """The (B, N, C) image tokens out of one feature (or joint) block's output."""
 
     @abstractmethod
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
@@ -229,14 +235,15 @@ class Backbone(ABC):
             raise ValueError(f"height and width must be multiples of {p} for this backbone, got {height}×{width}")
         return height // p, width // p
 
-    def default_layers(self, count: int = 4) -> tuple[int, ...]:
-        """`count` feature blocks spread across depth, as the paper's {4, 15, 26, 37} of 38.
+    def default_layers(self, count: int = 4, blocks: str = "feature") -> tuple[int, ...]:
+        """`count` blocks of the `blocks` list spread across depth, as the paper's {4, 15, 26, 37} of 38.
 
-        Evenly spaced from round(4/38 · n) to n − 1, which gives exactly {4, 15, 26, 37} at n = 38.
+        Evenly spaced from round(4/38 · n) to n − 1, which gives exactly {4, 15, 26, 37} at n = 38. The
+        backbone's recommended `capture_layers` (mmdiff.json) are feature blocks.
         """
-        if self.settings.get("capture_layers"):
+        if self.settings.get("capture_layers") and blocks == "feature":
             return tuple(self.settings["capture_layers"])
-        n = len(self.feature_blocks)
+        n = len(self.blocks(blocks))
         if n <= count:
             return tuple(range(n))
         first = max(0, round(4 * n / 38))

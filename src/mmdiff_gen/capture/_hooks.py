@@ -11,7 +11,7 @@ disarms at its end, so the unconditional second call of FLUX's true CFG runs una
 armed call reads a value back to the host. Hooks compute on every row of the call; the caller picks
 the conditional rows afterwards (`take`). What an armed call records:
 
-    ("feat", i)        (R, N, C) image tokens of feature block i
+    ("feat", i)        (R, N, C) image tokens of feature block i (or joint block i: Config.feature_blocks)
     ("concepts", j)    (R, N, K) concept maps of joint block j (MMDiff eq. 4), j in the concept layers
     ("cross", j)       (R, N) averaged image→prompt attention of joint block j
     ("text", a)        (R, N, S) image→text attention per text token of attention block a
@@ -38,7 +38,8 @@ class Config:
     """What armed calls record (constant over a capture; compiled graphs guard on these values).
 
     Args:
-        feature_layers: feature-block indices whose image tokens are kept.
+        feature_layers: indices (into the `feature_blocks` list) of the blocks whose image tokens are kept.
+        feature_blocks: "feature" or "joint": which of the backbone's block lists feature_layers index.
         concept_depth: the concept stream runs through joint blocks 0..concept_depth−1 (0: no stream).
         concept_layers: joint blocks whose concept (and cross-attention) maps are kept.
         init: (K, C) initial concept tokens, or None (cross-attention only).
@@ -48,6 +49,7 @@ class Config:
     """
 
     feature_layers: tuple[int, ...] = ()
+    feature_blocks: str = "feature"
     concept_depth: int = 0
     concept_layers: tuple[int, ...] = ()
     init: torch.Tensor | None = None
@@ -204,8 +206,9 @@ class CaptureHooks:
             if not self.armed:
                 return
             cfg = self.config
-            if w.feature is not None and w.feature in cfg.feature_layers:
-                self.out[("feat", w.feature)] = self.backbone.image_tokens(output)  # (R, N, C)
+            i = w.feature if cfg.feature_blocks == "feature" else w.joint
+            if i is not None and i in cfg.feature_layers:
+                self.out[("feat", i)] = self.backbone.image_tokens(output)  # (R, N, C)
             needs_projections = (w.joint is not None and w.joint < cfg.concept_depth) or (
                 w.attention is not None and w.attention in cfg.text_layers)
             if needs_projections and "to_k" not in self._scratch:

@@ -111,10 +111,10 @@ class Capture:
         self.backbone = backbone
         self.spec = spec
         self.grid = backbone.token_grid(height, width)
-        self.layers = spec.layers if spec.layers is not None else backbone.default_layers()
+        self.layers = spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)
         self.concept_layers = spec.concept_layers if spec.concept_layers is not None else backbone.default_concept_layers()
         self.planned = planned
-        for name, layers, blocks in (("capture", self.layers, backbone.feature_blocks),
+        for name, layers, blocks in (("capture", self.layers, backbone.blocks(spec.blocks)),
                                      ("concept", self.concept_layers, backbone.joint_blocks),
                                      ("text-attention", spec.text_attention_layers, backbone.attention_blocks)):
             if layers and max(layers) >= len(blocks):
@@ -131,6 +131,7 @@ class Capture:
         self.hooks = prepare(backbone)
         self.config = Config(
             feature_layers=tuple(self.layers),
+            feature_blocks=spec.blocks,
             concept_depth=max(self.concept_layers) + 1 if stream else 0,
             concept_layers=tuple(self.concept_layers) if stream else (),
             init=backbone.encode_concepts(spec.concepts) if spec.concepts else None,

@@ -17,6 +17,7 @@ CONCEPT_SETS: dict[str, tuple[str, ...]] = {
     "depth": ("depth", "surface", "object", "near", "far"),
 }
 
+BLOCKS = ("feature", "joint")  # what CaptureSpec.layers may index (Backbone.blocks)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -32,8 +33,11 @@ class CaptureSpec:
     """What one generation pass (or real-image extraction) records.
 
     Args:
-        layers: feature-block indices (FLUX: single-stream blocks); None = the backbone's default
-            spread (FLUX.1-dev: 4, 15, 26, 37).
+        layers: indices into the `blocks` list; None = the backbone's default spread (FLUX.1-dev's
+            single-stream blocks: 4, 15, 26, 37).
+        blocks: which blocks `layers` index: "feature" (the backbone's feature blocks: FLUX's
+            single-stream blocks) or "joint" (its text-image blocks: FLUX's double-stream blocks, the
+            paper's Table 5 first row; for SD3 both are its joint blocks).
         sigmas: target sigmas, noisiest first after normalisation (paper: 0.78, 0.52, 0.26, 0.001).
         store_dtype: "bfloat16" (default: FLUX's massive activations overflow float16), "float16"
             or "float32".
@@ -47,6 +51,7 @@ class CaptureSpec:
     """
 
     layers: tuple[int, ...] | None = None
+    blocks: str = "feature"
     sigmas: tuple[float, ...] = PAPER_SIGMAS
     store_dtype: str = "bfloat16"
     store_device: str | None = None
@@ -62,6 +67,8 @@ class CaptureSpec:
         if len(sig) != len(self.sigmas):
             raise ValueError(f"sigmas must be distinct, got {self.sigmas}")
         object.__setattr__(self, "sigmas", sig)
+        if self.blocks not in BLOCKS:
+            raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {self.blocks!r}")
         if self.store_dtype not in _DTYPES:
             raise ValueError(f"store_dtype must be one of {', '.join(_DTYPES)}, got {self.store_dtype!r}")
         for name in ("layers", "concept_layers", "text_attention_layers"):

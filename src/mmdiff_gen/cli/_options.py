@@ -64,6 +64,13 @@ def check_runtime(offload: str, storage: str, device: str) -> None:
         check(offload, storage, device=device)
 
 
+# As capture.spec.BLOCKS names them (a test keeps the two equal).
+BLOCK_LISTS = ("feature", "joint")
+Blocks = Annotated[str, typer.Option(
+    help="Blocks whose image tokens are the features: feature (FLUX: single-stream) or joint (FLUX: double-stream).",
+    callback=lambda v: _one_of(v, BLOCK_LISTS, "--blocks"))]
+
+
 Compile = Annotated[str, typer.Option(
     "--compile", help="torch.compile the transformer, capture hooks inside: off, blocks (each block class once: "
                       "fast warm-up) or transformer (one graph).")]

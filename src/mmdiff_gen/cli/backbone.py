@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import (Compile, Device, Dtype, Model, Offload, Storage, check_compile, check_runtime, compile_if,
+from ._options import (Blocks, Compile, Device, Dtype, Model, Offload, Storage, check_compile, check_runtime, compile_if,
                        output_file, read_prompts, resolve_device, torch_dtype, worker)
 
 out = Console()
@@ -97,7 +97,8 @@ def capture(
     steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation, else 28].")] = None,
     guidance: Annotated[float | None, typer.Option(help="FLUX distilled guidance [recommendation, else 3.5].")] = None,
     true_cfg: Annotated[float | None, typer.Option(help="True CFG scale, 1 = off [recommendation, else 1].")] = None,
-    layers: Annotated[str | None, typer.Option(help="Feature-block indices, comma-separated (default: spread).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Block indices, comma-separated (default: spread).")] = None,
+    blocks: Blocks = "feature",
     sigmas: Annotated[str, typer.Option(help="Target sigmas, comma-separated.")] = "0.78,0.52,0.26,0.001",
     concepts: Annotated[str | None, typer.Option(help="Task name (seg, saliency, depth) or comma-separated words.")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
@@ -123,7 +124,7 @@ def capture(
 
     check_compile(compile)
     with clean_errors():
-        spec = CaptureSpec(layers=_layers(layers), sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
+        spec = CaptureSpec(layers=_layers(layers), blocks=blocks, sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
         bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
         compile_if(bb, compile)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,

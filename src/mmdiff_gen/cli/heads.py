@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import (Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_runtime, output_file,
+from ._options import (Blocks, Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_runtime, output_file,
                        parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
 
 out = Console()
@@ -37,7 +37,7 @@ def _build_cache(data: str, split: str | None, size: int | None, captions: Path 
                  tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int | None, seed: int,
                  device: str, dtype: str, dino: Path | None = None, offload: str = "none", storage: str = "full",
                  max_shard_bytes: int | None = None, wait: bool = True,
-                 env: dict[str, str] | None = None) -> tuple[int, int, int]:
+                 env: dict[str, str] | None = None, blocks: str = "feature") -> tuple[int, int, int]:
     """Real-image-mode features of a dataset into a resumable cache, this worker's shards (shard s is worker
     s mod W's, rank and world size read from `env`); with `wait`, then waits for the other workers' shards.
     Returns (samples, rank, world size)."""
@@ -52,7 +52,7 @@ def _build_cache(data: str, split: str | None, size: int | None, captions: Path 
                   highlight=False, soft_wrap=True)
     ds = open_dataset(data, split=split, size=size, captions=captions)
     bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
-    spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu")
+    spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
     features = None
     if dino is not None:
         from ..backbones.dino import DinoFeatures
@@ -74,6 +74,7 @@ def extract(
     model: Model = "toy",
     tasks: Annotated[str, typer.Option(help="Tasks whose paper concept sets are captured.")] = "seg,saliency,depth",
     cross_attention: Annotated[bool, typer.Option(help="Also store averaged cross-attention maps.")] = False,
+    blocks: Blocks = "feature",
     batch_size: Annotated[int, typer.Option(help="Images per transformer forward (× number of sigmas).")] = 16,
     shard_size: Annotated[int | None, typer.Option(help="At most this many samples per shard [as many as "
                                                         "--max-shard-bytes holds].")] = None,
@@ -99,7 +100,8 @@ def extract(
     check_runtime(offload, storage, resolve_device(device))
     with clean_errors():
         n, r, w = _build_cache(data, split, size, captions, out_dir, model, task_list, cross_attention, batch_size,
-                               shard_size, seed, device, dtype, dino, offload, storage, max_bytes, wait=False)
+                               shard_size, seed, device, dtype, dino, offload, storage, max_bytes, wait=False,
+                               blocks=blocks)
     if w > 1:
         out.print(f"worker {r} of {w}: its shards of the feature cache of {n} samples in {out_dir} are done "
                   "(the cache is complete once every worker is)", highlight=False, soft_wrap=True)

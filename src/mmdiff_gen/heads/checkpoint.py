@@ -29,6 +29,7 @@ class HeadMeta:
         config: the head's constructor arguments.
         backbone: identity of the backbone it was trained on (family, name, config_sha256).
         layers: capture layers, in the order of the features' L axis.
+        blocks: the block list the layers index ("feature", or "joint": CaptureSpec.blocks).
         sigmas: capture sigmas, in the order of the T axis.
         concepts: concept words, in the order of the concept maps' K axis.
         classes: class names (segmentation) or [task] for one-channel heads.
@@ -51,6 +52,7 @@ class HeadMeta:
     depth_unit: str = ""
     side: str = "concepts"
     dino: dict = field(default_factory=dict)
+    blocks: str = "feature"  # files written before joint-block features existed read feature blocks
 
     def timestep_indices(self, captured: list[float]) -> tuple[int, ...]:
         """Indices of this head's sigmas among a capture's sigmas; HeadMismatch if one is missing."""

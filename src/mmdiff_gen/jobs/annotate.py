@@ -117,7 +117,12 @@ class Annotator:
                 dino.check(meta.dino, f"the {task} head")
             self.heads[task] = _Head(model, meta, Path(path))
         metas = [h.meta for h in self.heads.values()]
-        # One capture serves every head: the union of their layers, sigmas and concepts.
+        # One capture serves every head: the union of their layers, sigmas and concepts, of one block list.
+        blocks = {m.blocks for m in metas}
+        if len(blocks) > 1:
+            raise HeadMismatch(f"these heads read different blocks ({', '.join(sorted(blocks))}): one generation "
+                               "pass captures one block list; use heads trained on the same one")
+        self.blocks = blocks.pop() if blocks else "feature"
         self.layers = tuple(sorted({i for m in metas for i in m.layers}))
         sigmas = {s for m in metas for s in m.sigmas} | ({openseg.sigma} if openseg else set())
         self.sigmas = tuple(sorted(sigmas, reverse=True))
@@ -133,14 +138,15 @@ class Annotator:
 
     def spec(self, store_dtype: str = "bfloat16") -> CaptureSpec:
         """What the generation pass must capture for these heads (kept on the backbone's device)."""
-        return CaptureSpec(layers=self.layers or (0,), sigmas=self.sigmas, concepts=self.concepts,
+        return CaptureSpec(layers=self.layers or (0,), blocks=self.blocks, sigmas=self.sigmas, concepts=self.concepts,
                            cross_attention=self.cross, store_dtype=store_dtype,
                            text_attention_layers=(self.openseg.layer,) if self.openseg else ())
 
     def identity(self) -> dict:
         """Per task: the file name and sha256, what it reads, and the metrics it reports (openseg: its config)."""
         extra = {"openseg": {"sha256": "", **self.openseg.to_dict()}} if self.openseg else {}
-        return extra | {t: {"file": h.path.name, "sha256": _sha256(h.path), "classes": h.meta.classes, "layers": h.meta.layers,
+        return extra | {t: {"file": h.path.name, "sha256": _sha256(h.path), "classes": h.meta.classes,
+                            "layers": h.meta.layers, "blocks": h.meta.blocks,
                     "sigmas": h.meta.sigmas, "concepts": h.meta.concepts, "side": h.meta.side,
                     "dino": h.meta.dino, "metrics": h.meta.metrics} for t, h in self.heads.items()}
 

@@ -425,7 +425,7 @@ def _check_settings(backbone: Backbone, annotator: Annotator, job: GenerateJob) 
     except ValueError as e:
         raise SettingsError(str(e)) from None
     spec = annotator.spec(store_dtype=job.store_dtype)
-    for name, layers, blocks in (("capture", spec.layers, backbone.feature_blocks),
+    for name, layers, blocks in (("capture", spec.layers, backbone.blocks(spec.blocks)),
                                  ("openseg", spec.text_attention_layers, backbone.attention_blocks)):
         if layers and max(layers) >= len(blocks):
             raise SettingsError(f"{name} layer {max(layers)} out of range: the backbone has {len(blocks)} such blocks")

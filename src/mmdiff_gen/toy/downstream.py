@@ -62,8 +62,9 @@ class DownstreamConfig:
         regimes: numbers of labelled real renders.
         synthetic: generated images (one pass, shared by every regime and label source).
         eval_scenes: held-out renders every downstream model is scored on (the heads' validation set).
-        head_steps: optimiser steps of each MMDiff / t ≈ 0 head (batch 32; epochs follow from N).
-        steps: downstream steps from scratch (real only, synthetic only), batch `batch`.
+        head_steps: optimiser steps of each MMDiff / t ≈ 0 head (epochs follow from N and `batch`).
+        steps: downstream steps from scratch (real only, synthetic only).
+        batch: samples per step of every training (heads and downstream models).
         finetune_steps: real fine-tuning steps after synthetic pretraining, at `finetune_lr`.
         width: the downstream U-Net's first-stage width (the oracle's architecture; the oracle is 32).
         drop_worst: fraction of generated samples the quality filter drops.
@@ -235,7 +236,7 @@ def _train_heads(bb, work: Path, real: SceneArrays, n: int, cfg: DownstreamConfi
     """MMDiff and t ≈ 0 heads on the first n real renders; {kind: heads folder}."""
     spec = CaptureSpec.for_tasks(TASKS, store_device="cpu")
     cache = FeatureCache(build_cache(bb, _samples(real, n, REAL_SEED), spec, work / f"cache_{n}", batch_size=64))
-    epochs = max(1, math.ceil(cfg.head_steps / math.ceil(n / 32)))
+    epochs = max(1, math.ceil(cfg.head_steps / math.ceil(n / cfg.batch)))
     folders = {}
     for kind, timesteps in HEAD_KINDS.items():
         folder = work / f"heads_{n}" / kind
@@ -244,7 +245,7 @@ def _train_heads(bb, work: Path, real: SceneArrays, n: int, cfg: DownstreamConfi
             if out.is_file():
                 continue
             _log(f"heads {kind}, N={n}: {task} ({epochs} epochs)")
-            tc = TrainConfig(task=task, epochs=epochs, batch_size=32, lr=1e-3, head=TOY_HEAD, timesteps=timesteps,
+            tc = TrainConfig(task=task, epochs=epochs, batch_size=cfg.batch, lr=1e-3, head=TOY_HEAD, timesteps=timesteps,
                              seed=cfg.seed)
             train_head(cache, tc, out, classes=list(CLASSES), eval_cache=val,
                        depth_unit="metre" if task == "depth" else "")
@@ -293,6 +294,10 @@ def _generate(bb, work: Path, cfg: DownstreamConfig, annotators: dict[str, Annot
     return {src: Labelled(cat["images"], cat.get(f"{src}/seg", cat.get(f"{src}/openseg")), cat.get(f"{src}/saliency"),
                           None if f"{src}/depth" not in cat else cat[f"{src}/depth"].astype(np.float32),
                           cat.get(f"{src}/score")) for src in sources}
+
+
+def _without_train(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "train"}  # a head file's metrics also record its training
 
 
 def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model: str = "toy",
@@ -347,7 +352,7 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
     for n in cfg.regimes:
         real_n = Labelled.real(real, n)
         r = report["regimes"][str(n)] = {
-            "heads on held-out renders": {kind: {task: read_meta(folder / f"{task}.safetensors").metrics.get(task, {})
+            "heads on held-out renders": {kind: {task: _without_train(read_meta(folder / f"{task}.safetensors").metrics)
                                                  for task in TASKS} for kind, folder in heads[n].items()},
             "labels vs oracle": {}, "downstream": {"real only": score(runs / f"real_{n}.safetensors", held, device=device)}}
         sources = {"mmdiff": synthetic[f"mmdiff_{n}"], "t0": synthetic[f"t0_{n}"], "pixel": synthetic[f"pixel_{n}"],
@@ -372,4 +377,4 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
     lap("downstream training", t)
     report["seconds"] = times | {"total (this invocation)": round(time.time() - t_start, 1)}
     _write_json(work / "report.json", report)
-    return report
+    return json.loads(json.dumps(report))  # what report.json holds (lists, not tuples)

@@ -128,7 +128,7 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         "backbone": backbone.identity(),
         "spec": spec.to_dict(),
         "grid": list(backbone.token_grid(h, w)),
-        "layers": list(spec.layers if spec.layers is not None else backbone.default_layers()),
+        "layers": list(spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)),
         "image_size": [h, w],
         "count": len(samples),
         "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],

@@ -175,7 +175,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         spec = cache.spec
         idx = list(range(len(spec.sigmas))) if cfg.timesteps is None else list(cfg.timesteps)
         meta = HeadMeta(
-            config=ema.config, backbone=cache.manifest["backbone"], layers=list(cache.layers),
+            config=ema.config, backbone=cache.manifest["backbone"], layers=list(cache.layers), blocks=spec.blocks,
             sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if cfg.side in ("concepts", "both") else [],
             classes=list(classes) if cfg.task == "seg" else [cfg.task], palette=[list(p) for p in (palette or [])],
             metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}},
