@@ -110,16 +110,26 @@ def ablation(
     work: Annotated[Path | None, typer.Option(help="Scenes and feature caches [~/.cache/mmdiff-gen/toy-ablation].")] = None,
     train_scenes: Annotated[int, typer.Option()] = 1000,
     val_scenes: Annotated[int, typer.Option()] = 500,
-    epochs: Annotated[int, typer.Option()] = 4,
-    report: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
+    budgets: Annotated[str, typer.Option(help="Epochs at which every head is scored, comma-separated (later "
+                                              "budgets continue the earlier runs).")] = "4,12",
+    seeds: Annotated[int, typer.Option(help="Seeds per row (mean ± std).")] = 3,
+    report: Annotated[Path | None, typer.Option(help="Write the summary as JSON here.")] = None,
 ) -> None:
-    """The paper's Table 5 on the toy world: single t ≈ 0, + cross-attention, + concepts, multi-t, mean fusion."""
-    from ..toy.heads_recipe import run_ablation
+    """The paper's Table 5 on the toy world — double-stream t ≈ 0, single-stream t ≈ 0, + cross-attention,
+    + concepts, multi-t, mean fusion — with per-class, boundary / interior figures and the mixing weights α."""
+    from ..toy.ablation import run_ablation
 
+    try:
+        epochs = tuple(int(x) for x in budgets.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated integers expected, got {budgets!r}", param_hint="'--budgets'") from None
+    if min(epochs) < 1 or seeds < 1:
+        fail("--budgets and --seeds must be ≥ 1", code=2)
     if report is not None:
         output_file(report, "--report")
     with clean_errors():
-        table = run_ablation(work or _ABLATION_WORK, train_scenes=train_scenes, val_scenes=val_scenes, epochs=epochs)
+        table = run_ablation(work or _ABLATION_WORK, train_scenes=train_scenes, val_scenes=val_scenes, budgets=epochs,
+                             seeds=tuple(range(seeds)))
     out.print(json.dumps(table, indent=1))
     if report is not None:
         report.write_text(json.dumps(table, indent=1))

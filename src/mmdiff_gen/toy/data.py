@@ -51,15 +51,21 @@ def load_or_render(cache: Path, start: int, n: int) -> SceneArrays:
     return arrays
 
 
-def boundary_weight(seg: np.ndarray, extra: float) -> np.ndarray:
-    """(N, H, W) float32: 1 + extra on pixels whose 3×3 neighbourhood holds another class."""
-    pad = np.pad(seg, ((0, 0), (1, 1), (1, 1)), mode="edge")
+def boundary_mask(seg: np.ndarray, radius: int = 1) -> np.ndarray:
+    """(N, H, W) bool: pixels whose (2·radius + 1)² neighbourhood holds another class."""
+    r = radius
+    pad = np.pad(seg, ((0, 0), (r, r), (r, r)), mode="edge")
     edge = np.zeros(seg.shape, bool)
     h, w = seg.shape[1:]
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
             edge |= pad[:, dy : dy + h, dx : dx + w] != seg
-    return 1.0 + extra * edge.astype(np.float32)
+    return edge
+
+
+def boundary_weight(seg: np.ndarray, extra: float) -> np.ndarray:
+    """(N, H, W) float32: 1 + extra on pixels whose 3×3 neighbourhood holds another class."""
+    return 1.0 + extra * boundary_mask(seg, 1).astype(np.float32)
 
 
 def class_fractions(seg: torch.Tensor, h: int, w: int) -> torch.Tensor:

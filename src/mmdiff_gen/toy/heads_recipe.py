@@ -1,10 +1,9 @@
-"""The toy backbone's default heads and the paper's ablation (Table 5), trained on exact toy-world labels."""
+"""The toy backbone's default heads, trained on exact toy-world labels (and the caches the ablation shares)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,21 +24,15 @@ TASKS = ("seg", "saliency", "depth")
 # a head's training to minutes on two CPU cores.
 TOY_HEAD = (("decoder_channels", 32),)
 
-# MMDiff Table 5, on the toy world. Sigma index 3 is t = 0.001 (capture orders sigmas noisiest first).
-ABLATIONS = {
-    "single-stream, t ≈ 0 only": dict(timesteps=(3,), side="none"),
-    "+ averaged cross-attention (t ≈ 0)": dict(timesteps=(3,), side="cross"),
-    "+ concept attention (t ≈ 0)": dict(timesteps=(3,), side="concepts"),
-    "multi-timestep + concept attention": dict(side="concepts"),
-    "multi-timestep (plain mean) + concept attention": dict(side="concepts", fusion="mean"),
-}
 
-
-def toy_caches(work: Path, train_scenes: int, val_scenes: int, model: str = "toy") -> tuple[FeatureCache, FeatureCache]:
-    """Render train / val scenes and extract their feature caches (both resumable)."""
+def toy_caches(work: Path, train_scenes: int, val_scenes: int, model: str = "toy",
+               blocks: str = "feature") -> tuple[FeatureCache, FeatureCache]:
+    """Render train / val scenes and extract their feature caches (both resumable); `blocks="joint"`: features
+    of the double-stream blocks (caches *_cache_joint, same scenes)."""
     work = Path(work)
     bb = load_backbone(model, dtype=torch.float32, device="cpu")
-    spec = CaptureSpec.for_tasks(TASKS, cross_attention=True, store_device="cpu")
+    spec = CaptureSpec.for_tasks(TASKS, cross_attention=True, store_device="cpu", blocks=blocks)
+    suffix = "" if blocks == "feature" else f"_{blocks}"
     caches = []
     for split, seed, n in (("train", TRAIN_SEED, train_scenes), ("val", VAL_SEED, val_scenes)):
         data = work / f"{split}_scenes"
@@ -47,8 +40,8 @@ def toy_caches(work: Path, train_scenes: int, val_scenes: int, model: str = "toy
             if data.exists():
                 shutil.rmtree(data)
             write_scenes(data, n, seed)
-        build_cache(bb, FilesDataset(data), spec, work / f"{split}_cache", batch_size=64)
-        caches.append(FeatureCache(work / f"{split}_cache"))
+        build_cache(bb, FilesDataset(data), spec, work / f"{split}_cache{suffix}", batch_size=64)
+        caches.append(FeatureCache(work / f"{split}_cache{suffix}"))
     return caches[0], caches[1]
 
 
@@ -68,18 +61,3 @@ def train_toy_heads(work: Path, *, train_scenes: int = 2000, val_scenes: int = 5
         result[task] = read_meta(out / f"{task}.safetensors").metrics  # what the file itself records
         report.write_text(json.dumps(result, indent=1))
     return result
-
-
-def run_ablation(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500, epochs: int = 4,
-                 tasks: tuple[str, ...] = TASKS) -> dict:
-    """Every ablation row × task, same data, epochs and seed; heads go to work/ablation/."""
-    train, val = toy_caches(work, train_scenes, val_scenes)
-    classes = train.manifest["classes"]
-    table: dict = {}
-    for name, kw in ABLATIONS.items():
-        for task in tasks:
-            cfg = replace(TrainConfig(task=task, epochs=epochs, batch_size=32, lr=1e-3, head=TOY_HEAD), **kw)
-            slug = "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
-            table.setdefault(name, {})[task] = train_head(
-                train, cfg, Path(work) / "ablation" / f"{slug}_{task}.safetensors", classes=classes, eval_cache=val)
-    return table
