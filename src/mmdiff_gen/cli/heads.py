@@ -155,8 +155,12 @@ def train(
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
     if eval_data is not None and eval_cache is None:
         fail("--eval-data needs --eval-cache (the folder its features go to)", code=2)
+    from ..heads.inputs import SIDES, reads_cross
     from ..train.feature_cache import FeatureCache
     from ..train.trainer import TrainConfig, train_head
+
+    if side not in SIDES:
+        raise typer.BadParameter(f"choose from {', '.join(SIDES)}, got {side!r}", param_hint="'--side'")
 
     # Training ranks are those of its process group (torchrun, accelerate launch): SLURM task and job-array ids
     # do not split the extraction, so array tasks training different heads each extract their whole data.
@@ -165,7 +169,7 @@ def train(
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
-                _build_cache(src, spl, size, captions, folder, model, [t], side in ("cross", "both"), EXTRACT_BATCH,
+                _build_cache(src, spl, size, captions, folder, model, [t], reads_cross(side), EXTRACT_BATCH,
                              None, 0, device, dtype, dino, env=group)
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
@@ -197,13 +201,14 @@ def evaluate(
     if json_out is not None:  # before minutes of evaluation
         output_file(json_out, "--json")
     from ..heads.checkpoint import load_head, read_meta
+    from ..heads.inputs import reads_cross
     from ..train.evaluate import evaluate_head
     from ..train.feature_cache import FeatureCache
 
     with clean_errors():
         if data is not None:
             m = read_meta(head)
-            _build_cache(data, split, size, captions, cache, model, [m.config.task], m.side in ("cross", "both"),
+            _build_cache(data, split, size, captions, cache, model, [m.config.task], reads_cross(m.side),
                          EXTRACT_BATCH, None, 0, device, dtype, dino, env={})  # one process scores: it extracts all
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])

@@ -13,7 +13,7 @@ import torch
 from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureResult, CaptureSpec
 from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head, read_meta
-from ..heads.inputs import head_inputs
+from ..heads.inputs import reads_concepts, reads_cross, run_head
 from ..heads.model import MMDiffHead, head_precision, predictions
 from ..heads.openseg import OpenSegConfig, class_maps, segment
 from ..heads.quality import agreement, saliency_confidence, seg_confidence
@@ -130,7 +130,7 @@ class Annotator:
         for m in metas:
             words += [w for w in m.concepts if w not in words]
         self.concepts = tuple(words)
-        self.cross = any(m.side in ("cross", "both") for m in metas)
+        self.cross = any(reads_cross(m.side) for m in metas)
 
     @property
     def tasks(self) -> list[str]:
@@ -178,13 +178,12 @@ class Annotator:
             m = h.meta
             feats = cap.features[:, [cap.layers.index(i) for i in m.layers]]  # (B, L_head, T, N, C)
             steps = list(m.timestep_indices(list(cap.target_sigmas)))
-            cm = None
-            if m.side in ("concepts", "both"):
-                cm = cap.concept_maps[:, :, [cap.concepts.index(w) for w in m.concepts]]  # (B, T, K_head, N)
-            ca = cap.cross_attention if m.side in ("cross", "both") else None
-            feats, side = head_inputs(feats, cap.grid, steps, cm, ca)
+            inputs = {"features": feats, "cross_attention": cap.cross_attention}
+            if reads_concepts(m.side):  # (B, T, K_head, N): the head's concepts, in its order
+                inputs["concept_maps"] = cap.concept_maps[:, :, [cap.concepts.index(w) for w in m.concepts]]
             with head_precision(self.device, self.precision):
-                pred = h.model(feats, cap.grid, size, concepts=side, extra=extra if m.dino else None)
+                pred = run_head(h.model, m.side, inputs, cap.grid, size, timesteps=steps,
+                                extra=extra if m.dino else None, source="the capture")
             labels[task] = predictions(task, pred).cpu()
             if task == "seg":
                 signals["seg_confidence"] = seg_confidence(pred).cpu()

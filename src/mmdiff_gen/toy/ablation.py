@@ -22,7 +22,8 @@ from ..heads.checkpoint import load_head
 from ..heads.model import predictions
 from ..train.feature_cache import FeatureCache
 from ..train.metrics import DepthMetrics, SegMetrics
-from ..train.trainer import TrainConfig, forward, train_head
+from ..heads.inputs import run_head
+from ..train.trainer import TrainConfig, train_head
 from .data import boundary_mask
 from .heads_recipe import TASKS, TOY_HEAD, toy_caches
 from .world import CLASSES
@@ -61,7 +62,7 @@ def analyse(head: Path, cfg: TrainConfig, val: FeatureCache) -> dict:
         r["acc"] = SegMetrics(len(CLASSES)) if task == "seg" else DepthMetrics() if task == "depth" else [0.0, 0]
     alpha = {}  # layer → {"all" | "boundary" | "interior": [sum over tokens of (T,), token count]}
     for batch in val.batches(32):
-        pred = predictions(task, forward(model, batch, grid, size, cfg.side, cfg.timesteps)).numpy()
+        pred = predictions(task, run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps)).numpy()
         gt, seg = batch[task].numpy(), batch["seg"].numpy()
         edge = boundary_mask(seg, BOUNDARY_RADIUS)
         for name, mask in (("boundary", edge), ("interior", ~edge)):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..heads.checkpoint import HeadMeta, save_head
-from ..heads.inputs import head_inputs
+from ..heads.inputs import check_side, reads_concepts, run_head, side_maps
 from ..heads.model import HeadConfig, MMDiffHead
 from ..io.state import load_state, save_state
 from .evaluate import evaluate_head
@@ -61,25 +61,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.task not in LOSSES:
             raise KeyError(f"unknown task {self.task!r}; known: {', '.join(LOSSES)}")
-        if self.side not in ("concepts", "cross", "both", "none"):
-            raise KeyError(f"side must be concepts, cross, both or none, got {self.side!r}")
-
-
-def _sides(side: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    cm = batch.get("concept_maps") if side in ("concepts", "both") else None
-    ca = batch.get("cross_attention") if side in ("cross", "both") else None
-    if side in ("concepts", "both") and cm is None:
-        raise ValueError("the cache has no concept maps: extract it with concepts")
-    if side in ("cross", "both") and ca is None:
-        raise ValueError("the cache has no cross-attention maps: extract it with cross_attention")
-    return cm, ca
+        check_side(self.side)
 
 
 def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
     first = next(cache.batches(1))  # one sample: the shapes
     _, l, t, _, c = first["features"].shape
     t_used = t if cfg.timesteps is None else len(cfg.timesteps)
-    cm, ca = _sides(cfg.side, first)
+    cm, ca = side_maps(cfg.side, first, "the cache")
     k = (0 if cm is None else cm.shape[2]) + (0 if ca is None else 1)
     extra = _dino(cfg.dino, first)
     e = 0 if extra is None else extra.shape[1]
@@ -97,14 +86,6 @@ def _dino(use: bool, batch: dict) -> torch.Tensor | None:
     if use and "dino" not in batch:
         raise ValueError("the cache has no DINOv3 maps: extract it with --dino PATH")
     return batch["dino"] if use else None
-
-
-def forward(model: MMDiffHead, batch: dict, grid, size, side: str, timesteps: tuple[int, ...] | None,
-            dino: bool = False) -> torch.Tensor:
-    """Run a head on a cache batch: select timesteps, build its side maps, predict at `size`."""
-    cm, ca = _sides(side, batch)
-    feats, maps = head_inputs(batch["features"], grid, list(timesteps) if timesteps else None, cm, ca)
-    return model(feats, grid, size, concepts=maps, extra=_dino(dino, batch))
 
 
 def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: list[str], palette: list | None = None,
@@ -147,7 +128,8 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen, rank=acc.process_index,
                                                 world_size=acc.num_processes)):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            pred = forward(model, batch, grid, size, cfg.side, cfg.timesteps, cfg.dino)
+            pred = run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps, extra=_dino(cfg.dino, batch),
+                            source="the cache")
             loss = loss_fn(pred.float(), batch[label])
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
@@ -176,7 +158,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         idx = list(range(len(spec.sigmas))) if cfg.timesteps is None else list(cfg.timesteps)
         meta = HeadMeta(
             config=ema.config, backbone=cache.manifest["backbone"], layers=list(cache.layers), blocks=spec.blocks,
-            sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if cfg.side in ("concepts", "both") else [],
+            sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if reads_concepts(cfg.side) else [],
             classes=list(classes) if cfg.task == "seg" else [cfg.task], palette=[list(p) for p in (palette or [])],
             metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}},
             depth_unit=depth_unit, side=cfg.side, dino=cache.manifest.get("dino", {}) if cfg.dino else {},
