@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mmdiff_gen.backbones import load_backbone
 from mmdiff_gen.cli import app
 
-from test_dataset_job import make_heads
+from _helpers import make_heads
 
 run = CliRunner().invoke
 FAST = ["--model", "tiny-random", "--size", "64", "--steps", "4", "--device", "cpu", "--dtype", "float32"]

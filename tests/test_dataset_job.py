@@ -8,32 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from mmdiff_gen.capture import CONCEPT_SETS, PAPER_SIGMAS
-from mmdiff_gen.heads.checkpoint import HeadMeta, HeadMismatch, save_head
-from mmdiff_gen.heads.model import HeadConfig, MMDiffHead
+from mmdiff_gen.heads.checkpoint import HeadMismatch
 from mmdiff_gen.io.dataset import GeneratedDataset
 from mmdiff_gen.jobs.annotate import Annotator, head_files
 from mmdiff_gen.jobs.dataset_job import FingerprintMismatch, GenerateJob, run_generate
 from mmdiff_gen.jobs.plan import local_device, plan_samples, sample_seed, worker_identity
-from mmdiff_gen.toy.world import CLASSES, PALETTE
+from mmdiff_gen.toy.world import CLASSES
+
+from _helpers import make_heads
 
 PROMPTS = ["a large red circle on the left", "a small blue star on the right", "a large yellow square in the center"]
-
-
-def make_heads(backbone, folder, tasks=("seg", "saliency", "depth"), blocks="feature"):
-    """Untrained but complete head files for `backbone` (the job's plumbing does not need trained weights)."""
-    layers = list(backbone.default_layers(blocks=blocks))
-    for task in tasks:
-        cfg = HeadConfig(task=task, feature_dim=backbone.feature_dim, num_layers=len(layers), num_timesteps=4,
-                         num_concepts=len(CONCEPT_SETS[task]), num_classes=len(CLASSES) if task == "seg" else 1,
-                         dim=16, decoder_channels=16)
-        torch.manual_seed(0)
-        meta = HeadMeta(config=cfg, backbone=backbone.identity(), layers=layers, sigmas=list(PAPER_SIGMAS),
-                        concepts=list(CONCEPT_SETS[task]), classes=list(CLASSES) if task == "seg" else [task],
-                        palette=[list(c) for c in PALETTE], depth_unit="metre" if task == "depth" else "",
-                        blocks=blocks)
-        save_head(folder / f"{task}.safetensors", MMDiffHead(cfg), meta)
-    return folder
 
 
 @pytest.fixture(scope="module")

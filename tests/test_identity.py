@@ -13,7 +13,7 @@ from mmdiff_gen.heads.checkpoint import HeadMismatch
 from mmdiff_gen.jobs.annotate import Annotator, head_files
 from mmdiff_gen.jobs.dataset_job import GenerateJob, dataset_info
 
-from test_dataset_job import make_heads
+from _helpers import make_heads
 
 
 def _lora(pipe, name="style"):

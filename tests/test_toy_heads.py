@@ -12,7 +12,7 @@ from mmdiff_gen.backbones.loading import DEFAULT_HEADS
 from mmdiff_gen.jobs.annotate import Annotator, head_files
 from mmdiff_gen.toy.world import CLASSES
 
-from test_dataset_job import make_heads
+from _helpers import make_heads
 
 TASKS = ["seg", "saliency", "depth"]
 

@@ -42,12 +42,6 @@ class CaptureResult:
     text_attention: torch.Tensor | None = None
     text_attention_layers: tuple[int, ...] = ()
 
-    def feature_maps(self) -> torch.Tensor:
-        """(B, L, T, C, h, w) view of the features as spatial maps."""
-        b, l, t, n, c = self.features.shape
-        h, w = self.grid
-        return self.features.view(b, l, t, h, w, c).permute(0, 1, 2, 5, 3, 4)
-
     def mean_concept_maps(self) -> torch.Tensor | None:
         """(B, K, h, w): concept maps averaged over the captured sigmas (MMDiff §3.2)."""
         if self.concept_maps is None:

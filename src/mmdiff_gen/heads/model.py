@@ -130,12 +130,6 @@ class MMDiffHead(nn.Module):
         side = torch.cat(sides, 1) if sides else None
         return self.decoder(maps, side, size)
 
-    def decoder_parameters(self):
-        return self.decoder.parameters()
-
-    def aggregator_parameters(self):
-        return self.aggregators.parameters()
-
 
 PRECISIONS = ("auto", "bf16", "fp32")
 

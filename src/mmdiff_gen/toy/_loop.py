@@ -1,4 +1,5 @@
-"""Plumbing shared by the toy trainings: resumable checkpoints, EMA, progress lines, LR schedule."""
+"""Plumbing shared by the toy trainings: resumable checkpoints, progress lines, LR schedule (EMA: the heads
+trainer's `ema_update`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..io.state import load_state, save_state
 
@@ -46,12 +46,6 @@ class Checkpoint:
         """Save after `step` (0-based) every `every` steps and at the end."""
         if (step + 1) % every == 0 or step + 1 == total:
             self.save({**{k: v.state_dict() for k, v in parts.items()}, "step": step + 1})
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:

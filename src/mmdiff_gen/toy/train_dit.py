@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.state import load_state, save_state
-from ._loop import Checkpoint, Progress, ema_update, warmup_cosine
+from ..train.trainer import ema_update
+from ._loop import Checkpoint, Progress, warmup_cosine
 from .data import SceneArrays, class_fractions
 from .recipe import ToyRecipe
 from .train_text import encode_text, load_text, tokenize

@@ -82,6 +82,15 @@ def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDif
     return MMDiffHead(head_cfg)
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model for parameters; buffers (norm statistics) are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
 def _dino(use: bool, batch: dict) -> torch.Tensor | None:
     if use and "dino" not in batch:
         raise ValueError("the cache has no DINOv3 maps: extract it with --dino PATH")
@@ -135,12 +144,8 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             acc.backward(loss)
             opt.step()
             step = epoch * steps_per_epoch + i
-            decay = min(cfg.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights must not dominate short runs
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), acc.unwrap_model(model).parameters()):
-                    e.lerp_(p.detach(), 1 - decay)
-                for e, b in zip(ema.buffers(), acc.unwrap_model(model).buffers()):
-                    e.copy_(b)
+            # EMA warm-up: early weights must not dominate short runs.
+            ema_update(ema, acc.unwrap_model(model), min(cfg.ema, (1 + step) / (10 + step)))
             total, n = total + loss.item(), n + 1
         mean = acc.reduce(torch.tensor([total / max(n, 1)], device=acc.device), reduction="mean").item()
         if acc.is_main_process:
