@@ -127,6 +127,33 @@ class Backbone(ABC):
     def timestep_for(self, sigma: float) -> float:
         """The transformer's `timestep` value for a flow-matching sigma (the inverse of `sigma_of`)."""
 
+    # --- what capture calls: conditioning, concept stream, latents -----------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """The transformer's text-conditioning kwargs for B prompts (the pipeline's own encoders, no CFG rows)."""
+
+    @abstractmethod
+    def text_token_mask(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
+        """(B, S) bool over the transformer's text context: which positions hold prompt tokens (not padding)."""
+
+    @abstractmethod
+    def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
+        """(K, C) initial concept-stream tokens, one per word, in the transformer's width (cached per word set)."""
+
+    @abstractmethod
+    def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """(B, C) modulation of the concept stream at the transformer call's `timestep` (and `guidance`),
+        computed in `dtype` (called inside compiled graphs: nothing read back to the host)."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean latents x0, laid out as the transformer takes them, from images (B, 3, H, W) in [−1, 1]."""
+
+    @abstractmethod
+    def transformer_inputs(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                           guidance_scale: float, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Keyword arguments of one transformer forward on `latents` at per-row `sigma` (B,) (real-image mode)."""
+
     @property
     def sampling(self) -> dict:
         """Recommended sampling settings (steps, guidance, size…) from mmdiff.json, else empty."""
