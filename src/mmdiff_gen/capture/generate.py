@@ -45,11 +45,11 @@ def generate(
     spec: CaptureSpec,
     *,
     seeds: Sequence[int],
-    height: int,
-    width: int,
-    num_inference_steps: int = 28,
-    guidance_scale: float = 3.5,
-    true_cfg_scale: float = 1.0,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    true_cfg_scale: float | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     max_sequence_length: int | None = None,
     output_type: str = "pil",
@@ -69,11 +69,18 @@ def generate(
         height, width: image size in pixels.
         num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, output_type: as in FluxPipeline
             (SD3: guidance_scale is its classifier-free guidance and true_cfg_scale must stay 1).
-        max_sequence_length: text tokens; None = the backbone's tokenizer limit (512 for FLUX.1-dev).
+        max_sequence_length: text tokens.
+        Sampling settings left None are the backbone's (`Backbone.sampling_kwargs`: its mmdiff.json
+        recommendation, else the FLUX defaults); true CFG without a negative prompt uses "".
     """
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
-    max_sequence_length = max_sequence_length or backbone.max_sequence_length
+    s = backbone.sampling_kwargs(height=height, width=width, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+                                 negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
+    height, width, num_inference_steps = s["height"], s["width"], s["num_inference_steps"]
+    guidance_scale, true_cfg_scale, max_sequence_length = s["guidance_scale"], s["true_cfg_scale"], s["max_sequence_length"]
+    negative_prompt = s["negative_prompt"] if true_cfg_scale > 1 else None
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     schedule = plan_schedule(backbone, spec, num_inference_steps, height, width)

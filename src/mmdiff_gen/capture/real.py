@@ -20,7 +20,7 @@ def extract(
     *,
     captions: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
-    guidance_scale: float = 3.5,
+    guidance_scale: float | None = None,
     max_sequence_length: int | None = None,
 ) -> CaptureResult:
     """Features and maps of existing images, as generation would have captured them.
@@ -35,7 +35,7 @@ def extract(
         spec: what to capture.
         captions: one caption per image (the prompt the features are conditioned on); None = empty.
         seeds: one noise seed per image; None = 0, 1, 2, …
-        guidance_scale: FLUX.1-dev's distilled guidance value, as used in generation.
+        guidance_scale: FLUX.1-dev's distilled guidance value, as used in generation (None: the backbone's).
     """
     pixels = backbone.pipe.image_processor.preprocess(images)  # (B, 3, H, W) in [−1, 1]
     b, _, height, width = pixels.shape
@@ -44,7 +44,8 @@ def extract(
     if len(captions) != b or len(seeds) != b:
         raise ValueError(f"need one caption and one seed per image: {b} images, {len(captions)} captions, {len(seeds)} seeds")
     t = len(spec.sigmas)
-    max_sequence_length = max_sequence_length or backbone.max_sequence_length
+    s = backbone.sampling_kwargs(guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
+    guidance_scale, max_sequence_length = s["guidance_scale"], s["max_sequence_length"]
 
     x0 = backbone.encode_images(pixels)  # (B, N, C_lat) packed (FLUX) or (B, C_lat, h, w) (SD3)
     noise = per_sample_noise(tuple(x0.shape[1:]), generators_for(seeds), x0.device, x0.dtype)

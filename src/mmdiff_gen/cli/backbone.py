@@ -129,7 +129,7 @@ def capture(
         compile_if(bb, compile)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg, max_sequence_length=max_sequence_length)
-        kw.pop("negative_prompt")  # run_capture uses "" whenever true CFG is on
+        kw.pop("negative_prompt")  # generate uses "" whenever true CFG is on
         job = CaptureJob(out=out_dir, seed=seed, batch_size=batch_size, **kw)
         if w > 1:
             out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False, soft_wrap=True)

@@ -17,19 +17,19 @@ class CaptureJob:
         out: output folder.
         seed: global seed; prompt i uses seed + i.
         batch_size: prompts per generation pass.
-        height, width, num_inference_steps, guidance_scale, true_cfg_scale: sampling settings.
-        max_sequence_length: T5 tokens.
+        height, width, num_inference_steps, guidance_scale, true_cfg_scale, max_sequence_length: sampling
+            settings; None: the backbone's (`Backbone.sampling_kwargs`).
     """
 
     out: Path
     seed: int = 0
     batch_size: int = 4
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 28
-    guidance_scale: float = 3.5
-    true_cfg_scale: float = 1.0
-    max_sequence_length: int = 512
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
 
 
 def run_capture(
@@ -55,8 +55,7 @@ def run_capture(
         gen = generate(
             backbone, batch, spec, seeds=seeds, height=job.height, width=job.width,
             num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
-            true_cfg_scale=job.true_cfg_scale, negative_prompt="" if job.true_cfg_scale > 1 else None,
-            max_sequence_length=job.max_sequence_length,
+            true_cfg_scale=job.true_cfg_scale, max_sequence_length=job.max_sequence_length,
         )
         cap = gen.capture
         for i, (prompt, image) in enumerate(zip(batch, gen.images)):

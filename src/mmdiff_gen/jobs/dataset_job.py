@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -90,7 +90,8 @@ class GenerateJob:
         seed: global seed.
         batch_size: prompts per generation pass (does not change which samples exist or their seeds).
         height, width, num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt,
-            max_sequence_length: sampling settings, as in FluxPipeline.
+            max_sequence_length: sampling settings, as in FluxPipeline; None: the backbone's (`run_generate`
+            fills them in from `Backbone.sampling_kwargs` before anything is written).
         image_format: "jpg" (quality 95, 4:4:4) or "png".
         format: "webdataset" (NNNNN.tar shards) or "files" (images/, seg/, saliency/, depth/, meta/).
         shard_size: samples per shard (the CLI's default: plan.default_shard_size, minutes of GPU time).
@@ -108,13 +109,13 @@ class GenerateJob:
     images_per_prompt: int = 1
     seed: int = 0
     batch_size: int = 4
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 28
-    guidance_scale: float = 3.5
-    true_cfg_scale: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
     negative_prompt: str | None = None
-    max_sequence_length: int = 512
+    max_sequence_length: int | None = None
     image_format: str = "jpg"
     format: str = "webdataset"
     shard_size: int = 1000
@@ -136,6 +137,12 @@ class GenerateJob:
             raise SettingsError(f"image format must be jpg or png, got {self.image_format!r}")
         if self.format not in ("webdataset", "files"):
             raise SettingsError(f"format must be webdataset or files, got {self.format!r}")
+
+    def resolved(self, backbone: Backbone) -> "GenerateJob":
+        """This job with its unset sampling settings (None) filled in by the backbone (`sampling_kwargs`)."""
+        keys = ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
+                "max_sequence_length")
+        return replace(self, **backbone.sampling_kwargs(**{k: getattr(self, k) for k in keys}))
 
     def sampling(self) -> dict:
         """The settings that change the pixels (part of the fingerprint)."""
@@ -310,8 +317,7 @@ class _Runner:
         gen = generate(self.bb, [s.prompt for s in samples], self.spec, seeds=[s.seed for s in samples],
                        height=j.height, width=j.width, num_inference_steps=j.num_inference_steps,
                        guidance_scale=j.guidance_scale, true_cfg_scale=j.true_cfg_scale,
-                       negative_prompt=j.negative_prompt if j.true_cfg_scale > 1 else None,
-                       max_sequence_length=j.max_sequence_length)
+                       negative_prompt=j.negative_prompt, max_sequence_length=j.max_sequence_length)
         t1 = time.perf_counter()
         cap = gen.capture
         ann = self.ann(cap, (j.height, j.width), images=gen.images, prompts=[s.prompt for s in samples])
@@ -347,6 +353,7 @@ def _free_memory() -> None:
 def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], job: GenerateJob, *,
                  rank: int = 0, world_size: int = 1, dtype: str = "float32", progress: bool = True) -> JobReport:
     """Produce (or finish) this worker's shards of the dataset. Re-running it resumes."""
+    job = job.resolved(backbone)
     missing = [t for t in job.tasks if t not in annotator.tasks]
     if missing:
         raise ValueError(f"the heads have no {', '.join(missing)} head")
