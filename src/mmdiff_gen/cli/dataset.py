@@ -62,7 +62,6 @@ def generate(
     storage: Storage = "full",
 ) -> None:
     """Generate images with their segmentation, saliency and depth in one pass per batch, as shards."""
-    from ..backbones.loading import DEFAULT_HEADS
     from ..jobs.plan import default_shard_size, local_device, worker_identity
 
     task_list = parse_tasks(tasks)
@@ -93,24 +92,12 @@ def generate(
     _check_writable(out_dir)
     with clean_errors(usage=(HeadMismatch, FingerprintMismatch, SettingsError)):
         from ..backbones import load_backbone
-        from ..jobs.annotate import Annotator, head_files
+        from ..jobs.annotate import build_annotator, plan_annotator
         from ..jobs.dataset_job import GenerateJob, run_generate
 
-        trained = [t for t in task_list if t != "openseg"]
-        heads = heads if heads is not None else DEFAULT_HEADS.get(model)
-        if trained and heads is None:
-            fail(f"no default heads for {model!r}: pass --heads (a folder of seg/saliency/depth.safetensors)", code=2)
-        files = head_files(heads, trained) if trained else {}  # before loading the backbone: fail fast
-        names = None
-        if "openseg" in task_list:
-            from ..heads.checkpoint import read_meta
-
-            names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-            seg_head = files.get("seg") or (Path(heads) / "seg.safetensors" if heads is not None else None)
-            if names is None and seg_head is not None and Path(seg_head).is_file():
-                names = read_meta(seg_head).classes  # the seg head's classes
-            if not names:
-                fail("openseg needs class names: pass --classes background,cat,dog,…", code=2)
+        with clean_errors(usage=(ValueError,)):  # before loading the backbone: fail fast
+            files, names = plan_annotator(model, task_list, heads,
+                                          [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
         if min_quality is not None and not {"seg", "saliency", "openseg"} & set(task_list):
             fail("--min-quality needs a task with a quality signal: seg, saliency or openseg", code=2)
         bb = load_backbone(model, dtype=torch_dt, device=dev, offload=offload, storage=storage)
@@ -120,16 +107,9 @@ def generate(
             from ..backbones.dino import DinoFeatures
 
             dino_features = DinoFeatures.load(dino, device=dev, dtype=torch_dt)
-        openseg = None
-        if names:
-            from ..heads.openseg import OpenSegConfig
-
-            g = bb.default_grounding()
-            openseg = OpenSegConfig(classes=tuple(names), layer=g["layer"] if openseg_layer is None else openseg_layer,
-                                    sigma=g["sigma"] if openseg_sigma is None else openseg_sigma,
-                                    threshold=g["threshold"] if openseg_threshold is None else openseg_threshold)
-        annotator = Annotator(files, bb.identity(), device=dev, dino=dino_features, openseg=openseg,
-                              token_positions=bb.class_token_positions, precision=precision)
+        annotator = build_annotator(bb, files, names, {"layer": openseg_layer, "sigma": openseg_sigma,
+                                                       "threshold": openseg_threshold},
+                                    dino=dino_features, device=dev, precision=precision)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg)
         job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,

@@ -206,3 +206,41 @@ class Annotator:
         for q in quality:
             q["score"] = quality_score(q)
         return Annotation(labels, quality)
+
+
+def plan_annotator(model: str, tasks: list[str], heads: Path | None = None,
+                   classes: list[str] | None = None) -> tuple[dict[str, Path], list[str] | None]:
+    """What an annotator for `tasks` will read, checked before any backbone loads (minutes for FLUX):
+    the head file per trained task (from `heads`, else the model's shipped heads) and openseg's class names
+    (given, else the seg head's). HeadMismatch / ValueError name what is missing."""
+    from ..backbones.loading import DEFAULT_HEADS
+
+    trained = [t for t in tasks if t != "openseg"]
+    heads = heads if heads is not None else DEFAULT_HEADS.get(model)
+    if trained and heads is None:
+        raise ValueError(f"no default heads for {model!r}: pass --heads (a folder of seg/saliency/depth.safetensors)")
+    files = head_files(heads, trained) if trained else {}
+    names = None
+    if "openseg" in tasks:
+        names = list(classes) if classes else None
+        seg_head = files.get("seg") or (Path(heads) / "seg.safetensors" if heads is not None else None)
+        if names is None and seg_head is not None and Path(seg_head).is_file():
+            names = read_meta(seg_head).classes
+        if not names:
+            raise ValueError("openseg needs class names: pass --classes background,cat,dog,…")
+    return files, names
+
+
+def build_annotator(backbone, files: dict[str, Path], classes: list[str] | None = None, grounding: dict | None = None,
+                    dino: DinoFeatures | None = None, device: str | torch.device | None = None,
+                    precision: str = "auto") -> Annotator:
+    """The annotator of `files` on `backbone` (on its device unless `device`), with openseg when `classes` are
+    given, read where the backbone's grounding default says unless `grounding` overrides layer / sigma /
+    threshold (None values keep the default)."""
+    openseg = None
+    if classes:
+        g = backbone.default_grounding() | {k: v for k, v in (grounding or {}).items() if v is not None}
+        openseg = OpenSegConfig(classes=tuple(classes), layer=g["layer"], sigma=g["sigma"], threshold=g["threshold"])
+    return Annotator(files, backbone.identity(), device=backbone.device if device is None else device, dino=dino,
+                     openseg=openseg, token_positions=backbone.class_token_positions, precision=precision)
+

@@ -16,8 +16,7 @@ import torch
 
 from ..backbones import load_backbone
 from ..capture import generate
-from ..heads.openseg import OpenSegConfig
-from ..jobs.annotate import Annotator, head_files
+from ..jobs.annotate import build_annotator, head_files
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from .oracle import Oracle
 from .world import CLASSES, render_scene
@@ -34,10 +33,7 @@ def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str 
 
     `grounding` overrides openseg's layer / sigma / threshold (default: the backbone's)."""
     bb = load_backbone(model, dtype=torch.float32, device="cpu")
-    g = bb.default_grounding() | {k: v for k, v in (grounding or {}).items() if v is not None}
-    openseg = OpenSegConfig(classes=CLASSES, layer=g["layer"], sigma=g["sigma"], threshold=g["threshold"])
-    ann = Annotator(head_files(Path(heads), TASKS), bb.identity(), openseg=openseg,
-                    token_positions=bb.class_token_positions)
+    ann = build_annotator(bb, head_files(Path(heads), TASKS), list(CLASSES), grounding)
     oracle = Oracle.from_checkpoint()
     kw = bb.sampling_kwargs()
     size = (kw["height"], kw["width"])
@@ -60,7 +56,7 @@ def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str 
             pairs.append((ours["seg"][j], ref["seg"][j]))
         quality += a.quality
     return {"n": n, "seg": seg.result(), "saliency": sal.result(), "depth": dep.result(),
-            "openseg": {**zero.result(), **openseg.to_dict()}, "quality_filter": quality_filter(pairs, quality, keep)}
+            "openseg": {**zero.result(), **ann.openseg.to_dict()}, "quality_filter": quality_filter(pairs, quality, keep)}
 
 
 def quality_filter(pairs: list[tuple[np.ndarray, np.ndarray]], quality: list[dict], keep: tuple[float, ...]) -> list:

@@ -35,9 +35,8 @@ from .._atomic import atomic_path
 from ..backbones import load_backbone
 from ..capture import CaptureSpec, generate
 from ..heads.checkpoint import read_meta
-from ..heads.openseg import OpenSegConfig
 from ..io.readers import Sample
-from ..jobs.annotate import Annotator, head_files
+from ..jobs.annotate import Annotator, build_annotator, head_files
 from ..train.feature_cache import FeatureCache, build_cache
 from ..train.losses import LOSSES
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
@@ -332,13 +331,10 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
     lap("downstream training", t)
 
     t = time.time()
-    g = bb.default_grounding()
-    annotators = {"openseg": Annotator({}, bb.identity(), device=device, token_positions=bb.class_token_positions,
-                                       openseg=OpenSegConfig(classes=CLASSES, layer=g["layer"], sigma=g["sigma"],
-                                                             threshold=g["threshold"]))}
+    annotators = {"openseg": build_annotator(bb, {}, list(CLASSES))}
     for n, kinds in heads.items():
         for kind, folder in kinds.items():
-            annotators[f"{kind}_{n}"] = Annotator(head_files(folder, TASKS), bb.identity(), device=device)
+            annotators[f"{kind}_{n}"] = build_annotator(bb, head_files(folder, TASKS))
     labellers = {"oracle": Oracle.from_checkpoint().to(device)}
     labellers |= {f"pixel_{n}": Oracle.from_checkpoint(runs / f"real_{n}.safetensors").to(device) for n in cfg.regimes}
     synthetic = _generate(bb, work, cfg, annotators, labellers)
