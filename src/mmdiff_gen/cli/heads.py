@@ -33,36 +33,29 @@ Captions = Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"captio
                                                     "is conditioned on (default: empty).")]
 
 
-def _build_cache(data: str, split: str | None, size: int | None, captions: Path | None, out_dir: Path, model: str,
-                 tasks: list[str], cross_attention: bool, batch_size: int, shard_size: int | None, seed: int,
-                 device: str, dtype: str, dino: Path | None = None, offload: str = "none", storage: str = "full",
-                 max_shard_bytes: int | None = None, wait: bool = True,
-                 env: dict[str, str] | None = None, blocks: str = "feature") -> tuple[int, int, int]:
-    """Real-image-mode features of a dataset into a resumable cache, this worker's shards (shard s is worker
-    s mod W's, rank and world size read from `env`); with `wait`, then waits for the other workers' shards.
-    Returns (samples, rank, world size)."""
+def _extract(data: str, out_dir: Path, *, model: str, device: str, dtype: str, dino: Path | None = None,
+             offload: str = "none", storage: str = "full", env: dict[str, str] | None = None, wait: bool = True,
+             **settings) -> tuple[int, int, int]:
+    """Load the backbone (and DINOv3) on this worker's device and extract its shards of a dataset
+    (`feature_cache.extract_dataset` with `settings`; rank and world size from `env`); with `wait`, then wait
+    for the other workers' shards. Returns (samples, rank, world size)."""
     from ..backbones import load_backbone
-    from ..capture import CaptureSpec
-    from ..io.datasets import open_dataset
-    from ..train.feature_cache import MAX_SHARD_BYTES, build_cache, wait_for_cache
+    from ..train.feature_cache import extract_dataset, wait_for_cache
 
     dev, r, w, source = worker(device, env)
     if w > 1:
         out.print(f"worker {r} of {w} ({source}) on {dev}: extracting shards s ≡ {r} (mod {w}) of {out_dir}",
                   highlight=False, soft_wrap=True)
-    ds = open_dataset(data, split=split, size=size, captions=captions)
     bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
-    spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
     features = None
     if dino is not None:
         from ..backbones.dino import DinoFeatures
 
         features = DinoFeatures.load(dino, device=dev, dtype=torch_dtype(dtype, dev))
-    build_cache(bb, ds, spec, out_dir, shard_size=shard_size, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES,
-                batch_size=batch_size, seed=seed, dino=features, rank=r, world_size=w)
+    n = extract_dataset(bb, data, out_dir, dino=features, rank=r, world_size=w, **settings)
     if wait and w > 1:
         wait_for_cache(out_dir)
-    return len(ds), r, w
+    return n, r, w
 
 
 def extract(
@@ -99,9 +92,10 @@ def extract(
     max_bytes = parse_bytes(max_shard_bytes, "--max-shard-bytes")
     check_runtime(offload, storage, resolve_device(device))
     with clean_errors():
-        n, r, w = _build_cache(data, split, size, captions, out_dir, model, task_list, cross_attention, batch_size,
-                               shard_size, seed, device, dtype, dino, offload, storage, max_bytes, wait=False,
-                               blocks=blocks)
+        n, r, w = _extract(data, out_dir, model=model, device=device, dtype=dtype, dino=dino, offload=offload,
+                           storage=storage, wait=False, tasks=task_list, split=split, size=size, captions=captions,
+                           cross_attention=cross_attention, blocks=blocks, batch_size=batch_size,
+                           shard_size=shard_size, max_shard_bytes=max_bytes, seed=seed)
     if w > 1:
         out.print(f"worker {r} of {w}: its shards of the feature cache of {n} samples in {out_dir} are done "
                   "(the cache is complete once every worker is)", highlight=False, soft_wrap=True)
@@ -169,8 +163,9 @@ def train(
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
-                _build_cache(src, spl, size, captions, folder, model, [t], reads_cross(side), EXTRACT_BATCH,
-                             None, 0, device, dtype, dino, env=group)
+                _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, env=group, tasks=[t],
+                         split=spl, size=size, captions=captions, cross_attention=reads_cross(side),
+                         batch_size=EXTRACT_BATCH)
         cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
         tr = FeatureCache(cache)
@@ -208,8 +203,9 @@ def evaluate(
     with clean_errors():
         if data is not None:
             m = read_meta(head)
-            _build_cache(data, split, size, captions, cache, model, [m.config.task], reads_cross(m.side),
-                         EXTRACT_BATCH, None, 0, device, dtype, dino, env={})  # one process scores: it extracts all
+            _extract(data, cache, model=model, device=device, dtype=dtype, dino=dino, env={},  # one process scores
+                     tasks=[m.config.task], split=split, size=size, captions=captions,
+                     cross_attention=reads_cross(m.side), blocks=m.blocks, batch_size=EXTRACT_BATCH)
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
         cached = fc.manifest.get("dino", {})

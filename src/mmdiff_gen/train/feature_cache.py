@@ -95,6 +95,21 @@ def missing_shards(root: Path, manifest: dict) -> list[int]:
     return [s for s in range(n) if not (Path(root) / done_file(s)).is_file()]
 
 
+def extract_dataset(backbone: Backbone, data: str, out: Path, tasks: Sequence[str], *, split: str | None = None,
+                    size: int | None = None, captions: Path | None = None, cross_attention: bool = False,
+                    blocks: str = "feature", **build) -> int:
+    """A dataset in its release layout (`io.datasets.open_dataset`: "voc:PATH", "folder:PATH", …) into a
+    resumable feature cache capturing what heads of `tasks` read (their paper concept sets, optionally the
+    averaged cross-attention, the features of `blocks`); `build` goes to `build_cache` (batch and shard sizes,
+    seed, DINOv3, this worker's rank). Returns the dataset's sample count."""
+    from ..io.datasets import open_dataset
+
+    ds = open_dataset(data, split=split, size=size, captions=captions)
+    spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
+    build_cache(backbone, ds, spec, out, **build)
+    return len(ds)
+
+
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
                 shard_size: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, batch_size: int = 16,
                 seed: int = 0, on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None,
