@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +97,6 @@ class DownstreamConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not 0 <= self.drop_worst < 1:
             raise ValueError(f"drop_worst must lie in [0, 1), got {self.drop_worst}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DownstreamConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown downstream settings: {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if k == "regimes" else v for k, v in d.items()})
 
 
 def _log(msg: str) -> None:
