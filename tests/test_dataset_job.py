@@ -219,7 +219,8 @@ def test_coco_export_round_trip_and_preview(reference, tmp_path):
 
 
 def test_shard_order_and_default_shard_size():
-    from mmdiff_gen.jobs.plan import default_shard_size, shard_order
+    from mmdiff_gen._workers import shard_order
+    from mmdiff_gen.jobs.plan import default_shard_size
 
     assert shard_order(7, 1, 3) == [1, 4, 6, 5, 3, 2, 0]  # own shards, then the others' from the end
     assert sorted(shard_order(20, 5, 8)) == list(range(20))

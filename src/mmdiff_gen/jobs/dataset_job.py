@@ -33,7 +33,8 @@ from ..io.shards import (DATASET_FILE, FILES_LAYOUT, PipelinedWriter, ShardClaim
                          shard_problem, write_indexes, write_json_atomic)
 from ._progress import JobProgress
 from .annotate import Annotator
-from .plan import SEED_POLICY, PlannedSample, owned_shards, plan_samples, shard_order, shard_ranges
+from .._workers import owned_shards, shard_order, shard_ranges
+from .plan import SEED_POLICY, PlannedSample, plan_samples
 
 FORMAT_VERSION = 1
 MAX_FAILED_SHARDS = 3  # consecutive shards in which every sample failed: stop the job

@@ -1,4 +1,4 @@
-"""Which samples exist, their seeds, how they fall into shards and which shards a worker owns.
+"""Which samples exist, their seeds, how large shards are and who the worker is (which shards it owns: _workers).
 
 Everything here is a pure function of the inputs, so any worker, on any node, at any time, derives
 the same plan: that is what makes resume and many independent workers agree sample for sample.
@@ -39,24 +39,6 @@ def plan_samples(prompts: list[str], images_per_prompt: int, seed: int) -> list[
     """Samples in key order: prompt-major, then repeat."""
     return [PlannedSample(p * images_per_prompt + r, p, r, text, sample_seed(seed, p, r))
             for p, text in enumerate(prompts) for r in range(images_per_prompt)]
-
-
-def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
-    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
-
-
-def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
-    """Round-robin: shard s belongs to worker s mod world_size."""
-    return [s for s in range(num_shards) if s % world_size == rank]
-
-
-def shard_order(num_shards: int, rank: int, world_size: int) -> list[int]:
-    """The order a worker visits shards in: its own (`owned_shards`) first, then everyone else's from the
-    last one back. A worker that runs out of work takes over unfinished shards nobody has claimed yet
-    (the claim keeps two workers off one shard), so a resumed partial run, or one whose workers run at
-    different speeds, keeps every GPU busy to the end; starting from the end meets the owners late."""
-    own = owned_shards(num_shards, rank, world_size)
-    return own + [s for s in reversed(range(num_shards)) if s % world_size != rank]
 
 
 def default_shard_size(height: int, width: int) -> int:

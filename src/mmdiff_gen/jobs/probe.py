@@ -25,7 +25,7 @@ from ..capture import CaptureSpec, extract
 from ..heads.openseg import class_maps, segment
 from ..train.feature_cache import check_one_size
 from ..train.metrics import SegMetrics
-from ._wait import STALL_S, wait_for
+from .._workers import STALL_S, wait_for
 
 
 @dataclass

@@ -36,8 +36,7 @@ from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureSpec, extract
 from ..io.readers import Sample
 from ..io.shards import write_json_atomic
-from ..jobs._wait import STALL_S, wait_for
-from ..jobs.plan import owned_shards, shard_ranges
+from .._workers import STALL_S, owned_shards, shard_ranges, wait_for
 
 LABELS = ("seg", "saliency", "depth")
 MAX_SHARD_BYTES = 2 * 2**30
