@@ -1,5 +1,5 @@
-"""A contact sheet of a generated dataset: image | segmentation overlay | saliency | depth | zero-shot
-segmentation overlay, one row per sample."""
+"""Sheets to look at: a generated dataset's contact sheet (image | segmentation overlay | saliency | depth |
+zero-shot segmentation overlay, one row per sample) and a captioned image grid (prompt fidelity)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,25 @@ def contact_sheet(src: Path, out: Path, n: int = 16, cell: int = 128, allow_part
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return len(rows)
+
+
+def caption_grid(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 8, side: int = 192) -> None:
+    """A PNG grid of images (each (H, W, 3) uint8, drawn side × side), each with its caption wrapped underneath."""
+    text_h = 44
+    rows = (len(items) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, cap) in enumerate(items):
+        x, y = (i % cols) * side, (i // cols) * (side + text_h)
+        sheet.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (x, y))
+        words, lines, line = cap.split(), [], ""
+        for w in words:
+            if len(line) + len(w) > 30:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        for j, ln in enumerate(lines[:4]):
+            draw.text((x + 2, y + side + 1 + 10 * j), ln, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-
 from ..backbones import load_backbone
 from ..capture import CaptureSpec, generate
+from ..io.preview import caption_grid
 from .fidelity import CAPTION_SEED, fidelity, found_per_class
 from .oracle import Oracle, reconstruct_images
 from .train_vae import reconstruction_psnr
@@ -54,27 +53,5 @@ def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: 
         }
         shown += list(zip(images[:16], captions[:16]))
     if sheet is not None:
-        contact_sheet(shown, sheet)
+        caption_grid(shown, sheet)
     return result
-
-
-def contact_sheet(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 8, scale: int = 3) -> None:
-    """A grid of images, each with its caption wrapped underneath."""
-    side, text_h = 64 * scale, 44
-    rows = (len(items) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, cap) in enumerate(items):
-        x, y = (i % cols) * side, (i // cols) * (side + text_h)
-        sheet.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (x, y))
-        words, lines, line = cap.split(), [], ""
-        for w in words:
-            if len(line) + len(w) > 30:
-                lines.append(line)
-                line = ""
-            line = f"{line} {w}".strip()
-        lines.append(line)
-        for j, ln in enumerate(lines[:4]):
-            draw.text((x + 2, y + side + 1 + 10 * j), ln, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
