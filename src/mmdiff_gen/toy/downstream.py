@@ -161,6 +161,7 @@ def train_downstream(data: Labelled, cfg: DownstreamConfig, work: Path, name: st
     out = Path(work) / f"{name}.safetensors"
     if out.is_file():
         return out
+    _log(f"{name}: {steps} steps on {len(data.images)} images" + (f", from {Path(init).stem}" if init else ""))
     torch.manual_seed(cfg.seed)
     model = Oracle(width=cfg.width) if init is None else Oracle.from_checkpoint(init)
     model.to(device).train()
