@@ -105,3 +105,23 @@ def test_layout_targets_and_class_map_tokens_follow_the_labels():
     assert tok.shape == (1, 64, len(CLASSES), 4)
     torch.testing.assert_close(tok[0, 1, 2], torch.tensor([1.0, 0.0, 1.0, 0.0]))  # cells (0,0),(0,1),(1,0),(1,1)
     assert tok[0, [0, 2, 8], 2].sum() == 0
+
+
+def test_a_phase_killed_between_checkpoints_resumes_to_the_same_weights(tmp_path):
+    from mmdiff_gen.toy._loop import Phase
+
+    def run(work, stop_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        phase = Phase(work, "p", {"model": model, "opt": opt}, 6, lr=0.1, warmup=2, every=2)
+        for step in phase:
+            if step == stop_at:
+                return None  # killed: steps ≥ the last checkpoint (2) are lost
+            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))  # data follows the step
+            phase.step(model(x).square().mean())
+        return model.weight.detach().clone()
+
+    straight = run(tmp_path / "a")
+    assert run(tmp_path / "b", stop_at=3) is None and load_state(tmp_path / "b" / "p.state.safetensors")["step"] == 2
+    assert torch.equal(run(tmp_path / "b"), straight)

@@ -1,5 +1,5 @@
-"""Plumbing shared by the toy trainings: resumable checkpoints, progress lines, LR schedule (EMA: the heads
-trainer's `ema_update`)."""
+"""The loop every toy training shares (`Phase`: resume, LR schedule, optimiser step, progress lines,
+checkpoints) and its pieces. EMA: the heads trainer's `ema_update`."""
 
 from __future__ import annotations
 
@@ -73,3 +73,48 @@ class Progress:
         eta = (self.total - done) / max(rate, 1e-9)
         print(f"[{self.phase}] step {done}/{self.total} loss {self.loss:.4f} {rate:.2f} it/s eta {eta / 60:.1f} min",
               file=sys.stderr, flush=True)
+
+
+class Phase:
+    """One resumable training phase: its parts (modules and the optimiser under "opt") restored from
+    work/NAME.state.safetensors, a linear warm-up then cosine learning rate, one optimiser step per
+    iteration, progress lines, and a checkpoint every `every` steps and at the end.
+
+        phase = Phase(work, "vae", {"model": vae, "opt": opt}, steps, lr=1e-3, warmup=100)
+        gen = torch.Generator().manual_seed(seed + phase.start)  # the data order resumes with the step
+        for step in phase:
+            loss = ...
+            phase.step(loss, clip=vae.parameters())  # zero_grad, backward, clip to norm 1, optimiser step
+
+    Whatever the body does after `phase.step` (an EMA update) is in the checkpoint taken after it.
+    """
+
+    def __init__(self, work: Path, name: str, parts: dict[str, Any], steps: int, *, lr: float, warmup: int,
+                 every: int = 250):
+        self.checkpoint, self.every = Checkpoint(work, name), every
+        self.parts, self.opt, self.total, self.lr, self.warmup = parts, parts["opt"], steps, lr, warmup
+        self.start = self.checkpoint.resume(parts)
+        self.progress = Progress(name, steps, self.start)
+        self._shown: float | None = None
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr * warmup_cosine(step, self.total, self.warmup)
+            self._shown = None
+            yield step
+            if self._shown is None:
+                raise RuntimeError("a Phase iteration must call phase.step(loss)")
+            self.progress.update(step, self._shown)
+            self.checkpoint.maybe_save(step, self.total, self.parts, self.every)
+
+    def step(self, loss: torch.Tensor, *, clip=None, shown: torch.Tensor | None = None) -> None:
+        """Backpropagate `loss` and step the optimiser (gradients clipped to norm 1 over `clip` if given);
+        the progress line shows `shown` (default: the loss)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        self.opt.step()
+        self._shown = float((loss if shown is None else shown).detach())
+

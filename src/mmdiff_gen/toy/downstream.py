@@ -41,7 +41,7 @@ from ..train.feature_cache import FeatureCache, build_cache
 from ..train.losses import LOSSES
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from ..train.trainer import TrainConfig, train_head
-from ._loop import Checkpoint, conv_autocast, warmup_cosine
+from ._loop import Phase, conv_autocast
 from .data import SceneArrays, load_or_render
 from .heads_recipe import TASKS, TOY_HEAD, VAL_SEED
 from .oracle import Oracle, evaluate_oracle
@@ -166,26 +166,18 @@ def train_downstream(data: Labelled, cfg: DownstreamConfig, work: Path, name: st
     model = Oracle(width=cfg.width) if init is None else Oracle.from_checkpoint(init)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    ckpt = Checkpoint(work, name)
-    parts = {"model": model, "opt": opt}
-    start = ckpt.resume(parts)
-    rng = np.random.default_rng([cfg.seed, start])
+    phase = Phase(work, name, {"model": model, "opt": opt}, steps, lr=lr, warmup=min(50, steps // 10))
+    rng = np.random.default_rng([cfg.seed, phase.start])
     t0 = time.time()
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * warmup_cosine(step, steps, min(50, steps // 10))
+    for _ in phase:
         idx = rng.integers(0, len(data.images), cfg.batch)
         x, targets = _batch(data, idx, rng.random(cfg.batch) < 0.5, device)
         with conv_autocast(device):
             pred = model(x)
-        loss = _loss(pred, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ckpt.maybe_save(step, steps, parts)
+        phase.step(_loss(pred, targets))
     model.eval()
     model.save(out, {"steps": steps, "samples": len(data.images), "seconds": round(time.time() - t0, 1)})
-    ckpt.path.unlink(missing_ok=True)
+    phase.checkpoint.path.unlink(missing_ok=True)  # the finished model file replaces the resume state
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._atomic import atomic_path
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
-from ._loop import Checkpoint, Progress, conv_autocast, warmup_cosine
+from ._loop import Phase, conv_autocast
 from .data import SceneArrays, render_arrays
 from .recipe import ASSET_DIR, ToyRecipe
 from .train_vae import to_pixels
@@ -121,15 +121,10 @@ def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: i
     steps = recipe.oracle_steps if steps is None else steps
     model = Oracle()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
-    ckpt = Checkpoint(work, "oracle")
-    parts = {"model": model, "opt": opt}
-    start = ckpt.resume(parts)
-    gen = torch.Generator().manual_seed(recipe.seed + 3 + start)
+    phase = Phase(work, "oracle", {"model": model, "opt": opt}, steps, lr=recipe.oracle_lr, warmup=100)
+    gen = torch.Generator().manual_seed(recipe.seed + 3 + phase.start)
     model.train()
-    prog = Progress("oracle", steps, start)
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = recipe.oracle_lr * warmup_cosine(step, steps, 100)
+    for _ in phase:
         idx = torch.randint(0, len(data), (recipe.oracle_batch,), generator=gen).numpy()
         x = to_pixels(data.images[idx])
         half = len(idx) // 2
@@ -138,12 +133,7 @@ def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: i
         depth = torch.from_numpy(data.depth[idx].astype(np.float32))
         with conv_autocast():
             pred = model(x)
-        loss = _losses({k: v.float() for k, v in pred.items()}, seg, depth)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        prog.update(step, loss.item())
-        ckpt.maybe_save(step, steps, parts)
+        phase.step(_losses({k: v.float() for k, v in pred.items()}, seg, depth))
     model.eval()
     held = render_arrays(HELD_OUT_SEED, eval_scenes)
     metrics = {"renders": evaluate_oracle(model, held.images, held)}

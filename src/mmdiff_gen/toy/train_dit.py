@@ -23,7 +23,7 @@ from torch import nn
 
 from ..io.state import load_state, save_state
 from ..train.trainer import ema_update
-from ._loop import Checkpoint, Progress, warmup_cosine
+from ._loop import Phase
 from .data import SceneArrays, class_fractions
 from .recipe import ToyRecipe
 from .train_text import encode_text, load_text, tokenize
@@ -87,19 +87,15 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
     models = torch.nn.ModuleDict({"transformer": tr, "clip": pipe.text_encoder, "t5": pipe.text_encoder_2})
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     opt = torch.optim.AdamW(list(tr.parameters()) + list(probe.parameters()), lr=recipe.dit_lr, weight_decay=0.0)
-    ckpt = Checkpoint(work, "dit")
-    parts = {"models": models, "ema": ema, "probe": probe, "opt": opt}
-    start = ckpt.resume(parts)
-    gen = torch.Generator().manual_seed(recipe.seed + 2 + start)
+    phase = Phase(work, "dit", {"models": models, "ema": ema, "probe": probe, "opt": opt}, steps, lr=recipe.dit_lr,
+                  warmup=recipe.dit_warmup)
+    gen = torch.Generator().manual_seed(recipe.seed + 2 + phase.start)
     h, w = lat.shape[-2:]
     img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(recipe.t5_max_length, 3)
     forward = torch.compile(tr) if compile else tr
     tr.train().requires_grad_(True)
-    prog = Progress("dit", steps, start)
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = recipe.dit_lr * warmup_cosine(step, steps, recipe.dit_warmup)
+    for step in phase:
         b = recipe.dit_batch
         idx = torch.randint(0, len(data), (b,), generator=gen)
         x0 = (lat[idx].float() - shift) * scale
@@ -115,13 +111,8 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
         logits = probe(seen.pop("img")).reshape(b, -1, len(CLASSES), 4)  # (B, tokens, classes, 2×2 cells)
         target = class_map_tokens(pipe, torch.from_numpy(data.seg[idx.numpy()]), h, w)
         seg = F.cross_entropy(logits.transpose(1, 2), target.transpose(1, 2))
-        opt.zero_grad(set_to_none=True)
-        (flow + recipe.dit_seg_weight * seg).backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-        opt.step()
+        phase.step(flow + recipe.dit_seg_weight * seg, clip=tr.parameters(), shown=flow)
         ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
-        prog.update(step, flow.item())
-        ckpt.maybe_save(step, steps, parts)
     hook.remove()
     models.load_state_dict(ema.state_dict())
     models.eval().requires_grad_(False)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._loop import Checkpoint, Progress, warmup_cosine
+from ._loop import Checkpoint, Phase
 from .data import SceneArrays, class_fractions
 from .recipe import ToyRecipe
 from .world import CLASSES, COLORS, POSITIONS, SIZES, caption_slots, random_caption
@@ -138,19 +138,15 @@ def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: in
     decoder = LayoutDecoder(recipe.text_width)
     opt = torch.optim.AdamW(list(encoders.parameters()) + list(decoder.parameters()), lr=recipe.text_lr,
                             weight_decay=0.01)
-    ckpt = Checkpoint(work, "text")
-    parts = {"encoders": encoders, "decoder": decoder, "opt": opt}
-    start = ckpt.resume(parts)
+    phase = Phase(work, "text", {"encoders": encoders, "decoder": decoder, "opt": opt}, steps, lr=recipe.text_lr,
+                  warmup=min(100, steps // 10))
     clip_ids, t5_ids = tokenize(pipe, data.captions, recipe.t5_max_length)
-    gen = np.random.default_rng(recipe.seed + 5 + start)
+    gen = np.random.default_rng(recipe.seed + 5 + phase.start)
     layouts = np.random.default_rng(recipe.seed + 6)
     held_out = [random_caption(layouts, 2) for _ in range(500)]
     encoders.train().requires_grad_(True)
     decoder.train()
-    prog = Progress("text", steps, start)
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = recipe.text_lr * warmup_cosine(step, steps, min(100, steps // 10))
+    for step in phase:
         idx = gen.integers(0, len(data), recipe.text_batch)
         frac, rgb, present = layout_targets(data, idx)
         pooled, tokens = encode_text(pipe, clip_ids[idx], t5_ids[idx])
@@ -159,12 +155,7 @@ def train_text(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: in
         loss = (F.cross_entropy(layout[:, :n], frac) + F.mse_loss(layout[:, n:], rgb)
                 + F.binary_cross_entropy_with_logits(presence, present)
                 + slot_loss(slots, slot_targets([data.captions[i] for i in idx])))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoders.parameters(), 1.0)
-        opt.step()
-        prog.update(step, loss.item())
-        ckpt.maybe_save(step, steps, parts)
+        phase.step(loss, clip=encoders.parameters())
         if (step + 1) % 250 == 0 or step + 1 == steps:  # binding, on captions of fresh two-object layouts
             encoders.eval(), decoder.eval()
             acc = slot_accuracy(pipe, decoder, held_out, recipe.t5_max_length)

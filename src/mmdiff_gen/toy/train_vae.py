@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._loop import Checkpoint, Progress, conv_autocast, warmup_cosine
+from ._loop import Phase, conv_autocast
 from .data import SceneArrays, boundary_weight
 from .recipe import ToyRecipe
 
@@ -20,16 +20,11 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 def train_vae(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None) -> None:
     """Train `vae` in place, resuming from work/vae.state.safetensors; sets its latent shift and scale at the end."""
     steps = recipe.vae_steps if steps is None else steps
-    ckpt = Checkpoint(work, "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    parts = {"model": vae, "opt": opt}
-    start = ckpt.resume(parts)
-    gen = torch.Generator().manual_seed(recipe.seed + 1 + start)
+    phase = Phase(work, "vae", {"model": vae, "opt": opt}, steps, lr=recipe.vae_lr, warmup=100)
+    gen = torch.Generator().manual_seed(recipe.seed + 1 + phase.start)
     vae.train().requires_grad_(True)
-    prog = Progress("vae", steps, start)
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = recipe.vae_lr * warmup_cosine(step, steps, 100)
+    for _ in phase:
         idx = torch.randint(0, len(data), (recipe.vae_batch,), generator=gen).numpy()
         x = to_pixels(data.images[idx])
         weight = torch.from_numpy(boundary_weight(data.seg[idx], recipe.vae_edge_weight))[:, None]
@@ -39,11 +34,7 @@ def train_vae(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int 
             rec = vae.decode(z).sample
         err = rec.float() - x
         loss = (weight * err.abs()).mean() + (weight * err.square()).mean() + recipe.vae_kl * post.kl().float().mean() / z[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        prog.update(step, loss.item())
-        ckpt.maybe_save(step, steps, parts)
+        phase.step(loss)
     vae.eval()
     set_latent_stats(vae, data)
 
