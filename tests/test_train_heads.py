@@ -61,7 +61,7 @@ def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
     model, meta = load_head(out, backbone=tiny.identity())
     assert meta.layers == [0, 1, 2, 3] and meta.metrics[key] == metrics[key]
     assert meta.sigmas == ([0.78, 0.52, 0.26, 0.001] if timesteps is None else [0.001])
-    assert json.loads(json.dumps(meta.metrics))
+    assert json.loads(json.dumps(meta.metrics)) == meta.metrics and meta.blocks == "feature"  # JSON as stored
     # Training resumes from its state file: re-running a finished run trains no further epoch.
     assert load_state(tmp_path / f".{task}.state.safetensors")["epoch"] == 2
     again = train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre")
