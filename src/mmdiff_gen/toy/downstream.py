@@ -7,9 +7,9 @@ For each regime of N labelled real renders:
   2. a downstream model that never sees DiT features — the oracle's U-Net architecture on pixels, one
      multi-task network — trained on the N renders: the *real only* row, and also the *pixel labeller*
      (the paper's "DINO-v3 standalone" baseline: a discriminative model labelling the generated images);
-  3. one generation pass over fresh captions, whose capture every regime's heads read (exactly the
-     labels `generate` would write with those heads: the same capture and Annotator); the pixel
-     labellers, openseg (zero-shot, segmentation only) and the oracle (the ceiling) label the same pixels;
+  3. one generation pass over fresh captions (`capture.generate`, as the dataset job runs it), whose capture
+     every regime's heads read through the job's `Annotator`; the pixel labellers, openseg (zero-shot,
+     segmentation only) and the oracle (the ceiling) label the same pixels;
   4. the downstream model trained on each label source's synthetic set (synthetic only), then fine-tuned
      on the N renders (synthetic pretraining + real fine-tuning); also with the worst quarter of samples
      dropped by the MMDiff annotator's quality score;
