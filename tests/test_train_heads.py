@@ -95,3 +95,21 @@ def test_cache_refuses_mixed_image_sizes(tiny, tmp_path):
     samples = [Sample(key="a", image=np.zeros((64, 64, 3), np.uint8)), Sample(key="b", image=np.zeros((32, 64, 3), np.uint8))]
     with pytest.raises(ValueError, match="pass --size"):
         build_cache(tiny, samples, CaptureSpec(), tmp_path / "c")
+
+
+def test_a_cache_written_before_a_spec_field_existed_is_resumed(tiny, tmp_path):
+    from mmdiff_gen.io.readers import Sample
+    from mmdiff_gen.train.feature_cache import FeatureCache, build_cache
+
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"{i}", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "a red circle",
+                      seg=np.zeros((64, 64), np.uint8)) for i in range(2)]
+    spec = CaptureSpec(layers=(0,), sigmas=(0.5,))
+    out = build_cache(tiny, samples, spec, tmp_path / "c", batch_size=2)
+    manifest = json.loads((out / "cache.json").read_text())
+    del manifest["spec"]["blocks"]  # as an older version wrote it
+    (out / "cache.json").write_text(json.dumps(manifest))
+    shard = out / "shard_00000.safetensors"
+    before = shard.stat().st_mtime_ns
+    build_cache(tiny, samples, spec, out, batch_size=2)  # resumed (nothing to do), not refused
+    assert shard.stat().st_mtime_ns == before and FeatureCache(out).spec.blocks == "feature"

@@ -81,8 +81,15 @@ def _extract_batch(backbone: Backbone, batch: list[Sample], indices: range, spec
     return t
 
 
+def _spec(manifest: dict) -> CaptureSpec:
+    return CaptureSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["spec"].items()})
+
+
 def _identity(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k not in LAYOUT}
+    """What must match for a cache to be resumed: everything but the shard layout, the spec with its defaults
+    (a cache written before a CaptureSpec field existed holds that field's default)."""
+    return {k: v for k, v in manifest.items() if k not in LAYOUT} | {
+        "spec": json.loads(json.dumps(_spec(manifest).to_dict()))}
 
 
 def missing_shards(root: Path, manifest: dict) -> list[int]:
@@ -242,7 +249,7 @@ class FeatureCache:
 
     @property
     def spec(self) -> CaptureSpec:
-        return CaptureSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.manifest["spec"].items()})
+        return _spec(self.manifest)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
