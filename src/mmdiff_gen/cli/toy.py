@@ -171,7 +171,7 @@ def downstream(
     head_steps: Annotated[int, typer.Option(help="Steps of each MMDiff / t ≈ 0 head.")] = 300,
     steps: Annotated[int, typer.Option(help="Downstream steps from scratch.")] = 600,
     finetune_steps: Annotated[int, typer.Option(help="Real fine-tuning steps after synthetic pretraining.")] = 300,
-    width: Annotated[int, typer.Option(help="The downstream U-Net's first-stage width.")] = 16,
+    width: Annotated[int, typer.Option(help="The downstream U-Net's first-stage width.")] = 32,
     sample_steps: Annotated[int | None, typer.Option(help="Sampling steps [the backbone's].")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the report JSON here.")] = None,
 ) -> None:

@@ -38,13 +38,12 @@ from ..heads.checkpoint import read_meta
 from ..io.readers import Sample
 from ..jobs.annotate import Annotator, build_annotator, head_files
 from ..train.feature_cache import FeatureCache, build_cache
-from ..train.losses import LOSSES
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from ..train.trainer import TrainConfig, train_head
 from ._loop import Phase, conv_autocast
 from .data import SceneArrays, load_or_render
 from .heads_recipe import TASKS, TOY_HEAD, VAL_SEED
-from .oracle import Oracle, evaluate_oracle
+from .oracle import Oracle, evaluate_oracle, pixel_losses
 from .train_vae import to_pixels
 from .world import CLASSES, render_scene
 
@@ -65,7 +64,8 @@ class DownstreamConfig:
         steps: downstream steps from scratch (real only, synthetic only).
         batch: samples per step of every training (heads and downstream models).
         finetune_steps: real fine-tuning steps after synthetic pretraining, at `finetune_lr`.
-        width: the downstream U-Net's first-stage width (the oracle's architecture; the oracle is 32).
+        width: the downstream U-Net's first-stage width (the oracle's architecture and width: at 16, even
+            1 000 real renders taught it 33 mIoU in 600 steps, against 75 at 32).
         drop_worst: fraction of generated samples the quality filter drops.
         gen_batch: prompts per generation pass.
         sample_steps: sampling steps (None: the backbone's recommendation).
@@ -79,7 +79,7 @@ class DownstreamConfig:
     steps: int = 600
     finetune_steps: int = 300
     batch: int = 32
-    width: int = 16
+    width: int = 32
     lr: float = 2e-3
     finetune_lr: float = 5e-4
     drop_worst: float = 0.25
@@ -148,11 +148,6 @@ def _batch(data: Labelled, idx: np.ndarray, flip: np.ndarray, device) -> tuple[t
     return x, targets
 
 
-def _loss(out: dict, targets: dict) -> torch.Tensor:
-    # The heads' own losses (train.losses); the U-Net gives depth in metres and logits otherwise.
-    return sum(LOSSES[t](out[t].float(), y) for t, y in targets.items())
-
-
 def train_downstream(data: Labelled, cfg: DownstreamConfig, work: Path, name: str, *, steps: int, lr: float,
                      init: Path | None = None, device: str = "cpu") -> Path:
     """Train the downstream U-Net on `data` (from `init`'s weights if given); returns work/NAME.safetensors.
@@ -174,7 +169,7 @@ def train_downstream(data: Labelled, cfg: DownstreamConfig, work: Path, name: st
         x, targets = _batch(data, idx, rng.random(cfg.batch) < 0.5, device)
         with conv_autocast(device):
             pred = model(x)
-        phase.step(_loss(pred, targets))
+        phase.step(pixel_losses(pred, targets))
     model.eval()
     model.save(out, {"steps": steps, "samples": len(data.images), "seconds": round(time.time() - t0, 1)})
     phase.checkpoint.path.unlink(missing_ok=True)  # the finished model file replaces the resume state

@@ -96,11 +96,19 @@ class Oracle(nn.Module):
         return model.eval()
 
 
-def _losses(out: dict, seg: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(out["seg"], seg)
-    bce = F.binary_cross_entropy_with_logits(out["saliency"][:, 0], (seg > 0).float())
-    l1 = (out["depth"][:, 0].log() - depth.log()).abs().mean()
-    return ce + bce + l1
+def pixel_losses(out: dict, targets: dict) -> torch.Tensor:
+    """The pixel model's loss over the tasks `targets` holds (the oracle's recipe, also the downstream models'):
+    cross-entropy on seg ids (B, H, W) (255 ignored), BCE on saliency (B, H, W) 0–255 read as [0, 1], L1 of
+    log depth (B, H, W) metres. Equal weights: each term is O(1), none drowns the class term."""
+    loss = out["seg"].new_zeros(())
+    if "seg" in targets:
+        loss = loss + F.cross_entropy(out["seg"].float(), targets["seg"].long(), ignore_index=255)
+    if "saliency" in targets:
+        loss = loss + F.binary_cross_entropy_with_logits(out["saliency"][:, 0].float(), targets["saliency"].float() / 255)
+    if "depth" in targets:
+        pred = out["depth"][:, 0].float().clamp(min=1e-3).log()
+        loss = loss + (pred - targets["depth"].float().clamp(min=1e-3).log()).abs().mean()
+    return loss
 
 
 @torch.no_grad()
@@ -133,7 +141,7 @@ def train_oracle(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: i
         depth = torch.from_numpy(data.depth[idx].astype(np.float32))
         with conv_autocast():
             pred = model(x)
-        phase.step(_losses({k: v.float() for k, v in pred.items()}, seg, depth))
+        phase.step(pixel_losses(pred, {"seg": seg, "saliency": (seg > 0).to(torch.uint8) * 255, "depth": depth}))
     model.eval()
     held = render_arrays(HELD_OUT_SEED, eval_scenes)
     metrics = {"renders": evaluate_oracle(model, held.images, held)}
