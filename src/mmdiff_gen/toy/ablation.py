@@ -112,7 +112,7 @@ def run_ablation(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500,
     if unknown or not budgets or budgets[0] < 1 or not seeds:
         raise ValueError(f"unknown rows {unknown}" if unknown else "budgets must be ≥ 1 epoch and seeds non-empty")
     work = Path(work)
-    caches = {b: toy_caches(work, train_scenes, val_scenes, model, blocks=b) for b in {ABLATIONS[r][0] for r in rows}}
+    caches = toy_caches(work, train_scenes, val_scenes, model, blocks=tuple(dict.fromkeys(ABLATIONS[r][0] for r in rows)))
     folder = work / "ablation"
     for epochs in budgets:
         for seed in seeds:

@@ -206,9 +206,9 @@ def label_agreement(labels: Labelled, ref: Labelled) -> dict:
 # --- the protocol ---------------------------------------------------------------------------------
 
 def _samples(arrays: SceneArrays, n: int, first_seed: int) -> list[Sample]:
-    sal = np.where(arrays.seg[:n] > 0, 255, 0).astype(np.uint8)
-    return [Sample(f"{first_seed + i:09d}", arrays.images[i], arrays.captions[i], arrays.seg[i], sal[i],
-                   arrays.depth[i].astype(np.float32)) for i in range(n)]
+    real = Labelled.real(arrays, n)  # the exact labels, saliency included
+    return [Sample(f"{first_seed + i:09d}", real.images[i], arrays.captions[i], real.seg[i], real.saliency[i],
+                   real.depth[i]) for i in range(n)]
 
 
 def _train_heads(bb, work: Path, real: SceneArrays, n: int, cfg: DownstreamConfig, val: FeatureCache) -> dict:

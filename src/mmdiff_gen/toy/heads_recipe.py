@@ -26,30 +26,34 @@ TOY_HEAD = (("decoder_channels", 32),)
 
 
 def toy_caches(work: Path, train_scenes: int, val_scenes: int, model: str = "toy",
-               blocks: str = "feature") -> tuple[FeatureCache, FeatureCache]:
-    """Render train / val scenes and extract their feature caches (both resumable); `blocks="joint"`: features
-    of the double-stream blocks (caches *_cache_joint, same scenes)."""
+               blocks: tuple[str, ...] = ("feature",)) -> dict[str, tuple[FeatureCache, FeatureCache]]:
+    """Render train / val scenes once and extract their feature caches (all resumable), per block list:
+    {blocks: (train, val)}; "joint": features of the double-stream blocks (caches *_cache_joint)."""
     work = Path(work)
     bb = load_backbone(model, dtype=torch.float32, device="cpu")
-    spec = CaptureSpec.for_tasks(TASKS, cross_attention=True, store_device="cpu", blocks=blocks)
-    suffix = "" if blocks == "feature" else f"_{blocks}"
-    caches = []
+    data = {}
     for split, seed, n in (("train", TRAIN_SEED, train_scenes), ("val", VAL_SEED, val_scenes)):
-        data = work / f"{split}_scenes"
-        if not (data / "meta.jsonl").is_file() or len((data / "meta.jsonl").read_text().splitlines()) != n:
-            if data.exists():
-                shutil.rmtree(data)
-            write_scenes(data, n, seed)
-        build_cache(bb, FilesDataset(data), spec, work / f"{split}_cache{suffix}", batch_size=64)
-        caches.append(FeatureCache(work / f"{split}_cache{suffix}"))
-    return caches[0], caches[1]
+        data[split] = work / f"{split}_scenes"
+        meta = data[split] / "meta.jsonl"
+        if not meta.is_file() or len(meta.read_text().splitlines()) != n:
+            if data[split].exists():
+                shutil.rmtree(data[split])
+            write_scenes(data[split], n, seed)
+    caches = {}
+    for b in blocks:
+        spec = CaptureSpec.for_tasks(TASKS, cross_attention=True, store_device="cpu", blocks=b)
+        suffix = "" if b == "feature" else f"_{b}"
+        for split in data:
+            build_cache(bb, FilesDataset(data[split]), spec, work / f"{split}_cache{suffix}", batch_size=64)
+        caches[b] = (FeatureCache(work / f"train_cache{suffix}"), FeatureCache(work / f"val_cache{suffix}"))
+    return caches
 
 
 def train_toy_heads(work: Path, *, train_scenes: int = 2000, val_scenes: int = 500, epochs: int = 6,
                     out: Path | None = None, tasks: tuple[str, ...] = TASKS) -> dict:
     """Train (or, with more epochs, continue) the shipped heads of the toy backbone; returns their val
     metrics, also written to OUT/metrics.json beside the heads (other tasks' entries are kept)."""
-    train, val = toy_caches(work, train_scenes, val_scenes)
+    train, val = toy_caches(work, train_scenes, val_scenes)["feature"]
     out = HEADS_DIR if out is None else Path(out)
     classes = train.manifest["classes"]
     report = out / "metrics.json"
