@@ -25,8 +25,9 @@ import torch
 
 from mmdiff_gen.backbones import wrap_pipeline
 from mmdiff_gen.backbones.tiny import build_tiny_flux
-from mmdiff_gen.capture import CONCEPT_SETS, CaptureSpec, generate, plan_schedule
+from mmdiff_gen.capture import CaptureSpec, generate, plan_schedule
 from mmdiff_gen.capture._noise import generators_for
+from mmdiff_gen.tasks import get as get_task
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakTensorMemory  # noqa: E402
@@ -38,7 +39,7 @@ VARIANTS = {
     "plain": None,
     "capture (on-schedule sigmas)": CaptureSpec(sigmas=(0.78, 0.52, 0.26)),
     "capture (paper sigmas, +1 forward for 0.001)": CaptureSpec(),
-    "capture + concepts (paper sigmas)": CaptureSpec(concepts=CONCEPT_SETS["seg"]),
+    "capture + concepts (paper sigmas)": CaptureSpec(concepts=get_task("seg").concepts),
 }
 
 

@@ -44,8 +44,9 @@ from mmdiff_gen.backbones import load_backbone, wrap_pipeline
 from mmdiff_gen.backbones.loading import DEFAULT_HEADS
 from mmdiff_gen.backbones.runtime import apply_runtime
 from mmdiff_gen.backbones.tiny import build_tiny_flux
-from mmdiff_gen.capture import CONCEPT_SETS, CaptureSpec, compile_backbone, compiled_graphs, generate, plan_schedule
+from mmdiff_gen.capture import CaptureSpec, compile_backbone, compiled_graphs, generate, plan_schedule
 from mmdiff_gen.capture._noise import generators_for
+from mmdiff_gen.tasks import get as get_task
 from mmdiff_gen.jobs.annotate import Annotator, head_files
 from mmdiff_gen.toy.world import render_scene
 
@@ -130,7 +131,7 @@ def flux_1024_case(dtype: torch.dtype, device: str, smoke: bool) -> Case:
     size = 64 if smoke else 1024
     kw = dict(height=size, width=size, num_inference_steps=2 if smoke else 28, guidance_scale=3.5,
               max_sequence_length=32 if smoke else 512)
-    spec = CaptureSpec(concepts=CONCEPT_SETS["seg"], layers=(0,) if smoke else None)
+    spec = CaptureSpec(concepts=get_task("seg").concepts, layers=(0,) if smoke else None)
     prompts = ["a large red circle on the left", "a small blue star in the center"]
     name = "tiny FLUX (smoke)" if smoke else "tiny FLUX 1024² (28 steps, width 1024, 4+8 blocks, random weights)"
     return Case(name, build, spec, kw, prompts, SMOKE_VARIANTS["flux1024"] if smoke else tuple(VARIANTS))

@@ -98,7 +98,7 @@ def test_quiet_switches_libraries_off_for_one_command_and_restores_them():
     (["inspect", "--dtype", "foo"], "'--dtype'"),
     (["inspect", "--sigmas", "0.5,x"], "'--sigmas'"),
     (["generate", "--tasks", "bogus"], "'--tasks'"),
-    (["train", "--task", "seg,depth", "--cache", "c", "--out", "h.safetensors"], "'--task'"),
+    (["train", "--task", "seg,openseg", "--cache", "c", "--out", "h.safetensors"], "'--task'"),
     (["train", "--task", "seg", "--cache", "c", "--out", "h.safetensors", "--timesteps", "a"], "'--timesteps'"),
 ])
 def test_usage_errors_name_the_option(tmp_path, args, option):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from mmdiff_gen.capture import CONCEPT_SETS, CaptureSpec, extract, generate
+from mmdiff_gen.capture import CaptureSpec, extract, generate
+from mmdiff_gen.tasks import get as get_task
 from mmdiff_gen.capture.concepts import concept_block_update, concept_map
 
 
@@ -105,7 +106,7 @@ def test_capture_maps_match_the_reference_through_the_transformer(tiny):
 
 def test_concept_maps_shape_and_softmax(tiny):
     spec = CaptureSpec.for_tasks(["seg", "depth"], cross_attention=True)
-    assert spec.concepts == CONCEPT_SETS["seg"] + ("depth", "surface", "near", "far")
+    assert spec.concepts == get_task("seg").concepts + ("depth", "surface", "near", "far")
     gen = generate(tiny, ["a red circle"], spec, seeds=[3], height=64, width=64, num_inference_steps=8,
                    max_sequence_length=32)
     maps = gen.capture.concept_maps
@@ -133,6 +134,6 @@ def test_real_image_mode_matches_looped_forwards(tiny):
 def test_concepts_do_not_change_generated_images(tiny):
     kw = dict(seeds=[7], height=64, width=64, num_inference_steps=8, max_sequence_length=32, output_type="np")
     plain = generate(tiny, ["a green ring"], CaptureSpec(), **kw)
-    with_concepts = generate(tiny, ["a green ring"], CaptureSpec(concepts=CONCEPT_SETS["saliency"]), **kw)
+    with_concepts = generate(tiny, ["a green ring"], CaptureSpec(concepts=get_task("saliency").concepts), **kw)
     assert np.array_equal(plain.images, with_concepts.images)
     assert torch.equal(plain.capture.features, with_concepts.capture.features)

@@ -83,9 +83,9 @@ def test_voc_reads_palette_indices_and_boundary(voc):
     assert ds.keys == ["2007_000001", "2007_000002"]
     assert ds.classes == VOC_CLASSES and len(ds.classes) == 21 and ds.classes[0] == "background"
     s = ds[1]
-    assert s.image.shape == (30, 20, 3) and s.seg.dtype == np.uint8
-    np.testing.assert_array_equal(s.seg, labels["2007_000002"])  # indices, not colours; 255 kept
-    assert set(np.unique(s.seg)) == {0, 16, 255} and s.caption == "" and s.depth is None
+    assert s.image.shape == (30, 20, 3) and s.labels.get("seg").dtype == np.uint8
+    np.testing.assert_array_equal(s.labels.get("seg"), labels["2007_000002"])  # indices, not colours; 255 kept
+    assert set(np.unique(s.labels.get("seg"))) == {0, 16, 255} and s.caption == "" and s.labels.get("depth") is None
 
 
 def test_voc_palette_is_the_standard_colormap():
@@ -100,7 +100,7 @@ def test_voc_train_aug_from_sbd_and_lookup_order(voc, tmp_path):
     assert ds.split == "train_aug"
     # (SBD train ∪ SBD val ∪ VOC train) − VOC val
     assert ds.keys == ["2007_000001", "2007_000002", "2009_000004", "2010_000005"]
-    by_key = {s.key: s.seg for s in ds}
+    by_key = {s.key: s.labels.get("seg") for s in ds}
     np.testing.assert_array_equal(by_key["2007_000001"], labels["2007_000001"])  # SegmentationClass first
     np.testing.assert_array_equal(by_key["2009_000004"], labels["2009_000004"])  # then Aug, before SBD
     np.testing.assert_array_equal(by_key["2010_000005"], labels["2010_000005"])  # then SBD .mat
@@ -150,8 +150,8 @@ def test_duts_splits_and_masks(duts):
     tr = open_dataset(f"duts:{root}")
     assert tr.keys == ["sun_a", "sun_b"] and tr.classes == []
     for s in tr:
-        assert s.seg is None and s.depth is None and s.image.shape == (24, 32, 3)
-        np.testing.assert_array_equal(s.saliency, masks[s.key])  # the RGB-stored one too
+        assert s.labels.get("seg") is None and s.labels.get("depth") is None and s.image.shape == (24, 32, 3)
+        np.testing.assert_array_equal(s.labels.get("saliency"), masks[s.key])  # the RGB-stored one too
     assert open_dataset(f"duts:{root}", split="te").keys == ["ILSVRC_c"]
     assert open_dataset(f"duts:{root}", split="test").keys == ["ILSVRC_c"]
     assert open_dataset(f"duts:{root / 'DUTS-TR'}", split="train").keys == ["sun_a", "sun_b"]  # the split folder
@@ -186,8 +186,8 @@ def test_nyu_png_list(tmp_path):
     assert any("skipped 1 lines" in str(w.message) for w in caught)
     assert ds.keys == ["kitchen_0028a_rgb_00045"] and not ds.eigen_crop
     s = ds[0]
-    assert s.depth.dtype == np.float32 and s.seg is None and s.saliency is None
-    np.testing.assert_array_equal(s.depth, mm.astype(np.float32) / 1000)  # mm → metres exactly, 0 stays 0
+    assert s.labels.get("depth").dtype == np.float32 and s.labels.get("seg") is None and s.labels.get("saliency") is None
+    np.testing.assert_array_equal(s.labels.get("depth"), mm.astype(np.float32) / 1000)  # mm → metres exactly, 0 stays 0
 
 
 def test_nyu_eigen_crop_and_10m_on_test_lists(tmp_path):
@@ -197,12 +197,12 @@ def test_nyu_eigen_crop_and_10m_on_test_lists(tmp_path):
     _rgb(root / "official_splits" / "test" / "bathroom" / "rgb_00045.jpg", 480, 640)
     _png(root / "official_splits" / "test" / "bathroom" / "sync_depth_00045.png", depth)
     (root / "nyudepthv2_test_files_with_gt.txt").write_text("bathroom/rgb_00045.jpg bathroom/sync_depth_00045.png\n")
-    d = open_dataset(f"nyu:{root}", split="nyudepthv2_test_files_with_gt.txt")[0].depth
+    d = open_dataset(f"nyu:{root}", split="nyudepthv2_test_files_with_gt.txt")[0].labels.get("depth")
     valid = np.zeros((480, 640), bool)
     valid[45:471, 41:601] = True
     valid[100, 100] = False
     assert (d[valid] == 5.0).all() and (d[~valid] == 0).all()
-    resized = open_dataset(f"nyu:{root}", split="nyudepthv2_test_files_with_gt.txt", size=48)[0].depth
+    resized = open_dataset(f"nyu:{root}", split="nyudepthv2_test_files_with_gt.txt", size=48)[0].labels.get("depth")
     assert resized.shape == (48, 48) and set(np.unique(resized)) <= {0.0, 5.0}  # nearest: crop before resize
 
 
@@ -225,15 +225,15 @@ def test_nyu_labeled_mat_orientation_and_splits(tmp_path):
     ds = open_dataset(f"nyu:{mat}")
     assert ds.split == "all" and ds.keys == ["00001", "00002", "00003"]
     s = ds[2]
-    assert s.image.shape == (6, 8, 3) and s.depth.shape == (6, 8)
+    assert s.image.shape == (6, 8, 3) and s.labels.get("depth").shape == (6, 8)
     assert tuple(s.image[1, 5]) == (255, 10, 20) and s.image.sum() == 285
-    assert s.depth[4, 7] == np.float32(9.5) and s.depth[0, 0] == 3.0
+    assert s.labels.get("depth")[4, 7] == np.float32(9.5) and s.labels.get("depth")[0, 0] == 3.0
     with pytest.raises(FileNotFoundError, match="splits.mat"):
         open_dataset(f"nyu:{mat}", split="train")
     savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [3]]), "testNdxs": np.array([[2]])})
     assert open_dataset(f"nyu:{mat}").keys == ["00001", "00003"]  # default train once splits.mat exists
     test = NYULabeledDataset(mat, "test", eigen_crop=False)
-    assert test.keys == ["00002"] and test[0].depth[0, 0] == 2.0
+    assert test.keys == ["00002"] and test[0].labels.get("depth")[0, 0] == 2.0
     with pytest.raises(ValueError, match="Eigen crop needs 480×640"):
         open_dataset(f"nyu:{mat}", split="test")[0]  # test frames get the evaluation crop by default
 
@@ -275,9 +275,9 @@ def test_folder_reads_every_label_kind(folder):
     assert ds.keys == ["a", "b"] and ds.classes == ["background", "dining table", "potted plant"]
     assert ds.palette[1] == [192, 0, 0]
     for s in ds:
-        np.testing.assert_array_equal(s.seg, labels[s.key])
-        np.testing.assert_array_equal(s.saliency, (labels[s.key] == 255) * 200)
-        np.testing.assert_array_equal(s.depth, depths[s.key])
+        np.testing.assert_array_equal(s.labels.get("seg"), labels[s.key])
+        np.testing.assert_array_equal(s.labels.get("saliency"), (labels[s.key] == 255) * 200)
+        np.testing.assert_array_equal(s.labels.get("depth"), depths[s.key])
 
 
 def test_folder_split_subfolder_and_missing_label(folder, tmp_path):
@@ -299,12 +299,12 @@ def test_size_resizes_and_center_crops_every_field(voc, folder, tmp_path):
     ds = open_dataset(f"voc:{tmp_path}", split="train_aug", size=16)
     assert ds.keys == VOCDataset(tmp_path).keys and ds.classes == VOC_CLASSES
     for s in ds:
-        assert s.image.shape == (16, 16, 3) and s.seg.shape == (16, 16)
-        assert set(np.unique(s.seg)) <= set(np.unique(labels[s.key])) | {255}
+        assert s.image.shape == (16, 16, 3) and s.labels.get("seg").shape == (16, 16)
+        assert set(np.unique(s.labels.get("seg"))) <= set(np.unique(labels[s.key])) | {255}
     mine, _, depths = folder
     s = open_dataset(f"folder:{mine}", size=10)[1]  # 30 × 20 → 15 × 10 → rows 2:12
-    assert s.image.shape == (10, 10, 3) and s.saliency.shape == s.depth.shape == (10, 10)
-    assert set(np.unique(s.depth)) <= set(np.unique(depths["b"]))  # nearest: no blend of 0 = invalid
+    assert s.image.shape == (10, 10, 3) and s.labels.get("saliency").shape == s.labels.get("depth").shape == (10, 10)
+    assert set(np.unique(s.labels.get("depth"))) <= set(np.unique(depths["b"]))  # nearest: no blend of 0 = invalid
 
 
 def test_captions_jsonl(folder, tmp_path):
@@ -320,10 +320,11 @@ def test_captions_jsonl(folder, tmp_path):
 
 def test_bare_path_is_the_files_layout_and_bad_sources_fail_in_one_line(tmp_path):
     writer = FilesWriter(tmp_path / "files")
-    writer.write("000", image=np.zeros((8, 8, 3), np.uint8), meta={"caption": "toy"}, seg=np.ones((8, 8), np.uint8))
+    writer.write("000", image=np.zeros((8, 8, 3), np.uint8), meta={"caption": "toy"},
+                 labels={"seg": np.ones((8, 8), np.uint8)})
     writer.close()
     ds = open_dataset(tmp_path / "files", size=4)
-    assert ds.keys == ["000"] and ds[0].caption == "toy" and ds[0].seg.shape == (4, 4)
+    assert ds.keys == ["000"] and ds[0].caption == "toy" and ds[0].labels.get("seg").shape == (4, 4)
     assert open_dataset(f"files:{tmp_path / 'files'}").keys == ["000"]
     cases = [("coco:/data/coco", ValueError, "unknown dataset kind 'coco'.*voc, duts, nyu, folder, files"),
              (str(tmp_path), ValueError, "no meta.jsonl.*KIND:PATH"),

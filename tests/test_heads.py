@@ -53,11 +53,11 @@ def test_cbam_and_decoders():
     out = dl(maps, side, (32, 48))
     assert out.shape == (B, 7, 32, 48)
     _grads_everywhere(dl, out.square().mean())
-    for tail in ("depth", "saliency"):
+    for tail in ("positive", "probability"):
         dpt = DPTDecoder([16] * L, 3, tail, channels=32)
         out = dpt(maps, side, (32, 48))
         assert out.shape == (B, 1, 32, 48)
-        if tail == "depth":
+        if tail == "positive":
             assert (out >= 0).all()
         _grads_everywhere(dpt, out.square().mean())
 
@@ -65,11 +65,11 @@ def test_cbam_and_decoders():
 @pytest.mark.parametrize("task, classes", [("seg", 7), ("saliency", 1), ("depth", 1)])
 @pytest.mark.parametrize("fusion, t", [("learned", T), ("mean", T), ("mean", 1)])
 def test_head_end_to_end(task, classes, fusion, t):
-    cfg = HeadConfig(task=task, feature_dim=C, num_layers=L, num_timesteps=t, num_concepts=4, num_classes=classes,
+    cfg = HeadConfig(tasks=task, feature_dim=C, num_layers=L, num_timesteps=t, num_concepts=4, num_classes=classes,
                      dim=16, decoder_channels=32, aspp_rates=(1, 2), fusion=fusion)
     head = MMDiffHead(cfg)
     feats = torch.randn(B, L, t, H * W, C).bfloat16()
-    out = head(feats, (H, W), (32, 48), concepts=torch.rand(B, 4, H, W))
+    out = head(feats, (H, W), (32, 48), concepts=torch.rand(B, 4, H, W))[task]
     assert out.shape == (B, classes, 32, 48)
     _grads_everywhere(head, out.square().mean())
     with pytest.raises(ValueError, match="concept maps"):
@@ -78,16 +78,16 @@ def test_head_end_to_end(task, classes, fusion, t):
 
 def test_single_timestep_learned_fusion_is_refused():
     with pytest.raises(ValueError, match="nothing to fuse"):
-        HeadConfig(task="seg", feature_dim=C, num_layers=L, num_timesteps=1)
+        HeadConfig(tasks="seg", feature_dim=C, num_layers=L, num_timesteps=1)
 
 
 def test_flux_scale_parameter_counts():
     # MMDiff §3.4 reports ~36 M trainable parameters for its heads at FLUX.1-dev widths (3072 → 768).
     def count(task, k, shared):
-        head = MMDiffHead(HeadConfig(task=task, feature_dim=3072, num_layers=4, num_timesteps=4, num_concepts=5,
+        head = MMDiffHead(HeadConfig(tasks=task, feature_dim=3072, num_layers=4, num_timesteps=4, num_concepts=5,
                                      num_classes=k, shared_aggregation=shared))
         agg = sum(p.numel() for p in head.aggregators.parameters())
-        return agg, sum(p.numel() for p in head.decoder.parameters())
+        return agg, sum(p.numel() for p in head.decoders[task].parameters())
 
     agg_one, dec_seg = count("seg", 21, True)
     agg_four, dec_dpt = count("depth", 1, False)
@@ -100,7 +100,7 @@ def test_flux_scale_parameter_counts():
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     from mmdiff_gen.heads.checkpoint import HeadMeta, HeadMismatch, load_head, save_head
 
-    cfg = HeadConfig(task="seg", feature_dim=C, num_layers=L, num_timesteps=T, num_concepts=4, num_classes=7, dim=16,
+    cfg = HeadConfig(tasks="seg", feature_dim=C, num_layers=L, num_timesteps=T, num_concepts=4, num_classes=7, dim=16,
                      decoder_channels=32, aspp_rates=(1, 2))
     head = MMDiffHead(cfg).eval()
     ident = {"family": "flux", "name": "toy", "config_sha256": "abc"}
@@ -111,7 +111,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     again, meta2 = load_head(tmp_path / "seg.safetensors", backbone=ident)
     assert meta2.config == cfg and meta2.metrics == {"miou": 12.5} and meta2.layers == [1, 3, 5, 7]
     feats, concepts = torch.randn(1, L, T, H * W, C), torch.rand(1, 4, H, W)
-    assert torch.equal(head(feats, (H, W), (8, 12), concepts), again(feats, (H, W), (8, 12), concepts))
+    assert torch.equal(head(feats, (H, W), (8, 12), concepts)["seg"], again(feats, (H, W), (8, 12), concepts)["seg"])
     with pytest.raises(HeadMismatch, match="trained on 'toy'"):
         load_head(tmp_path / "seg.safetensors", backbone={**ident, "name": "FLUX.1-dev", "config_sha256": "def"})
 
@@ -119,7 +119,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
 def test_checkpoint_refuses_retrained_weights(tmp_path):
     from mmdiff_gen.heads.checkpoint import HeadMeta, HeadMismatch
 
-    cfg = HeadConfig(task="depth", feature_dim=C, num_layers=L, num_timesteps=T)
+    cfg = HeadConfig(tasks="depth", feature_dim=C, num_layers=L, num_timesteps=T)
     meta = HeadMeta(config=cfg, backbone={"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w1"},
                     layers=[0], sigmas=[0.5], concepts=[], classes=["depth"])
     meta.check_backbone({"family": "flux", "name": "toy", "config_sha256": "abc", "weights": "w1"})
@@ -130,14 +130,14 @@ def test_checkpoint_refuses_retrained_weights(tmp_path):
 def test_head_precision_bf16_autocast_and_refusals():
     from mmdiff_gen.heads.model import bf16_heads, head_precision, predictions
 
-    head = MMDiffHead(HeadConfig(task="seg", feature_dim=C, num_layers=L, num_timesteps=T, num_concepts=0,
+    head = MMDiffHead(HeadConfig(tasks="seg", feature_dim=C, num_layers=L, num_timesteps=T, num_concepts=0,
                                  num_classes=5, dim=16, decoder_channels=16)).eval()
     feats = torch.randn(B, L, T, H * W, C)
     with torch.no_grad():
         with head_precision("cpu", "auto"):  # float32 on a CPU
-            ref = head(feats, (H, W), (16, 24))
+            ref = head(feats, (H, W), (16, 24))["seg"]
         with head_precision("cpu", "bf16"):
-            low = head(feats, (H, W), (16, 24))
+            low = head(feats, (H, W), (16, 24))["seg"]
     assert ref.dtype == torch.float32 and low.dtype == torch.bfloat16
     assert (predictions("seg", low) == predictions("seg", ref)).float().mean() > 0.9
     assert bf16_heads("cuda", "auto") and not bf16_heads("cuda", "fp32") and not bf16_heads("cpu", "auto")

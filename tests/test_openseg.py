@@ -12,7 +12,7 @@ from mmdiff_gen.backbones import wrap_pipeline
 from mmdiff_gen.backbones.tiny import build_tiny_sd3
 from mmdiff_gen.capture import CaptureSpec, extract
 from mmdiff_gen.heads.openseg import OpenSegConfig, class_maps, segment
-from mmdiff_gen.heads.quality import agreement, saliency_confidence, seg_confidence
+from mmdiff_gen.heads.quality import agreement, class_confidence, probability_confidence
 from mmdiff_gen.jobs.annotate import Annotator, quality_score
 
 CAPTIONS = ["a red circle on the left", "a blue star and a green square"]
@@ -93,8 +93,8 @@ def test_class_maps_and_the_background_rule():
 def test_quality_signals():
     sure = torch.zeros(1, 3, 4, 4)
     sure[:, 1] = 20
-    assert seg_confidence(sure).item() == pytest.approx(1.0) and seg_confidence(torch.zeros(1, 3, 4, 4)) == pytest.approx(1 / 3)
-    assert saliency_confidence(torch.zeros(1, 1, 4, 4)).item() == pytest.approx(0.0)
+    assert class_confidence(sure).item() == pytest.approx(1.0) and class_confidence(torch.zeros(1, 3, 4, 4)) == pytest.approx(1 / 3)
+    assert probability_confidence(torch.zeros(1, 1, 4, 4)).item() == pytest.approx(0.0)
     a = torch.tensor([[[0, 1], [2, 2]]])
     assert agreement(a, a).item() == 1.0 and agreement(a, torch.zeros_like(a)).item() == 0.0
     assert agreement(torch.zeros_like(a), torch.zeros_like(a)).item() == 1.0

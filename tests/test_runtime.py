@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from mmdiff_gen.backbones import load_backbone, wrap_pipeline
 from mmdiff_gen.backbones.runtime import OFFLOAD_MODES, STORAGE_MODES, apply_runtime
 from mmdiff_gen.backbones.tiny import build_tiny_flux
-from mmdiff_gen.capture import CONCEPT_SETS, CaptureSpec, extract, generate
+from mmdiff_gen.capture import CaptureSpec, extract, generate
+from mmdiff_gen.tasks import get as get_task
 from mmdiff_gen.cli import app
 
 run = CliRunner().invoke
@@ -56,7 +57,7 @@ def _run(bb):
 
 # --- storage: fp8 layerwise casting and torchao int8 ------------------------------------------------------------------
 
-STORED_SPEC = CaptureSpec(concepts=CONCEPT_SETS["seg"], store_dtype="float32")
+STORED_SPEC = CaptureSpec(concepts=get_task("seg").concepts, store_dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,7 @@ def test_heads_train_on_sd3_features_and_annotate_its_generations(tmp_path):
                 batch_size=2)
     cache = FeatureCache(tmp_path / "cache")
     assert cache.grid == (8, 8) and cache.layers == bb.default_layers()
-    cfg = TrainConfig(task="seg", epochs=1, batch_size=2, head=(("dim", 16), ("decoder_channels", 16)))
+    cfg = TrainConfig(tasks="seg", epochs=1, batch_size=2, head=(("dim", 16), ("decoder_channels", 16)))
     metrics = train_head(cache, cfg, tmp_path / "heads" / "seg.safetensors", classes=list(CLASSES), eval_cache=cache)
     assert np.isfinite(metrics["miou"])
     annotator = Annotator(head_files(tmp_path / "heads", ["seg"]), bb.identity())

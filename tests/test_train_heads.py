@@ -53,7 +53,7 @@ def test_cache_layout_and_resume(tiny, caches):
                                                   ("depth", "none", (3,))])
 def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
     _, train, val = caches
-    cfg = TrainConfig(task=task, epochs=2, batch_size=4, side=side, timesteps=timesteps, head=HEAD)
+    cfg = TrainConfig(tasks=task, epochs=2, batch_size=4, side=side, timesteps=timesteps, head=HEAD)
     out = tmp_path / f"{task}.safetensors"
     metrics = train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre")
     key = {"seg": "miou", "saliency": "mae", "depth": "abs_rel"}[task]
@@ -103,7 +103,7 @@ def test_a_cache_written_before_a_spec_field_existed_is_resumed(tiny, tmp_path):
 
     rng = np.random.default_rng(0)
     samples = [Sample(f"{i}", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "a red circle",
-                      seg=np.zeros((64, 64), np.uint8)) for i in range(2)]
+                      labels={"seg": np.zeros((64, 64), np.uint8)}) for i in range(2)]
     spec = CaptureSpec(layers=(0,), sigmas=(0.5,))
     out = build_cache(tiny, samples, spec, tmp_path / "c", batch_size=2)
     manifest = json.loads((out / "cache.json").read_text())
@@ -113,3 +113,43 @@ def test_a_cache_written_before_a_spec_field_existed_is_resumed(tiny, tmp_path):
     before = shard.stat().st_mtime_ns
     build_cache(tiny, samples, spec, out, batch_size=2)  # resumed (nothing to do), not refused
     assert shard.stat().st_mtime_ns == before and FeatureCache(out).spec.blocks == "feature"
+
+
+def test_one_head_for_three_tasks_trains_resumes_and_annotates(tiny, caches, tmp_path):
+    """MMDiff App. C: one aggregation, a decoder per task, loss weights calibrated from early losses."""
+    from mmdiff_gen.capture import generate
+    from mmdiff_gen.jobs.annotate import Annotator, head_files
+
+    _, train, val = caches
+    cfg = TrainConfig(tasks=("seg", "sal", "depth"), epochs=2, batch_size=4, head=HEAD, calibration_steps=3)
+    assert cfg.tasks == ("seg", "saliency", "depth")
+    out = tmp_path / "heads" / "all.safetensors"
+    metrics = train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre")
+    assert set(metrics) == {"seg", "saliency", "depth"} and np.isfinite(metrics["depth"]["abs_rel"])
+    model, meta = load_head(out, backbone=tiny.identity())
+    assert meta.config.tasks == cfg.tasks and len(model.aggregators) == 4 and set(model.decoders) == set(cfg.tasks)
+    weights = meta.metrics["train"]["loss_weights"]
+    assert set(weights) == set(cfg.tasks) and all(w > 0 for w in weights.values())
+    # Frozen after calibration: the state after epoch 2 holds the weights the head file records.
+    state = load_state(tmp_path / "heads" / ".all.state.safetensors")
+    assert state["loss_weights"]["count"] == 3 and state["loss_weights"]["weights"] == weights
+    assert train_head(train, cfg, out, classes=list(CLASSES), eval_cache=val, depth_unit="metre") == metrics
+
+    # A folder holding only the multi-task file serves every task from it, running it once per batch.
+    files = head_files(tmp_path / "heads", ["seg", "depth"])
+    assert files == {"seg": out, "depth": out}
+    ann = Annotator(files, tiny.identity())
+    assert ann.tasks == ["seg", "depth"] and len(ann.heads) == 1 and ann.classes == list(CLASSES)
+    cap = generate(tiny, ["a red circle"], ann.spec(store_dtype="float32"), seeds=[0], num_inference_steps=2,
+                   height=64, width=64).capture
+    a = ann(cap, (64, 64))
+    assert set(a.labels) == {"seg", "depth"} and a.labels["seg"].shape == (1, 64, 64)
+    assert "seg_confidence" in a.quality[0] and "saliency_confidence" not in a.quality[0]
+
+
+def test_multi_task_settings_are_checked(caches):
+    _, train, _ = caches
+    with pytest.raises(ValueError, match="zero-shot|no head is trained"):
+        TrainConfig(tasks=("seg", "openseg"))
+    with pytest.raises(ValueError, match="loss weights must name"):
+        TrainConfig(tasks=("seg", "depth"), loss_weights=(("seg", 1.0),))

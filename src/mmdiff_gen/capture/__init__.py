@@ -4,10 +4,9 @@ from ._hooks import compile_backbone, compiled_graphs, prepare
 from .generate import Generation, generate, plan_schedule
 from .real import extract
 from .session import Capture, CaptureResult
-from .spec import CONCEPT_SETS, PAPER_SIGMAS, CaptureSpec, concept_set
+from .spec import PAPER_SIGMAS, CaptureSpec
 
 __all__ = [
-    "CONCEPT_SETS",
     "PAPER_SIGMAS",
     "Capture",
     "CaptureResult",
@@ -15,7 +14,6 @@ __all__ = [
     "Generation",
     "compile_backbone",
     "compiled_graphs",
-    "concept_set",
     "extract",
     "generate",
     "plan_schedule",

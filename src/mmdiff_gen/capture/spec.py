@@ -7,25 +7,13 @@ from typing import Sequence
 
 import torch
 
+from ..tasks import get as get_task
+
 # MMDiff §3.1: t = 1 is noise, 0 is clean.
 PAPER_SIGMAS: tuple[float, ...] = (0.78, 0.52, 0.26, 0.001)
 
-# MMDiff App. E, the best concept set per task.
-CONCEPT_SETS: dict[str, tuple[str, ...]] = {
-    "seg": ("object", "background", "detail", "edges"),
-    "saliency": ("background", "object", "edges", "salient", "contour"),
-    "depth": ("depth", "surface", "object", "near", "far"),
-}
-
 BLOCKS = ("feature", "joint")  # what CaptureSpec.layers may index (Backbone.blocks)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def concept_set(task: str) -> tuple[str, ...]:
-    try:
-        return CONCEPT_SETS[task]
-    except KeyError:
-        raise KeyError(f"no concept set for task {task!r}; known: {', '.join(CONCEPT_SETS)}") from None
 
 
 @dataclass(frozen=True)
@@ -92,8 +80,8 @@ class CaptureSpec:
 
     @classmethod
     def for_tasks(cls, tasks: Sequence[str], **kwargs) -> "CaptureSpec":
-        """A spec whose concepts are the union of the tasks' paper concept sets, in first-seen order."""
+        """A spec whose concepts are the union of the tasks' concept sets (the registry's), in first-seen order."""
         words: list[str] = []
         for t in tasks:
-            words += [w for w in concept_set(t) if w not in words]
+            words += [w for w in get_task(t).concepts if w not in words]
         return cls(concepts=tuple(words), **kwargs)

@@ -126,18 +126,18 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
                                  param_hint="'--dtype'") from None
 
 
-TASK_ALIASES = {"seg": "seg", "saliency": "saliency", "sal": "saliency", "depth": "depth", "openseg": "openseg"}
-
-
 def parse_tasks(text: str, option: str = "--tasks") -> tuple[str, ...]:
-    """"seg,sal" → ("seg", "saliency"): canonical names, in order, without repeats; a usage error naming `option`
-    otherwise."""
+    """"seg,sal" → ("seg", "saliency"): the registry's canonical names, in order, without repeats; a usage error
+    naming `option` otherwise."""
+    from .. import tasks
+
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in TASK_ALIASES]
-    if bad or not names:
-        raise typer.BadParameter(f"unknown task {', '.join(bad) or '(none)'}; choose from seg, saliency (sal), depth, "
-                                 "openseg", param_hint=f"'{option}'")
-    return tuple(dict.fromkeys(TASK_ALIASES[t] for t in names))
+    if not names:
+        raise typer.BadParameter(f"no task given; choose from {tasks.known()}", param_hint=f"'{option}'")
+    try:
+        return tasks.canonical(names)
+    except KeyError as e:  # "unknown task 'x'; known: seg, saliency (sal), …"
+        raise typer.BadParameter(e.args[0], param_hint=f"'{option}'") from None
 
 
 def output_file(path: Path, option: str) -> None:

@@ -35,13 +35,13 @@ def _sigmas(text: str) -> tuple[float, ...]:
 
 
 def _concepts(text: str | None) -> tuple[str, ...]:
-    """A task name (seg, saliency, depth) or comma-separated words."""
-    from ..capture import CONCEPT_SETS
+    """A trained task's name (its concept set: seg, saliency, depth) or comma-separated words."""
+    from .. import tasks
 
     if not text:
         return ()
-    if text in CONCEPT_SETS:
-        return CONCEPT_SETS[text]
+    if text in tasks.trained():
+        return tasks.get(text).concepts
     return tuple(w.strip() for w in text.split(",") if w.strip())
 
 

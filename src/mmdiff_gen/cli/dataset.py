@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..tasks import quality_tasks
 from ._errors import clean_errors, err, fail
 from ._options import (Compile, Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_compile,
                        check_runtime, compile_if, parse_tasks, read_prompts, resolve_device, torch_dtype)
@@ -98,8 +99,8 @@ def generate(
         with clean_errors(usage=(ValueError,)):  # before loading the backbone: fail fast
             files, names = plan_annotator(model, task_list, heads,
                                           [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
-        if min_quality is not None and not {"seg", "saliency", "openseg"} & set(task_list):
-            fail("--min-quality needs a task with a quality signal: seg, saliency or openseg", code=2)
+        if min_quality is not None and not set(quality_tasks()) & set(task_list):
+            fail(f"--min-quality needs a task with a quality signal: {', '.join(quality_tasks())}", code=2)
         bb = load_backbone(model, dtype=torch_dt, device=dev, offload=offload, storage=storage)
         compile_if(bb, compile)
         dino_features = None

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..tasks import class_task
+from ..tasks import get as get_task
 from ._errors import clean_errors, fail
 from ._options import (Blocks, Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_runtime, output_file,
                        parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
@@ -65,7 +67,7 @@ def extract(
     size: Size = None,
     captions: Captions = None,
     model: Model = "toy",
-    tasks: Annotated[str, typer.Option(help="Tasks whose paper concept sets are captured.")] = "seg,saliency,depth",
+    tasks: Annotated[str, typer.Option(help="Tasks whose concept sets are captured.")] = "seg,saliency,depth",
     cross_attention: Annotated[bool, typer.Option(help="Also store averaged cross-attention maps.")] = False,
     blocks: Blocks = "feature",
     batch_size: Annotated[int, typer.Option(help="Images per transformer forward (× number of sigmas).")] = 16,
@@ -83,7 +85,7 @@ def extract(
     """Encode labelled images once in real-image mode and store features, concept maps and labels.
 
     Many GPUs: one process per GPU on the same --out (torchrun, srun); worker r writes shards s ≡ r (mod W)."""
-    task_list = [t for t in parse_tasks(tasks) if t != "openseg"]  # openseg reads no cache
+    task_list = [t for t in parse_tasks(tasks) if get_task(t).trained]  # openseg reads no cache
     if data is None:
         fail("--data is required (a dataset: voc:PATH, duts:PATH, nyu:PATH, folder:PATH or a files-layout folder)",
              code=2)
@@ -105,7 +107,8 @@ def extract(
 
 def train(
     cache: Annotated[Path, typer.Option(help="Training feature cache (filled from --data first when given).")],
-    task: Annotated[str, typer.Option(help="seg, saliency (sal) or depth.")],
+    task: Annotated[str, typer.Option(help="seg, saliency (sal) or depth; several (seg,sal,depth) train one "
+                                           "multi-task head sharing one aggregation.")],
     out_path: Annotated[Path, typer.Option("--out", help="Head file to write (.safetensors).")],
     eval_cache: Annotated[Path | None, typer.Option(help="Validation feature cache, scored at the end "
                                                          "(filled from --eval-data first when given).")] = None,
@@ -127,23 +130,22 @@ def train(
     fusion: Annotated[str, typer.Option(help="learned (paper) or mean (ablation).")] = "learned",
     decoder_channels: Annotated[int | None, typer.Option(help="Decoder width (default 256).")] = None,
 ) -> None:
-    """Train one head on a feature cache (resumable).
+    """Train one head on a feature cache (resumable): one task, or several sharing one aggregation.
 
     Many GPUs: one process group, a process per GPU (torchrun or accelerate launch); --data is extracted shard by
     shard across them, then every process trains on its share of each batch, all for the same number of steps."""
     picked = parse_tasks(task, option="--task")
-    if len(picked) != 1:
-        raise typer.BadParameter(f"train one task at a time, got {task!r}", param_hint="'--task'")
-    if picked[0] == "openseg":
-        raise typer.BadParameter("openseg is zero-shot: it has no head to train (see probe-layers)",
+    zero_shot = [t for t in picked if not get_task(t).trained]
+    if zero_shot:
+        raise typer.BadParameter(f"{zero_shot[0]} is zero-shot: it has no head to train (see probe-layers)",
                                  param_hint="'--task'")
-    t = picked[0]
+    name = "+".join(picked)
     if epochs < 1 or batch_size < 1:
         fail("--epochs and --batch-size must be ≥ 1", code=2)
     if not (math.isfinite(lr) and lr > 0):
         fail(f"--lr must be a finite number > 0, got {lr:g}", code=2)
     if out_path.is_dir():
-        fail(f"--out {out_path} is a folder; give the head file to write (e.g. {out_path / (t + '.safetensors')})",
+        fail(f"--out {out_path} is a folder; give the head file to write (e.g. {out_path / (name + '.safetensors')})",
              code=2)
     steps = _indices(timesteps, "--timesteps")
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
@@ -163,19 +165,19 @@ def train(
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
-                _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, env=group, tasks=[t],
+                _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, env=group, tasks=list(picked),
                          split=spl, size=size, captions=captions, cross_attention=reads_cross(side),
                          batch_size=EXTRACT_BATCH)
-        cfg = TrainConfig(task=t, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
+        cfg = TrainConfig(tasks=picked, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
         tr = FeatureCache(cache)
         ev = FeatureCache(eval_cache) if eval_cache else None
         classes = tr.manifest.get("classes") or []
-        if t == "seg" and not classes:
+        if class_task(picked) and not classes:
             fail(f"{cache} records no class names: extract it from a dataset with classes.txt")
         metrics = train_head(tr, cfg, out_path, classes=classes, palette=tr.manifest.get("palette"), eval_cache=ev,
-                             depth_unit="metre" if t == "depth" else "")
-    _print_metrics(t, metrics)
+                             depth_unit="metre" if any(get_task(t).kind == "positive" for t in picked) else "")
+    _print_metrics(metrics if len(picked) > 1 else {name: metrics})
 
 
 def evaluate(
@@ -204,7 +206,7 @@ def evaluate(
         if data is not None:
             m = read_meta(head)
             _extract(data, cache, model=model, device=device, dtype=dtype, dino=dino, env={},  # one process scores
-                     tasks=[m.config.task], split=split, size=size, captions=captions,
+                     tasks=list(m.config.tasks), split=split, size=size, captions=captions,
                      cross_attention=reads_cross(m.side), blocks=m.blocks, batch_size=EXTRACT_BATCH)
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
@@ -214,10 +216,10 @@ def evaluate(
             fail(f"the head reads DINOv3 maps of {meta.dino['name']!r}; {cache} has "
                  + (f"those of {cached['name']!r}" if cached else "none (extract it with --dino PATH)"), code=2)
         steps = meta.timestep_indices(list(fc.spec.sigmas))
-        metrics = evaluate_head(model, meta.config.task, meta.side, steps, fc, meta.classes, precision=precision)
-    _print_metrics(meta.config.task, metrics)
-    if json_out is not None:
-        json_out.write_text(json.dumps(metrics, indent=1))
+        by_task = evaluate_head(model, meta.side, steps, fc, meta.classes, precision=precision)
+    _print_metrics(by_task)
+    if json_out is not None:  # a one-task head's metrics as they are; a multi-task head's by task
+        json_out.write_text(json.dumps(by_task if len(by_task) > 1 else next(iter(by_task.values())), indent=1))
 
 
 def _indices(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -230,13 +232,15 @@ def _indices(text: str | None, option: str) -> tuple[int, ...] | None:
         raise typer.BadParameter(f"comma-separated integers expected, got {text!r}", param_hint=f"'{option}'") from None
 
 
-def _print_metrics(task: str, metrics: dict) -> None:
-    if not metrics:
-        return
-    t = Table(title=f"{task} metrics")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)):
-            t.add_row(k, f"{v:.4f}")
-    out.print(t)
+def _print_metrics(by_task: dict) -> None:
+    """One table per task of {task: metrics} (the training run's record and the non-main ranks' {} skipped)."""
+    for task, metrics in by_task.items():
+        if task == "train" or not metrics:
+            continue
+        t = Table(title=f"{task} metrics")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                t.add_row(k, f"{v:.4f}")
+        out.print(t)

@@ -32,7 +32,8 @@ class HeadMeta:
         blocks: the block list the layers index ("feature", or "joint": CaptureSpec.blocks).
         sigmas: capture sigmas, in the order of the T axis.
         concepts: concept words, in the order of the concept maps' K axis.
-        classes: class names (segmentation) or [task] for one-channel heads.
+        classes: the class names of its classes task (files of one-channel heads from before multi-task heads
+            hold [task]; nothing reads them).
         palette: RGB per class, for previews.
         metrics: the metrics the head reached, with the data they were measured on.
         depth_unit: unit of depth outputs ("metre"), else "".
@@ -68,7 +69,7 @@ class HeadMeta:
         retrained = bool(w_mine and w_theirs and w_mine != w_theirs)
         if mine != theirs or self.backbone.get("family") != identity.get("family") or retrained:
             raise HeadMismatch(
-                f"this {self.config.task} head was trained on {self.backbone.get('name')!r} "
+                f"this {self.config.name} head was trained on {self.backbone.get('name')!r} "
                 f"({self.backbone.get('family')}, config {mine}); the loaded backbone is {identity.get('name')!r} "
                 f"({identity.get('family')}, config {theirs})" + (" with other weights" if retrained else "")
             )
@@ -77,7 +78,7 @@ class HeadMeta:
             def says(lora):
                 return ", ".join(f"{a['name']!r}" + (" (fused)" if a.get("fused") else f" at scale {a.get('scale')}")
                                  for a in lora) or "no LoRA"
-            raise HeadMismatch(f"this {self.config.task} head was trained with {says(lora_mine)}; the loaded backbone "
+            raise HeadMismatch(f"this {self.config.name} head was trained with {says(lora_mine)}; the loaded backbone "
                                f"carries {says(lora_theirs)}: train the head on this backbone's features, or load the "
                                "backbone as the head was trained")
 
@@ -110,6 +111,8 @@ def read_meta(path: Path) -> HeadMeta:
         raise HeadMismatch(f"{path} was written by a newer mmdiff-gen ({header.get('code_version')})")
     config = json.loads(header["config"])
     config["aspp_rates"] = tuple(config["aspp_rates"])
+    if "task" in config:  # written before multi-task heads: one task, its decoder stored as "decoder."
+        config["tasks"] = (config.pop("task"),)
     return HeadMeta(config=HeadConfig(**config), **json.loads(header["meta"]))
 
 
@@ -119,5 +122,7 @@ def load_head(path: Path, backbone: dict | None = None, device: str | torch.devi
     if backbone is not None:
         meta.check_backbone(backbone)
     model = MMDiffHead(meta.config)
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    weights = load_file(str(path), device=str(device))
+    old = f"decoders.{meta.config.tasks[0]}."  # files from before multi-task heads name their one decoder "decoder."
+    model.load_state_dict({(old + k[8:] if k.startswith("decoder.") else k): v for k, v in weights.items()})
     return model.to(device).eval(), meta

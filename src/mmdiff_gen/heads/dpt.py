@@ -1,6 +1,6 @@
 """A DPT-style decoder (Ranftl et al. 2021): reassemble layers to a pyramid, fuse coarse to fine.
 
-One trunk; the task lives in a small tail (depth: one non-negative channel; saliency: one logit).
+One trunk; the task's kind lives in a small tail (positive: one non-negative channel; probability: one logit).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def _reassemble(cin: int, cout: int, scale: float) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-TAILS = {
-    "depth": lambda c: nn.Sequential(nn.Conv2d(c, c // 2, 3, padding=1), nn.ReLU(), nn.Conv2d(c // 2, 1, 1), nn.Softplus()),
-    "saliency": lambda c: nn.Sequential(nn.Conv2d(c, c // 2, 3, padding=1), nn.ReLU(), nn.Conv2d(c // 2, 1, 1)),
+TAILS = {  # by task kind (tasks.py)
+    "positive": lambda c: nn.Sequential(nn.Conv2d(c, c // 2, 3, padding=1), nn.ReLU(), nn.Conv2d(c // 2, 1, 1), nn.Softplus()),
+    "probability": lambda c: nn.Sequential(nn.Conv2d(c, c // 2, 3, padding=1), nn.ReLU(), nn.Conv2d(c // 2, 1, 1)),
 }
 
 
@@ -64,7 +64,7 @@ class DPTDecoder(nn.Module):
     Args:
         in_channels: channels of each of the L input maps.
         side_channels: channels concatenated to every input map (concept maps, extras).
-        tail: "depth" (1 channel, ≥ 0) or "saliency" (1 logit).
+        tail: the task's kind: "positive" (1 channel, ≥ 0; depth) or "probability" (1 logit; saliency).
         channels: trunk width (256 in DPT).
     """
 

@@ -1,4 +1,7 @@
-"""The MMDiff head for one task: per-layer token aggregation, then a DeepLabV3+ or DPT decoder."""
+"""The MMDiff head: per-layer token aggregation, then one DeepLabV3+ or DPT decoder per task.
+
+A head serves one task (the paper's main setting) or several from one aggregation (the unified multi-task
+decoder of MMDiff App. C): the aggregation, by far the heavier part, runs once for all of them."""
 
 from __future__ import annotations
 
@@ -8,12 +11,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .. import tasks as registry
 from .aggregation import TokenAggregation
 from .deeplab import DeepLabV3PlusDecoder
 from .dpt import DPTDecoder
 
-# task → decoder (MMDiff §3.4: DeepLabV3+ for segmentation, DPT for depth and saliency)
-DECODERS = {"seg": "deeplab", "saliency": "dpt", "depth": "dpt"}
 FUSIONS = ("learned", "mean")
 
 
@@ -22,12 +24,12 @@ class HeadConfig:
     """Constructor arguments of an MMDiffHead; saved in every checkpoint.
 
     Args:
-        task: "seg", "saliency" or "depth".
+        tasks: the registered trained tasks it predicts (one, or several sharing the aggregation).
         feature_dim: C, the backbone feature width.
         num_layers: L captured layers.
         num_timesteps: T captured sigmas (noisiest first).
         num_concepts: K concept maps concatenated to the decoder inputs (0: none).
-        num_classes: segmentation classes (1 for saliency and depth).
+        num_classes: classes of its "classes" task (1 when it has none).
         extra_channels: channels of optional extra maps (e.g. DINOv3 features), 0 = none.
         dim: projected width D; default C / 4 (3072 → 768, the paper's).
         decoder_channels: decoder width (256 as DeepLabV3+ and DPT).
@@ -40,7 +42,7 @@ class HeadConfig:
         agg_depth, agg_heads, dropout, layer_scale, skip_init: the aggregation module's settings.
     """
 
-    task: str
+    tasks: tuple[str, ...]
     feature_dim: int
     num_layers: int
     num_timesteps: int
@@ -59,15 +61,29 @@ class HeadConfig:
     skip_init: float = 0.1  # MMDiff App. F
 
     def __post_init__(self):
-        if self.task not in DECODERS:
-            raise KeyError(f"unknown task {self.task!r}; known: {', '.join(DECODERS)}")
+        object.__setattr__(self, "tasks", (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks))
+        untrained = [t for t in self.tasks if not registry.get(t).trained]
+        if not self.tasks or untrained or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"a head predicts distinct trained tasks ({', '.join(registry.trained())}), got "
+                             f"{', '.join(self.tasks) or 'none'}")
+        if sum(registry.get(t).kind == "classes" for t in self.tasks) > 1:
+            raise ValueError("one head predicts at most one classes task (num_classes is shared)")
         if self.fusion not in FUSIONS:
             raise KeyError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
         if self.fusion == "learned" and self.num_timesteps < 2:
             raise ValueError("one timestep has nothing to fuse: use fusion='mean' (projection only)")
-        if self.task != "seg" and self.num_classes != 1:
-            raise ValueError(f"{self.task} has one output channel")
+        if self.classes_task is None and self.num_classes != 1:
+            raise ValueError(f"{', '.join(self.tasks)} has one output channel")
         object.__setattr__(self, "aspp_rates", tuple(self.aspp_rates))
+
+    @property
+    def name(self) -> str:
+        """"seg", or "seg+saliency+depth" for a multi-task head."""
+        return "+".join(self.tasks)
+
+    @property
+    def classes_task(self) -> str | None:
+        return next((t for t in self.tasks if registry.get(t).kind == "classes"), None)
 
     @property
     def width(self) -> int:
@@ -92,11 +108,11 @@ class _MeanFusion(nn.Module):
 
 
 class MMDiffHead(nn.Module):
-    """Dense prediction for one task from captured DiT features.
+    """Dense prediction of its tasks from captured DiT features.
 
     forward(features (B, L, T, N, C), grid (h, w), size (H, W), concepts (B, K, h, w) | None,
-    extra (B, E, h, w) | None) → (B, num_classes, H, W): segmentation logits, a saliency logit or
-    depth (≥ 0).
+    extra (B, E, h, w) | None) → {task: (B, num_classes, H, W)}: class logits, a probability logit or a
+    positive value (depth, ≥ 0), as the task's kind says.
     """
 
     def __init__(self, config: HeadConfig):
@@ -112,14 +128,16 @@ class MMDiffHead(nn.Module):
         self.aggregators = nn.ModuleList(make() for _ in range(1 if c.shared_aggregation else c.num_layers))
         side = c.num_concepts + c.extra_channels
         widths = [c.width] * c.num_layers
-        if DECODERS[c.task] == "deeplab":
-            self.decoder = DeepLabV3PlusDecoder(widths, side, c.num_classes, channels=c.decoder_channels,
-                                                aspp_rates=c.aspp_rates)
-        else:
-            self.decoder = DPTDecoder(widths, side, c.task, channels=c.decoder_channels)
+        def decoder(task: registry.Task) -> nn.Module:
+            if task.decoder == "deeplab":
+                return DeepLabV3PlusDecoder(widths, side, c.num_classes, channels=c.decoder_channels,
+                                            aspp_rates=c.aspp_rates)
+            return DPTDecoder(widths, side, task.kind, channels=c.decoder_channels)
+
+        self.decoders = nn.ModuleDict({t: decoder(registry.get(t)) for t in c.tasks})
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
-                concepts: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+                concepts: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         c = self.config
         if features.shape[1] != c.num_layers or features.shape[2] != c.num_timesteps:
             raise ValueError(f"expected (B, {c.num_layers}, {c.num_timesteps}, N, C) features, got {tuple(features.shape)}")
@@ -128,7 +146,7 @@ class MMDiffHead(nn.Module):
         maps = [self.aggregators[0 if c.shared_aggregation else i](features[:, i], grid) for i in range(c.num_layers)]
         sides = [x.float() for x in (concepts, extra) if x is not None]
         side = torch.cat(sides, 1) if sides else None
-        return self.decoder(maps, side, size)
+        return {t: d(maps, side, size) for t, d in self.decoders.items()}
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -154,9 +172,11 @@ def bf16_heads(device: str | torch.device, precision: str = "auto") -> bool:
 
 
 def predictions(task: str, out: torch.Tensor) -> torch.Tensor:
-    """Head output → label maps: seg ids (B, H, W) uint8, saliency (B, H, W) uint8 0–255, depth (B, H, W) metres."""
-    if task == "seg":
+    """A task's head output → its label maps (B, H, W): class ids uint8, probabilities uint8 0–255, or positive
+    values float (depth: metres), by the task's kind."""
+    kind = registry.get(task).kind
+    if kind == "classes":
         return out.float().argmax(1).to(torch.uint8)
-    if task == "saliency":
+    if kind == "probability":
         return (out[:, 0].float().sigmoid() * 255).round().to(torch.uint8)
     return out[:, 0].float()

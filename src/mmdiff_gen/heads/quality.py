@@ -9,14 +9,18 @@ from __future__ import annotations
 import torch
 
 
-def seg_confidence(logits: torch.Tensor) -> torch.Tensor:
+def class_confidence(logits: torch.Tensor) -> torch.Tensor:
     """(B,) mean over pixels of the top softmax probability; logits (B, K, H, W)."""
     return logits.float().softmax(1).amax(1).flatten(1).mean(1)
 
 
-def saliency_confidence(logit: torch.Tensor) -> torch.Tensor:
+def probability_confidence(logit: torch.Tensor) -> torch.Tensor:
     """(B,) mean over pixels of |2p − 1|: 0 for a map of undecided 0.5s, 1 for a crisp mask; logit (B, 1, H, W)."""
     return (2 * logit.float().sigmoid() - 1).abs().flatten(1).mean(1)
+
+
+# A task's confidence signal by its kind (tasks.py); "positive" tasks (depth) have none.
+CONFIDENCE = {"classes": class_confidence, "probability": probability_confidence}
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, ignore: int = 255) -> torch.Tensor:

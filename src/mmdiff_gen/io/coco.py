@@ -1,5 +1,5 @@
-"""COCO export of a generated dataset: images, instance annotations as compressed RLE, plus label PNG,
-saliency and depth folders beside them.
+"""COCO export of a generated dataset: images, instance annotations as compressed RLE, plus the class-id PNGs
+(labels/) and a folder per other task (saliency/, depth/, …) beside them.
 
 One annotation per connected component of each class in each image, `iscrowd: 0`, each with its own
 RLE, area and bbox: COCO's iscrowd-0 annotations are single objects, which detection and
@@ -21,7 +21,9 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from .dataset import GeneratedDataset
-from .members import IGNORE_INDEX, encode_depth, encode_gray
+from ..tasks import class_task
+from ..tasks import get as get_task
+from .members import IGNORE_INDEX, encode_gray, encode_label
 from .shards import write_bytes_atomic, write_json_atomic
 
 
@@ -56,7 +58,8 @@ def components(seg: np.ndarray, category_ids: set[int]) -> Iterator[tuple[int, i
 
 def export_coco(src: Path, out: Path, include_background: bool = False, min_quality: float | None = None,
                 min_area: int = 0, allow_partial: bool = False) -> dict:
-    """Write OUT/images/, OUT/annotations.json and OUT/labels/, saliency/, depth/ (whichever the dataset has).
+    """Write OUT/images/, OUT/annotations.json, OUT/labels/ and a folder per other task the dataset has (saliency/,
+    depth/, openseg/: each task's folder name, encoded as in the dataset).
 
     Args:
         src: a `generate` output folder.
@@ -72,13 +75,13 @@ def export_coco(src: Path, out: Path, include_background: bool = False, min_qual
     if min_area < 0:
         raise ValueError(f"min_area must be ≥ 0 pixels, got {min_area}")
     ds = GeneratedDataset(src, min_quality=min_quality, allow_partial=allow_partial)
-    if "seg" not in ds.tasks:
+    named = class_task(ds.tasks)  # the task whose ids are COCO's categories
+    if named is None:
         raise ValueError(f"{src} has no segmentation: generate it with --tasks seg to export COCO")
     out = Path(out)
-    folders = {"images": True, "labels": True, "saliency": "saliency" in ds.tasks, "depth": "depth" in ds.tasks}
-    for name, wanted in folders.items():
-        if wanted:
-            (out / name).mkdir(parents=True, exist_ok=True)
+    others = {t: get_task(t).folder for t in ds.tasks if t != named}
+    for name in ["images", "labels", *others.values()]:
+        (out / name).mkdir(parents=True, exist_ok=True)
     first = 0 if include_background else 1
     categories = [{"id": i, "name": n, "supercategory": "thing"} for i, n in enumerate(ds.classes) if i >= first]
     known = {c["id"] for c in categories}
@@ -90,22 +93,20 @@ def export_coco(src: Path, out: Path, include_background: bool = False, min_qual
         write_bytes_atomic(out / "images" / name, sample.image_bytes)  # the stored bytes: no second JPEG pass
         images.append({"id": image_id, "file_name": name, "height": h, "width": w, "caption": sample.prompt,
                        "seed": sample.meta.get("seed")})
-        seg = sample.labels["seg"]
+        seg = sample.labels[named]
         write_bytes_atomic(out / "labels" / f"{sample.key}.png", encode_gray(seg))
         for cid, area, mask in components(seg, known - {IGNORE_INDEX}):
             if area < min_area:
                 dropped += 1  # from annotations.json only: labels/ keeps every pixel
             else:
                 annotations.append(rle_annotation(mask, len(annotations) + 1, image_id, cid))
-        if folders["saliency"]:
-            write_bytes_atomic(out / "saliency" / f"{sample.key}.png", encode_gray(sample.labels["saliency"]))
-        if folders["depth"]:
-            write_bytes_atomic(out / "depth" / f"{sample.key}.png", encode_depth(sample.labels["depth"], ds.depth_scale))
+        for task, folder in others.items():
+            write_bytes_atomic(out / folder / f"{sample.key}.png", encode_label(task, sample.labels[task], ds.scale(task)))
     coco = {
         "info": {"description": f"mmdiff-gen synthetic dataset from {Path(src).resolve().name}",
                  "version": str(ds.info.get("format_version")), "date_created": datetime.date.today().isoformat(),
                  "mmdiff_gen": {"fingerprint": ds.info["fingerprint"], "backbone": ds.info["backbone"].get("name"),
-                                "depth": ds.info.get("depth"), "ignore_index": ds.info.get("ignore_index"),
+                                **{t: ds.info.get(t) for t in others}, "ignore_index": ds.info.get("ignore_index"),
                                 "annotations": "one per 8-connected component of a class", "min_area": min_area}},
         "licenses": [],
         "images": images,

@@ -10,8 +10,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .members import TASK_MEMBER, decode_depth, decode_gray, decode_image
-from .shards import DATASET_FILE, FILES_LAYOUT, read_stats, shard_name, shard_problem
+from ..tasks import get as get_task
+from .members import DEPTH_SCALE, decode_image, decode_label
+from .shards import DATASET_FILE, files_layout, read_stats, shard_name, shard_problem
 
 
 class IncompleteDataset(ValueError):
@@ -117,12 +118,15 @@ class GeneratedDataset:
         self.info = read_info(self.root)
         self.format = self.info["format"]
         self.tasks = list(self.info["tasks"])
-        self.depth_scale = float(self.info.get("depth", {}).get("scale", 1000.0))
         self.check = check_shards(self.root, self.info)
         if not self.check.whole and not allow_partial:
             raise IncompleteDataset(f"{self.root}: {self.check.problems()}; re-run the same generate command to "
                                     "finish it, or pass --allow-partial to read the whole shards only")
         self.stats = self.check.finished
+
+    def scale(self, task: str) -> float:
+        """The PNG value per unit of a positive-valued task's labels (depth: 1000, millimetres)."""
+        return float((self.info.get(task) or {}).get("scale", DEPTH_SCALE))
 
     @property
     def classes(self) -> list[str]:
@@ -153,8 +157,7 @@ class GeneratedDataset:
         img = members.get("jpg", members.get("png"))
         labels = {}
         for task in self.tasks:
-            data = members[TASK_MEMBER[task]]
-            labels[task] = decode_depth(data, self.depth_scale) if task == "depth" else decode_gray(data)
+            labels[task] = decode_label(task, members[get_task(task).member], self.scale(task))
         return GeneratedSample(key=key, image=decode_image(img), image_bytes=img, prompt=members["txt"].decode("utf-8"),
                                meta=json.loads(members["json"]), labels=labels)
 
@@ -174,7 +177,7 @@ class GeneratedDataset:
     def _files_sample(self, key: str) -> GeneratedSample:
         members = {}
         image = self.info["image_format"]
-        for suffix, (folder, ext) in FILES_LAYOUT.items():
+        for suffix, (folder, ext) in files_layout().items():
             p = self.root / folder / f"{key}.{ext}"
             if suffix in ("jpg", "png") and suffix != image:
                 continue

@@ -1,7 +1,8 @@
 """Bytes of one sample's members, encoded losslessly by us (never by webdataset's lossy default encoders).
 
-Member names follow WebDataset: KEY.jpg (or .png), KEY.txt, KEY.json, KEY.seg.png (8-bit class ids,
-255 = ignore), KEY.sal.png (8-bit 0–255), KEY.depth.png (16-bit, value = depth × scale).
+Member names follow WebDataset: KEY.jpg (or .png), KEY.txt, KEY.json, and one KEY.<task member> per task
+(tasks.py), encoded by the task's kind: classes as 8-bit ids (255 = ignore; KEY.seg.png), probabilities as
+8-bit 0–255 (KEY.sal.png), positive values as 16-bit PNGs of value × scale (KEY.depth.png, millimetres).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import numpy as np
 from PIL import Image
 
-TASK_MEMBER = {"seg": "seg.png", "saliency": "sal.png", "depth": "depth.png", "openseg": "openseg.png"}
+from ..tasks import class_task
+from ..tasks import get as get_task
+
 IGNORE_INDEX = 255
 DEPTH_SCALE = 1000.0  # depth PNG value per unit: metres → millimetres, the NYU convention
 # zlib level of 16-bit depth PNGs: level 6 (PIL's default) took 24–410 ms per noisy 1024² map, level 1 a
@@ -26,24 +29,41 @@ def encode_sample(image: np.ndarray, prompt: str, meta: dict, labels: dict[str, 
 
     Args:
         image: (H, W, 3) uint8.
-        labels: per task (TASK_MEMBER keys): seg / openseg (H, W) uint8 ids, saliency (H, W) uint8, depth
-            (H, W) float in the dataset's unit.
-        meta: the JSON member; the names of the seg classes present are added to it.
+        labels: per registered task: (H, W) arrays as its kind says (class ids uint8, probabilities uint8 0–255,
+            positive values float in the dataset's unit).
+        meta: the JSON member; the names of the classes present in the trained classes task (seg) are added.
     """
     out = {image_format: encode_image(image, image_format), "txt": prompt.encode("utf-8")}
     meta = dict(meta)
-    if "seg" in labels:
-        ids = labels["seg"]
-        meta["classes"] = [classes[i] if i < len(classes) else str(i) for i in np.unique(ids) if i != IGNORE_INDEX]
-        out["seg.png"] = encode_gray(ids)
-    if "saliency" in labels:
-        out["sal.png"] = encode_gray(labels["saliency"])
-    if "depth" in labels:
-        out["depth.png"] = encode_depth(labels["depth"], DEPTH_SCALE)
-    if "openseg" in labels:
-        out["openseg.png"] = encode_gray(labels["openseg"])
+    named = class_task(list(labels))
+    if named is not None:
+        meta["classes"] = [classes[i] if i < len(classes) else str(i) for i in np.unique(labels[named])
+                           if i != IGNORE_INDEX]
+    for task, array in labels.items():
+        out[get_task(task).member] = encode_label(task, array)
     out["json"] = encode_json(meta)
     return out
+
+
+def encode_label(task: str, array: np.ndarray, scale: float = DEPTH_SCALE) -> bytes:
+    """One label map as its task's kind is stored: 16-bit PNG of value × `scale` for positive values, else 8-bit."""
+    return encode_depth(array, scale) if get_task(task).kind == "positive" else encode_gray(array)
+
+
+def decode_label(task: str, data: bytes, scale: float = DEPTH_SCALE) -> np.ndarray:
+    """`encode_label`'s inverse: (H, W) uint8, or float32 in the dataset's unit for positive values."""
+    return decode_depth(data, scale) if get_task(task).kind == "positive" else decode_gray(data)
+
+
+def label_info(task: str, unit: str = "") -> dict:
+    """How a task's member is encoded, for dataset.json (`unit`: of positive values; "" = relative)."""
+    kind = get_task(task).kind
+    if kind == "positive":
+        return {"unit": unit or "relative", "scale": DEPTH_SCALE, "invalid": 0,
+                "encoding": "uint16 PNG, value = label × scale"}
+    if kind == "probability":
+        return {"encoding": "uint8 PNG, 0–255"}
+    return {"encoding": f"uint8 PNG of class ids, {IGNORE_INDEX} = ignore"}
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:

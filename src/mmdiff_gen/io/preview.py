@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..tasks import class_task
+from ..tasks import get as get_task
 from .dataset import GeneratedDataset
 from .members import IGNORE_INDEX
 
@@ -46,7 +48,8 @@ def contact_sheet(src: Path, out: Path, n: int = 16, cell: int = 128, allow_part
     """Write a PNG sheet of the first `n` samples of a `generate` folder; returns the rows drawn.
     An incomplete dataset is refused unless `allow_partial` (see GeneratedDataset)."""
     ds = GeneratedDataset(src, allow_partial=allow_partial)
-    cols = ["image"] + [t for t in ("seg", "saliency", "depth", "openseg") if t in ds.tasks]
+    cols = ["image"] + list(ds.tasks)
+    named = class_task(ds.tasks)
     rows = []
     for sample in ds:
         if len(rows) == n:
@@ -54,9 +57,10 @@ def contact_sheet(src: Path, out: Path, n: int = 16, cell: int = 128, allow_part
         cells = [sample.image]
         for t in cols[1:]:
             lab = sample.labels[t]
-            if t in ("seg", "openseg"):  # openseg ids index its own class list: stable colours, no palette
-                cells.append(overlay_seg(sample.image, lab, ds.palette if t == "seg" else []))
-            elif t == "saliency":
+            kind = get_task(t).kind
+            if kind == "classes":  # openseg ids index its own class list: stable colours, no palette
+                cells.append(overlay_seg(sample.image, lab, ds.palette if t == named else []))
+            elif kind == "probability":
                 cells.append(np.repeat(lab[..., None], 3, 2))
             else:
                 cells.append(colorize_depth(lab))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -14,15 +14,14 @@ from .files import read_sample
 
 @dataclass
 class Sample:
-    """One labelled image: image (H, W, 3) uint8; seg (H, W) uint8 (255 = ignore); saliency (H, W) uint8;
-    depth (H, W) float32 metres (0 = invalid); caption (may be empty)."""
+    """One labelled image: image (H, W, 3) uint8; caption (may be empty); labels: task → (H, W) array as the
+    task's kind says (tasks.py): seg uint8 ids (255 = ignore), saliency uint8 0–255, depth float32 metres
+    (0 = invalid) — whichever the dataset has."""
 
     key: str
     image: np.ndarray
     caption: str = ""
-    seg: np.ndarray | None = None
-    saliency: np.ndarray | None = None
-    depth: np.ndarray | None = None
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class FilesDataset:
@@ -47,7 +46,8 @@ class FilesDataset:
     def __getitem__(self, i: int) -> Sample:
         m = self.meta[i]
         arrays = read_sample(self.root, m["key"])
-        return Sample(key=m["key"], caption=m.get("caption", ""), **arrays)
+        image = arrays.pop("image")
+        return Sample(key=m["key"], image=image, caption=m.get("caption", ""), labels=arrays)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))

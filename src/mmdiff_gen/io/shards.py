@@ -32,15 +32,18 @@ from typing import Any, Callable
 from .._atomic import HOST as _HOST
 from .._atomic import atomic_path
 from .._atomic import tmp_tag as _tmp_tag
+from ..tasks import TASKS
 
 DATASET_FILE = "dataset.json"
 SIZES_FILE = "sizes.json"  # {shard file: samples}, what open_clip-style loaders read
 WIDS_INDEX = "shardindex.json"  # wids' index (wids_version, shardlist of url + nsamples), wids' default name
 FORMATS = ("webdataset", "files")
-# files layout: member suffix → (folder, extension)
-FILES_LAYOUT = {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("meta", "json"),
-                "txt": ("prompts", "txt"), "seg.png": ("seg", "png"), "sal.png": ("saliency", "png"),
-                "depth.png": ("depth", "png"), "openseg.png": ("openseg", "png")}
+
+
+def files_layout() -> dict[str, tuple[str, str]]:
+    """The `--format files` layout: member suffix → (folder, extension); each task's label PNGs in its folder."""
+    return {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("meta", "json"), "txt": ("prompts", "txt"),
+            **{t.member: (t.folder, "png") for t in TASKS.values()}}
 # A claim whose holder stopped refreshing it this long ago is taken over (holders refresh it every batch).
 CLAIM_TIMEOUT_S = 3600.0
 
@@ -164,7 +167,7 @@ class ShardWriter:
             if self.count == 0:  # files are rewritten in place: the old done marker no longer holds
                 stats_path(self.root, self.shard).unlink(missing_ok=True)
             for suffix, data in members.items():
-                folder, ext = FILES_LAYOUT[suffix]
+                folder, ext = files_layout()[suffix]
                 (self.root / folder).mkdir(exist_ok=True)
                 rel = f"{folder}/{key}.{ext}"
                 write_bytes_atomic(self.root / rel, data)
@@ -406,7 +409,7 @@ _REPLACED = ".replaced-"
 
 def is_dataset_file(name: str) -> bool:
     """Whether a name in a dataset folder is one of ours (anything else, a log or a note, is the user's)."""
-    folders = {folder for folder, _ in FILES_LAYOUT.values()}
+    folders = {folder for folder, _ in files_layout().values()}
     return name in (DATASET_FILE, SIZES_FILE, WIDS_INDEX) or name in folders or bool(_OURS.fullmatch(name))
 
 

@@ -3,6 +3,7 @@ maps plus a per-sample quality score from what a pass captured."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,19 +17,22 @@ from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head, read_meta
 from ..heads.inputs import reads_concepts, reads_cross, run_head
 from ..heads.model import MMDiffHead, head_precision, predictions
 from ..heads.openseg import OpenSegConfig, class_maps, segment
-from ..heads.quality import agreement, saliency_confidence, seg_confidence
-
-HEAD_FILES = {"seg": "seg.safetensors", "saliency": "saliency.safetensors", "depth": "depth.safetensors"}
+from ..heads.quality import CONFIDENCE, agreement
+from ..tasks import TASKS, class_task, trained as trained_tasks
+from ..tasks import get as get_task
 
 
 def head_files(source: Path, tasks: list[str]) -> dict[str, Path]:
-    """Head file per task from a heads folder (seg/saliency/depth.safetensors) or a single head file."""
+    """Head file per task from a head file, or a folder: TASK.safetensors for each task first, then any other
+    head file there that predicts it (a multi-task head serves all its tasks)."""
     source = Path(source)
     if source.is_file():
-        task = read_meta(source).config.task
-        found = {task: source}
+        found = dict.fromkeys(read_meta(source).config.tasks, source)
     elif source.is_dir():
-        found = {t: source / f for t, f in HEAD_FILES.items() if (source / f).is_file()}
+        found = {t: source / f"{t}.safetensors" for t in TASKS if (source / f"{t}.safetensors").is_file()}
+        for path in sorted(source.glob("[!.]*.safetensors")) if set(tasks) - set(found) else ():  # not state files
+            if path not in found.values():
+                found = dict.fromkeys(read_meta(path).config.tasks, path) | found
     else:
         raise HeadMismatch(f"heads not found: {source}")
     missing = [t for t in tasks if t not in found]
@@ -60,15 +64,15 @@ class Annotation:
     quality: list[dict[str, float]] = field(default_factory=list)
 
 
-# The signals the score averages, by preference. On the toy world, ranking by the heads' own
-# confidences raises segmentation consistency with the oracle, while the zero-shot signals do not
-# (its grounding attention is weak there: 14–21 mIoU); they are recorded, and score openseg-only runs.
-SCORE_SIGNALS = (("seg_confidence", "saliency_confidence"), ("openseg_confidence", "agreement"))
-
-
 def quality_score(signals: dict[str, float]) -> float | None:
-    """Mean of the first group of SCORE_SIGNALS present in `signals`; None when there is none (depth only)."""
-    for group in SCORE_SIGNALS:
+    """The mean of the trained heads' confidences present in `signals`; without any, the mean of the zero-shot
+    signals (openseg's confidence, agreement); None when there is neither (depth only).
+
+    By preference: on the toy world, ranking by the heads' own confidences raises segmentation consistency
+    with the oracle, while the zero-shot signals do not (its grounding attention is weak there: 14–21 mIoU);
+    they are recorded, and score openseg-only runs."""
+    heads = [t.confidence for t in TASKS.values() if t.trained and t.confidence]
+    for group in (heads, [get_task("openseg").confidence, "agreement"]):
         vals = [signals[k] for k in group if k in signals]
         if vals:
             return sum(vals) / len(vals)
@@ -80,13 +84,14 @@ class _Head:
     model: MMDiffHead
     meta: HeadMeta
     path: Path
+    tasks: list[str]  # the requested tasks it serves (a multi-task head may serve more than asked)
 
 
 class Annotator:
     """The heads of the requested tasks, checked against one backbone.
 
     Args:
-        files: head file per task ("seg", "saliency", "depth").
+        files: head file per trained task (`head_files`); tasks sharing a multi-task head file run it once.
         backbone: the backbone's identity(); a head trained on another backbone is refused.
         device: where the heads run (the backbone's device, so features never leave it).
         precision: "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" or "fp32" (heads.head_precision).
@@ -98,7 +103,7 @@ class Annotator:
     def __init__(self, files: dict[str, Path], backbone: dict, device: str | torch.device = "cpu",
                  dino: DinoFeatures | None = None, openseg: OpenSegConfig | None = None,
                  token_positions: Callable | None = None, precision: str = "auto"):
-        self.heads: dict[str, _Head] = {}
+        self.heads: dict[Path, _Head] = {}
         self.device, self.precision = device, precision
         head_precision(device, precision)  # refuses an unknown precision now, not at the first batch
         self.dino = dino
@@ -107,15 +112,19 @@ class Annotator:
         if openseg is not None and token_positions is None:
             raise ValueError("open-vocabulary segmentation needs the backbone's class_token_positions")
         for task, path in files.items():
+            path = Path(path)
+            if path in self.heads:
+                self.heads[path].tasks.append(task)
+                continue
             model, meta = load_head(path, backbone=backbone, device=device)
-            if meta.config.task != task:
-                raise HeadMismatch(f"{path} is a {meta.config.task} head, not a {task} head")
+            if task not in meta.config.tasks:
+                raise HeadMismatch(f"{path} is a {meta.config.name} head, not a {task} head")
             if meta.dino and dino is None:
-                raise HeadMismatch(f"the {task} head was trained with DINOv3 features ({meta.dino.get('name')}): "
-                                   "pass --dino PATH")
+                raise HeadMismatch(f"the {meta.config.name} head was trained with DINOv3 features "
+                                   f"({meta.dino.get('name')}): pass --dino PATH")
             if meta.dino:
-                dino.check(meta.dino, f"the {task} head")
-            self.heads[task] = _Head(model, meta, Path(path))
+                dino.check(meta.dino, f"the {meta.config.name} head")
+            self.heads[path] = _Head(model, meta, path, [task])
         metas = [h.meta for h in self.heads.values()]
         # One capture serves every head: the union of their layers, sigmas and concepts, of one block list.
         blocks = {m.blocks for m in metas}
@@ -134,7 +143,10 @@ class Annotator:
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.heads) + (["openseg"] if self.openseg else [])
+        return [t for h in self.heads.values() for t in h.tasks] + (["openseg"] if self.openseg else [])
+
+    def _head(self, task: str) -> _Head | None:
+        return next((h for h in self.heads.values() if task in h.tasks), None)
 
     def spec(self, store_dtype: str = "bfloat16") -> CaptureSpec:
         """What the generation pass must capture for these heads (kept on the backbone's device)."""
@@ -148,19 +160,26 @@ class Annotator:
         return extra | {t: {"file": h.path.name, "sha256": _sha256(h.path), "classes": h.meta.classes,
                             "layers": h.meta.layers, "blocks": h.meta.blocks,
                     "sigmas": h.meta.sigmas, "concepts": h.meta.concepts, "side": h.meta.side,
-                    "dino": h.meta.dino, "metrics": h.meta.metrics} for t, h in self.heads.items()}
+                    "dino": h.meta.dino, "metrics": h.meta.metrics} for h in self.heads.values() for t in h.tasks}
+
+    def _classes_head(self) -> _Head | None:
+        return next((h for h in self.heads.values() for t in h.tasks if get_task(t).kind == "classes"), None)
 
     @property
     def classes(self) -> list[str]:
-        return self.heads["seg"].meta.classes if "seg" in self.heads else []
+        h = self._classes_head()
+        return h.meta.classes if h else []
 
     @property
     def palette(self) -> list[list[int]]:
-        return self.heads["seg"].meta.palette if "seg" in self.heads else []
+        h = self._classes_head()
+        return h.meta.palette if h else []
 
     @property
     def depth_unit(self) -> str:
-        return self.heads["depth"].meta.depth_unit if "depth" in self.heads else ""
+        """The unit of the positive-valued (depth) outputs ("metre"), else ""."""
+        return next((h.meta.depth_unit for h in self.heads.values() for t in h.tasks
+                     if get_task(t).kind == "positive"), "")
 
     @torch.no_grad()
     def __call__(self, cap: CaptureResult, size: tuple[int, int], images=None, prompts=None) -> Annotation:
@@ -174,7 +193,7 @@ class Annotator:
             if images is None:
                 raise ValueError("these heads read DINOv3 features of the images: pass the images")
             extra = self.dino(images_tensor(images), cap.grid)  # (B, E, h, w)
-        for task, h in self.heads.items():
+        for h in self.heads.values():
             m = h.meta
             feats = cap.features[:, [cap.layers.index(i) for i in m.layers]]  # (B, L_head, T, N, C)
             steps = list(m.timestep_indices(list(cap.target_sigmas)))
@@ -182,13 +201,13 @@ class Annotator:
             if reads_concepts(m.side):  # (B, T, K_head, N): the head's concepts, in its order
                 inputs["concept_maps"] = cap.concept_maps[:, :, [cap.concepts.index(w) for w in m.concepts]]
             with head_precision(self.device, self.precision):
-                pred = run_head(h.model, m.side, inputs, cap.grid, size, timesteps=steps,
-                                extra=extra if m.dino else None, source="the capture")
-            labels[task] = predictions(task, pred).cpu()
-            if task == "seg":
-                signals["seg_confidence"] = seg_confidence(pred).cpu()
-            elif task == "saliency":
-                signals["saliency_confidence"] = saliency_confidence(pred).cpu()
+                out = run_head(h.model, m.side, inputs, cap.grid, size, timesteps=steps,
+                               extra=extra if m.dino else None, source="the capture")
+            for task in h.tasks:
+                labels[task] = predictions(task, out[task]).cpu()
+                t = get_task(task)
+                if t.confidence:
+                    signals[t.confidence] = CONFIDENCE[t.kind](out[task]).cpu()
         if self.openseg is not None:
             if prompts is None:
                 raise ValueError("openseg reads the prompts' class words: pass the prompts")
@@ -198,9 +217,11 @@ class Annotator:
             maps = class_maps(attention, self.token_positions(prompts, o.classes), len(o.classes))
             ids, score = segment(maps, cap.grid, size, o.threshold)
             labels["openseg"] = ids.cpu()
-            signals["openseg_confidence"] = score.flatten(1).mean(1).cpu()
-            if "seg" in labels and list(o.classes) == list(self.classes):
-                signals["agreement"] = agreement(labels["seg"], labels["openseg"])
+            signals[get_task("openseg").confidence] = score.flatten(1).mean(1).cpu()
+            h = self._classes_head()
+            if h and list(o.classes) == list(self.classes):
+                signals["agreement"] = agreement(labels[next(t for t in h.tasks if get_task(t).kind == "classes")],
+                                                 labels["openseg"])
         b = cap.features.shape[0]
         quality = [{k: float(v[i]) for k, v in signals.items()} for i in range(b)]
         for q in quality:
@@ -215,17 +236,17 @@ def plan_annotator(model: str, tasks: list[str], heads: Path | None = None,
     (given, else the seg head's). HeadMismatch / ValueError name what is missing."""
     from ..backbones.loading import DEFAULT_HEADS
 
-    trained = [t for t in tasks if t != "openseg"]
+    trained = [t for t in tasks if get_task(t).trained]
     heads = heads if heads is not None else DEFAULT_HEADS.get(model)
     if trained and heads is None:
-        raise ValueError(f"no default heads for {model!r}: pass --heads (a folder of seg/saliency/depth.safetensors)")
+        raise ValueError(f"no default heads for {model!r}: pass --heads (a folder of TASK.safetensors head files)")
     files = head_files(heads, trained) if trained else {}
     names = None
     if "openseg" in tasks:
         names = list(classes) if classes else None
-        seg_head = files.get("seg") or (Path(heads) / "seg.safetensors" if heads is not None else None)
-        if names is None and seg_head is not None and Path(seg_head).is_file():
-            names = read_meta(seg_head).classes
+        if names is None and heads is not None:  # the class names of the heads' classes task
+            with contextlib.suppress(HeadMismatch):
+                names = read_meta(head_files(heads, [class_task(trained_tasks())])[class_task(trained_tasks())]).classes
         if not names:
             raise ValueError("openseg needs class names: pass --classes background,cat,dog,…")
     return files, names

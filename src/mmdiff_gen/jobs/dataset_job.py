@@ -26,11 +26,13 @@ import torch
 from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
-from ..io.members import DEPTH_SCALE, IGNORE_INDEX, TASK_MEMBER, encode_sample
-from ..io.shards import (DATASET_FILE, FILES_LAYOUT, PipelinedWriter, ShardClaim, ShardWriter, clear_dataset, read_stats,
-                         stats_path,
+from ..io.members import IGNORE_INDEX, encode_sample, label_info
+from ..io.shards import (DATASET_FILE, PipelinedWriter, ShardClaim, ShardWriter, clear_dataset, files_layout,
+                         read_stats, stats_path,
                          recover_replacements, remove_dead_temporaries, remove_shard_temporaries, shard_name,
                          shard_problem, write_indexes, write_json_atomic)
+from ..tasks import TASKS, quality_tasks
+from ..tasks import get as get_task
 from ._progress import JobProgress
 from .annotate import Annotator
 from .._workers import owned_shards, shard_order, shard_ranges
@@ -86,7 +88,8 @@ class GenerateJob:
 
     Args:
         out: output folder.
-        tasks: subset of "seg", "saliency", "depth", "openseg" (zero-shot, from the grounding attention).
+        tasks: registered tasks (tasks.py: "seg", "saliency", "depth", "openseg" — zero-shot, from the grounding
+            attention).
         images_per_prompt: samples per prompt (repeat r of prompt p has seed sample_seed(seed, p, r)).
         seed: global seed.
         batch_size: prompts per generation pass (does not change which samples exist or their seeds).
@@ -128,9 +131,9 @@ class GenerateJob:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        bad = [t for t in self.tasks if t not in TASK_MEMBER]
+        bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
-            raise SettingsError(f"unknown tasks {bad}; choose from seg, saliency, depth, openseg")
+            raise SettingsError(f"unknown tasks {bad}; choose from {', '.join(TASKS)}")
         check_sampling(**{k: getattr(self, k) for k in ("images_per_prompt", "batch_size", "shard_size",
                                                           "num_inference_steps", "height", "width", "guidance_scale",
                                                           "true_cfg_scale", "min_quality")})
@@ -184,7 +187,7 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
               "shard_size": job.shard_size, "format": job.format, "image_format": job.image_format}
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     n = len(prompts) * job.images_per_prompt
-    members = [job.image_format, "txt", "json"] + [TASK_MEMBER[t] for t in job.tasks]
+    members = [job.image_format, "txt", "json"] + [get_task(t).member for t in job.tasks]
     return {
         "format_version": FORMAT_VERSION,
         "code_version": __version__,
@@ -208,12 +211,10 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
         "palette": annotator.palette,
         "ignore_index": IGNORE_INDEX,
         "config": job_config(job),
-        "depth": {"unit": annotator.depth_unit or "relative", "scale": DEPTH_SCALE, "invalid": 0,
-                  "encoding": "uint16 PNG, value = depth × scale"},
-        "saliency": {"encoding": "uint8 PNG, 0–255"},
-        "segmentation": {"encoding": "uint8 PNG of class ids, 255 = ignore"},
-        "openseg": annotator.openseg.to_dict() | {"encoding": "uint8 PNG of ids into openseg.classes, 0 = background"}
-        if annotator.openseg else None,
+        # per task: how its member is encoded (openseg: also its config; its ids index openseg.classes)
+        **{t: label_info(t, annotator.depth_unit) for t in job.tasks},
+        **({"openseg": annotator.openseg.to_dict() | {
+            "encoding": "uint8 PNG of ids into openseg.classes, 0 = background"}} if annotator.openseg else {}),
         "quality": {"field": "json member's quality.score (mean of the signals beside it)",
                     "min_quality": job.min_quality},
     }
@@ -233,7 +234,7 @@ def prepare_output(job: GenerateJob, info: dict, rank: int = 0, wait_s: float = 
         raise NotADirectoryError(f"cannot create output folder {out}: a file is in the way") from None
     recover_replacements(out)
     path = out / DATASET_FILE
-    ours = [p.name for p in out.iterdir() if p.name.endswith(".tar") or p.name in {f for f, _ in FILES_LAYOUT.values()}]
+    ours = [p.name for p in out.iterdir() if p.name.endswith(".tar") or p.name in {f for f, _ in files_layout().values()}]
     old = _read_json(path)  # after listing: a worker that started a moment earlier wrote it before any shard
     if old is not None and old.get("fingerprint") == info["fingerprint"]:
         return
@@ -437,8 +438,8 @@ def _check_settings(backbone: Backbone, annotator: Annotator, job: GenerateJob) 
                                  ("openseg", spec.text_attention_layers, backbone.attention_blocks)):
         if layers and max(layers) >= len(blocks):
             raise SettingsError(f"{name} layer {max(layers)} out of range: the backbone has {len(blocks)} such blocks")
-    if job.min_quality is not None and not {"seg", "saliency", "openseg"} & set(annotator.tasks):
-        raise SettingsError("min_quality needs a task with a quality signal: seg, saliency or openseg")
+    if job.min_quality is not None and not any(get_task(t).confidence for t in annotator.tasks):
+        raise SettingsError(f"min_quality needs a task with a quality signal: {', '.join(quality_tasks())}")
     lo, hi = backbone.size_range
     p = backbone.pixels_per_token
     for name, v in (("height", job.height), ("width", job.width)):

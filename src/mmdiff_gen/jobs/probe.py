@@ -109,10 +109,11 @@ def probe_scores(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
     named = done = 0  # named: samples whose caption names at least one class
     for start in range(rank * batch_size, count, batch_size * world_size):
         batch = [samples[i] for i in range(start, min(start + batch_size, count))]
-        if any(x.seg is None for x in batch):
+        if any("seg" not in x.labels for x in batch):
             raise ValueError("probe-layers needs segmentation labels")
         check_one_size(batch, batch[0].image.shape)
-        top = max(int(np.where(x.seg == 255, 0, x.seg).max()) for x in batch)
+        gts = [x.labels["seg"] for x in batch]
+        top = max(int(np.where(g == 255, 0, g).max()) for g in gts)
         if top >= len(classes):
             raise ValueError(f"the labels hold class id {top} but {len(classes)} class names were given")
         captions = [x.caption for x in batch]
@@ -122,7 +123,6 @@ def probe_scores(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
         named += sum(bool(p) for p in positions)
         done += len(batch)
         size = batch[0].image.shape[:2]
-        gts = [x.seg for x in batch]
         for li in range(len(layers)):
             for ti in range(len(sig)):
                 maps = class_maps(res.text_attention[:, ti, li], positions, len(classes))

@@ -56,13 +56,13 @@ def analyse(head: Path, cfg: TrainConfig, val: FeatureCache) -> dict:
     """
     model, _ = load_head(head)
     grid, size = val.grid, val.image_size
-    task = cfg.task
+    task, = cfg.tasks
     regions = {"boundary": {}, "interior": {}}
     for r in regions.values():
         r["acc"] = SegMetrics(len(CLASSES)) if task == "seg" else DepthMetrics() if task == "depth" else [0.0, 0]
     alpha = {}  # layer → {"all" | "boundary" | "interior": [sum over tokens of (T,), token count]}
     for batch in val.batches(32):
-        pred = predictions(task, run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps)).numpy()
+        pred = predictions(task, run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps)[task]).numpy()
         gt, seg = batch[task].numpy(), batch["seg"].numpy()
         edge = boundary_mask(seg, BOUNDARY_RADIUS)
         for name, mask in (("boundary", edge), ("interior", ~edge)):
@@ -123,7 +123,7 @@ def run_ablation(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500,
                     entry = folder / "results" / f"{_slug(name)}_{task}_s{seed}_e{epochs}.json"
                     if entry.is_file():
                         continue
-                    cfg = replace(TrainConfig(task=task, epochs=epochs, batch_size=32, lr=1e-3, head=TOY_HEAD,
+                    cfg = replace(TrainConfig(tasks=task, epochs=epochs, batch_size=32, lr=1e-3, head=TOY_HEAD,
                                               seed=seed), **kw)
                     head = folder / f"{_slug(name)}_{task}_s{seed}.safetensors"
                     t0 = time.time()

@@ -207,8 +207,8 @@ def label_agreement(labels: Labelled, ref: Labelled) -> dict:
 
 def _samples(arrays: SceneArrays, n: int, first_seed: int) -> list[Sample]:
     real = Labelled.real(arrays, n)  # the exact labels, saliency included
-    return [Sample(f"{first_seed + i:09d}", real.images[i], arrays.captions[i], real.seg[i], real.saliency[i],
-                   real.depth[i]) for i in range(n)]
+    return [Sample(f"{first_seed + i:09d}", real.images[i], arrays.captions[i],
+                   {"seg": real.seg[i], "saliency": real.saliency[i], "depth": real.depth[i]}) for i in range(n)]
 
 
 def _train_heads(bb, work: Path, real: SceneArrays, n: int, cfg: DownstreamConfig, val: FeatureCache) -> dict:
@@ -224,7 +224,7 @@ def _train_heads(bb, work: Path, real: SceneArrays, n: int, cfg: DownstreamConfi
             if out.is_file():
                 continue
             _log(f"heads {kind}, N={n}: {task} ({epochs} epochs)")
-            tc = TrainConfig(task=task, epochs=epochs, batch_size=cfg.batch, lr=1e-3, head=TOY_HEAD, timesteps=timesteps,
+            tc = TrainConfig(tasks=task, epochs=epochs, batch_size=cfg.batch, lr=1e-3, head=TOY_HEAD, timesteps=timesteps,
                              seed=cfg.seed)
             train_head(cache, tc, out, classes=list(CLASSES), eval_cache=val,
                        depth_unit="metre" if task == "depth" else "")

@@ -59,7 +59,7 @@ def train_toy_heads(work: Path, *, train_scenes: int = 2000, val_scenes: int = 5
     report = out / "metrics.json"
     result = json.loads(report.read_text()) if report.is_file() else {}
     for task in tasks:
-        cfg = TrainConfig(task=task, epochs=epochs, batch_size=32, lr=1e-3, head=TOY_HEAD)
+        cfg = TrainConfig(tasks=task, epochs=epochs, batch_size=32, lr=1e-3, head=TOY_HEAD)
         train_head(train, cfg, out / f"{task}.safetensors", classes=classes, palette=train.manifest["palette"],
                    eval_cache=val, depth_unit="metre" if task == "depth" else "")
         result[task] = read_meta(out / f"{task}.safetensors").metrics  # what the file itself records

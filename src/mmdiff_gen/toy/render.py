@@ -22,8 +22,8 @@ def write_scenes(out: Path, n: int, seed: int = 0, on_sample: Callable[[], None]
         for s in range(seed, seed + n):
             scene = render_scene(s)
             writer.write(
-                f"{s:09d}", image=scene.image, seg=scene.seg, saliency=scene.saliency, depth=scene.depth,
-                meta={"seed": s, **scene.meta()},
+                f"{s:09d}", image=scene.image, meta={"seed": s, **scene.meta()},
+                labels={"seg": scene.seg, "saliency": scene.saliency, "depth": scene.depth},
             )
             if on_sample is not None:
                 on_sample()

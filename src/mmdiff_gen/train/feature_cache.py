@@ -4,7 +4,8 @@ Layout: DIR/cache.json (backbone identity, capture spec, grid, image size, shard
 DIR/shard_00000.safetensors … and, per finished shard, DIR/shard_00000.done.json (its done marker, written
 last). A shard holds, per sample: features (L, T, N, C) in the spec's store dtype (bf16 by default: FLUX's
 massive activations overflow fp16), concept_maps (T, K, N) and cross_attention (T, N) when captured, dino
-(E, h, w) bf16 DINOv3 maps when asked for, the labels present (seg, saliency uint8; depth float32 metres)
+(E, h, w) bf16 DINOv3 maps when asked for, the labels present by task name, in the task's label dtype (seg,
+saliency uint8; depth float32 metres)
 and index (the sample's position in the dataset).
 
 Host memory is bounded: shards are sized by bytes (`max_shard_bytes`, 2 GiB by default; the samples per shard
@@ -37,8 +38,8 @@ from ..capture import CaptureSpec, extract
 from ..io.readers import Sample
 from ..io.shards import write_json_atomic
 from .._workers import STALL_S, owned_shards, shard_ranges, wait_for
+from ..tasks import get as get_task
 
-LABELS = ("seg", "saliency", "depth")
 MAX_SHARD_BYTES = 2 * 2**30
 FORMAT = 2  # 1 (no "format" key): cache.json lists finished shards; 2: a done marker per shard
 # The shard layout: kept from the first run when a cache is resumed, never part of what must match.
@@ -74,9 +75,8 @@ def _extract_batch(backbone: Backbone, batch: list[Sample], indices: range, spec
         t["cross_attention"] = res.cross_attention.cpu()
     if dino is not None:
         t["dino"] = dino(images_tensor(images), res.grid).to(torch.bfloat16).cpu()
-    for key in labels:
-        arr = np.stack([getattr(x, key) for x in batch])
-        t[key] = torch.from_numpy(arr.astype(np.float32 if key == "depth" else np.uint8))
+    for task in labels:
+        t[task] = torch.from_numpy(np.stack([x.labels[task] for x in batch]).astype(get_task(task).label_dtype))
     t["index"] = torch.tensor(list(indices), dtype=torch.int64)
     return t
 
@@ -144,7 +144,7 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
     keys = samples.keys if hasattr(samples, "keys") else [x.key for x in samples]  # datasets load lazily
     first = samples[0]
     h, w = first.image.shape[:2]
-    labels = [k for k in LABELS if getattr(first, k) is not None]
+    labels = [t for t in first.labels if get_task(t).trained]
     manifest = json.loads(json.dumps({  # tuples → lists, as it will read back
         "backbone": backbone.identity(),
         "spec": spec.to_dict(),

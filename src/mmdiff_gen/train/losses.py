@@ -1,4 +1,5 @@
-"""One loss per task: cross-entropy for segmentation, BCE + soft IoU for saliency, scale-invariant log loss for depth."""
+"""One loss per task kind (tasks.py): cross-entropy for classes (segmentation), BCE + soft IoU for probabilities
+(saliency), the scale-invariant log loss for positive values (depth)."""
 
 from __future__ import annotations
 
@@ -33,4 +34,4 @@ def depth_loss(pred: torch.Tensor, target: torch.Tensor, lam: float = 0.85) -> t
     return torch.sqrt((sq - lam * mean.square()).clamp(min=1e-8)).mean() * 10
 
 
-LOSSES = {"seg": seg_loss, "saliency": saliency_loss, "depth": depth_loss}
+LOSSES = {"classes": seg_loss, "probability": saliency_loss, "positive": depth_loss}  # by task kind

@@ -1,5 +1,11 @@
 """Train one head on a feature cache: AdamW (decoder at half rate), EMA, resumable, multi-GPU via accelerate.
 
+A head may predict several tasks from one aggregation (MMDiff App. C's unified decoder). Their losses are
+summed with per-task weights set from the relative loss magnitudes early in training: over the first
+`calibration_steps` steps each task's weight is the mean of the tasks' running mean losses divided by its
+own, so every task starts contributing alike whatever its loss's scale (cross-entropy ≈ 2, the depth term
+≈ 5, BCE + IoU ≈ 1.5 at the start); then the weights are frozen and recorded in the head file.
+
 Under torchrun / accelerate launch / srun every process reads only its share of each global batch
 (`FeatureCache.batches`), and every process runs the same number of steps, so DDP never waits on a rank
 that has no batch left."""
@@ -18,6 +24,8 @@ from ..heads.checkpoint import HeadMeta, save_head
 from ..heads.inputs import check_side, reads_concepts, run_head, side_maps
 from ..heads.model import HeadConfig, MMDiffHead
 from ..io.state import load_state, save_state
+from ..tasks import canonical
+from ..tasks import get as get_task
 from .evaluate import evaluate_head
 from .feature_cache import FeatureCache
 from .losses import LOSSES
@@ -28,7 +36,8 @@ class TrainConfig:
     """How to train one head.
 
     Args:
-        task: "seg", "saliency" or "depth".
+        tasks: the trained tasks the head predicts ("seg"; or several, e.g. ("seg", "saliency", "depth"),
+            for one multi-task head); a string is one task.
         epochs: passes over the cache (paper: 20 in the controlled comparison).
         batch_size: samples per step and process (W processes step on W × batch_size samples together).
         lr: AdamW base rate for the aggregation modules (paper: 1e-4).
@@ -42,9 +51,11 @@ class TrainConfig:
         head: HeadConfig overrides (dim, decoder_channels, aspp_rates, …).
         dino: also read the cache's DINOv3 maps (concatenated with the side maps, MMDiff §3.3).
         seed: shuffling and initialisation seed.
+        loss_weights: fixed (task, weight) pairs of a multi-task head; empty: calibrated (module docstring).
+        calibration_steps: steps over which the weights are calibrated.
     """
 
-    task: str
+    tasks: tuple[str, ...]
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-4
@@ -57,10 +68,17 @@ class TrainConfig:
     head: tuple[tuple[str, object], ...] = ()
     dino: bool = False
     seed: int = 0
+    loss_weights: tuple[tuple[str, float], ...] = ()
+    calibration_steps: int = 50
 
     def __post_init__(self):
-        if self.task not in LOSSES:
-            raise KeyError(f"unknown task {self.task!r}; known: {', '.join(LOSSES)}")
+        tasks = canonical((self.tasks,) if isinstance(self.tasks, str) else self.tasks)
+        untrained = [t for t in tasks if not get_task(t).trained]
+        if untrained or not tasks:
+            raise ValueError(f"no head is trained for {', '.join(untrained) or 'no task'}")
+        object.__setattr__(self, "tasks", tasks)
+        if self.loss_weights and {t for t, _ in self.loss_weights} != set(tasks):
+            raise ValueError(f"loss weights must name exactly the tasks {', '.join(tasks)}")
         check_side(self.side)
 
 
@@ -74,7 +92,7 @@ def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDif
     e = 0 if extra is None else extra.shape[1]
     h = cache.grid[0]
     rates = tuple(sorted({max(1, round(r * h / 32)) for r in (6, 12, 18)}))  # DeepLabV3's rates at a 32-token grid
-    head_cfg = HeadConfig(task=cfg.task, feature_dim=c, num_layers=l, num_timesteps=t_used, num_concepts=k,
+    head_cfg = HeadConfig(tasks=cfg.tasks, feature_dim=c, num_layers=l, num_timesteps=t_used, num_concepts=k,
                           num_classes=num_classes, fusion=cfg.fusion if t_used > 1 else "mean", aspp_rates=rates,
                           extra_channels=e)
     head_cfg = replace(head_cfg, **dict(cfg.head))
@@ -89,6 +107,35 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+class LossWeights:
+    """The weighted sum of a multi-task head's losses, the weights calibrated early (module docstring)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.tasks, self.steps = cfg.tasks, cfg.calibration_steps
+        self.weights = dict(cfg.loss_weights) or dict.fromkeys(cfg.tasks, 1.0)
+        self.fixed = bool(cfg.loss_weights) or len(cfg.tasks) == 1
+        self.sums, self.count = dict.fromkeys(cfg.tasks, 0.0), 0
+
+    def __call__(self, losses: dict[str, torch.Tensor], acc) -> torch.Tensor:
+        if not self.fixed and self.count < self.steps:
+            # the same weights on every rank: the ranks' losses averaged (a sync per step, for these steps only)
+            mean = acc.reduce(torch.stack([losses[t].detach() for t in self.tasks]), reduction="mean")
+            self.count += 1
+            for t, v in zip(self.tasks, mean.tolist()):
+                self.sums[t] += v
+            avg = {t: self.sums[t] / self.count for t in self.tasks}
+            typical = sum(avg.values()) / len(avg)
+            self.weights = {t: typical / max(avg[t], 1e-8) for t in self.tasks}
+        return sum(self.weights[t] * losses[t] for t in self.tasks)
+
+    def state(self) -> dict:
+        return {"weights": self.weights, "sums": self.sums, "count": self.count}
+
+    def load(self, state: dict) -> None:
+        if state and not self.fixed:
+            self.weights, self.sums, self.count = dict(state["weights"]), dict(state["sums"]), int(state["count"])
 
 
 def _dino(use: bool, batch: dict) -> torch.Tensor | None:
@@ -108,26 +155,30 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
 
     acc = Accelerator(cpu=not torch.cuda.is_available())  # without cpu=True, CPU workers would not form a group
     out = Path(out)
-    num_classes = len(classes) if cfg.task == "seg" else 1
+    classes_task = next((t for t in cfg.tasks if get_task(t).kind == "classes"), None)
+    num_classes = len(classes) if classes_task else 1
+    missing = [t for t in cfg.tasks if t not in cache.manifest.get("labels", [])]
+    if missing:
+        raise ValueError(f"the cache at {cache.root} has no {', '.join(missing)} labels")
     model = build_head(cache, cfg, num_classes)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW([
         {"params": model.aggregators.parameters(), "lr": cfg.lr},
-        {"params": model.decoder.parameters(), "lr": cfg.lr * cfg.decoder_lr_scale},
+        {"params": model.decoders.parameters(), "lr": cfg.lr * cfg.decoder_lr_scale},
     ], weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     state_path = out.with_name(f".{out.stem}.state.safetensors")  # hidden, git-ignored: resumable per-epoch state
     start = 0
+    weights = LossWeights(cfg)
     if state_path.is_file():
         st = load_state(state_path)  # never unpickles: a planted or damaged file is refused with one line
         acc.unwrap_model(model).load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         start = st["epoch"]
+        weights.load(st.get("loss_weights", {}))
     ema.to(acc.device)
     grid, size = cache.grid, cache.image_size
-    loss_fn = LOSSES[cfg.task]
-    label = {"seg": "seg", "saliency": "saliency", "depth": "depth"}[cfg.task]
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = cache.num_batches(cfg.batch_size, acc.num_processes)  # the same on every rank
     for epoch in range(start, cfg.epochs):
@@ -139,7 +190,8 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             pred = run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps, extra=_dino(cfg.dino, batch),
                             source="the cache")
-            loss = loss_fn(pred.float(), batch[label])
+            losses = {t: LOSSES[get_task(t).kind](pred[t].float(), batch[t]) for t in cfg.tasks}  # {task: ()}
+            loss = weights(losses, acc)
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
@@ -149,23 +201,25 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             total, n = total + loss.item(), n + 1
         mean = acc.reduce(torch.tensor([total / max(n, 1)], device=acc.device), reduction="mean").item()
         if acc.is_main_process:
-            print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} "
+            print(f"[{'+'.join(cfg.tasks)}] epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} "
                   f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             save_state(state_path, {"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
-                                    "opt": opt.state_dict(), "epoch": epoch + 1})
+                                    "opt": opt.state_dict(), "epoch": epoch + 1, "loss_weights": weights.state()})
         acc.wait_for_everyone()
     metrics = {}
     if eval_cache is not None and acc.is_main_process:  # the others are done: no barrier to time out on
-        metrics = evaluate_head(ema, cfg.task, cfg.side, cfg.timesteps, eval_cache, classes)
+        by_task = evaluate_head(ema, cfg.side, cfg.timesteps, eval_cache, classes)
+        metrics = by_task[cfg.tasks[0]] if len(cfg.tasks) == 1 else by_task  # one task's head: its metrics
     if acc.is_main_process:
         spec = cache.spec
         idx = list(range(len(spec.sigmas))) if cfg.timesteps is None else list(cfg.timesteps)
         meta = HeadMeta(
             config=ema.config, backbone=cache.manifest["backbone"], layers=list(cache.layers), blocks=spec.blocks,
             sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if reads_concepts(cfg.side) else [],
-            classes=list(classes) if cfg.task == "seg" else [cfg.task], palette=[list(p) for p in (palette or [])],
-            metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}},
+            classes=list(classes) if classes_task else [], palette=[list(p) for p in (palette or [])],
+            metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}
+                     | ({"loss_weights": weights.weights} if len(cfg.tasks) > 1 else {})},
             depth_unit=depth_unit, side=cfg.side, dino=cache.manifest.get("dino", {}) if cfg.dino else {},
         )
         save_head(out, ema, meta)

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ...tasks import get as get_task
 from ..readers import Sample
 from ._read import Reader
 
-# Resampling per field: labels never get values that were not stored (nearest), depth's 0 = invalid
-# is never averaged into a valid neighbour (nearest), images and saliency are smooth (bicubic, bilinear).
+# Resampling per task kind: class ids never get values that were not stored (nearest), a positive map's
+# 0 = invalid is never averaged into a valid neighbour (nearest), probabilities are smooth (bilinear).
 _R = Image.Resampling
-_RESAMPLE = {"image": _R.BICUBIC, "seg": _R.NEAREST, "saliency": _R.BILINEAR, "depth": _R.NEAREST}
+_RESAMPLE = {"classes": _R.NEAREST, "probability": _R.BILINEAR, "positive": _R.NEAREST}
 
 
 def fit_square(sample: Sample, size: int) -> Sample:
@@ -29,15 +30,13 @@ def fit_square(sample: Sample, size: int) -> Sample:
     else:
         nh, nw = max(size, round(h * size / w)), size
     top, left = (nh - size) // 2, (nw - size) // 2
-    out = {}
-    for name, resample in _RESAMPLE.items():
-        array = getattr(sample, name)
-        if array is None:
-            continue
+    def fit(array: np.ndarray, resample) -> np.ndarray:
         # uint8 (H, W, 3) → RGB, uint8 (H, W) → L, float32 (H, W) → F: PIL resizes each natively
         im = Image.fromarray(np.ascontiguousarray(array)).resize((nw, nh), resample)
-        out[name] = np.ascontiguousarray(np.asarray(im)[top:top + size, left:left + size])  # (size, size[, 3])
-    return replace(sample, **out)
+        return np.ascontiguousarray(np.asarray(im)[top:top + size, left:left + size])  # (size, size[, 3])
+
+    return replace(sample, image=fit(sample.image, _R.BICUBIC),
+                   labels={t: fit(a, _RESAMPLE[get_task(t).kind]) for t, a in sample.labels.items()})
 
 
 def read_captions(path: Path) -> dict[str, str]:

@@ -73,6 +73,11 @@ def read_depth(path: Path) -> np.ndarray:
     return decode_depth(data)
 
 
+# A label file by its task's kind (tasks.py).
+READ_LABEL = {"classes": read_index_png, "probability": read_gray, "positive": read_depth}
+LABEL_EXTS = {"classes": (".png",), "probability": (".png",), "positive": (".png", ".npy")}
+
+
 def read_id_list(path: Path) -> list[str]:
     """An id list, one sample a line → ids in file order.
 

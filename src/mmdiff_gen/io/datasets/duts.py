@@ -48,4 +48,4 @@ class DUTSDataset(Reader):
 
     def __getitem__(self, i: int) -> Sample:
         key = self.keys[i]
-        return Sample(key=key, image=read_rgb(self._images[i]), saliency=read_gray(self.mask_dir / f"{key}.png"))
+        return Sample(key=key, image=read_rgb(self._images[i]), labels={"saliency": read_gray(self.mask_dir / f"{key}.png")})

@@ -1,14 +1,15 @@
-"""A plain folder: images/ plus any of seg/, saliency/, depth/ with the same file names (stems)."""
+"""A plain folder: images/ plus a folder of labels per task (seg/, saliency/, depth/, …) with the same file
+names (stems)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ...tasks import TASKS
 from ..readers import Sample
-from ._read import Reader, need_dir, read_depth, read_gray, read_index_png, read_rgb
+from ._read import LABEL_EXTS, READ_LABEL, Reader, need_dir, read_rgb
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-_LABEL_EXTS = {"seg": (".png",), "saliency": (".png",), "depth": (".png", ".npy")}
 
 
 def _stems(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
@@ -33,7 +34,7 @@ class FolderDataset(Reader):
 
     Layout: `images/*.{jpg,jpeg,png}`; `seg/<stem>.png` (8-bit class ids, 255 = ignore);
     `saliency/<stem>.png` (8-bit 0–255); `depth/<stem>.png` (16-bit millimetres) or `.npy` (float metres),
-    0 = invalid; optional `classes.txt` and `palette.txt` (one `r g b` a line). Keys are the image stems.
+    0 = invalid; any other trained task's folder (tasks.py), read as its kind says; optional `classes.txt` and `palette.txt` (one `r g b` a line). Keys are the image stems.
     A split is a sub-folder with that layout: `folder:<root>` with split `val` reads `<root>/val/`.
 
     Args:
@@ -48,15 +49,16 @@ class FolderDataset(Reader):
         if not self._images:
             raise FileNotFoundError(f"{self.root / 'images'} holds no .jpg or .png images")
         self.keys = list(self._images)
-        self._labels: dict[str, dict[str, Path]] = {}
-        for name, exts in _LABEL_EXTS.items():
-            if (self.root / name).is_dir():
-                found = _stems(self.root / name, exts)
+        self._labels: dict[str, dict[str, Path]] = {}  # task → {stem: file}
+        for task in TASKS.values():
+            folder, exts = self.root / task.folder, LABEL_EXTS[task.kind]
+            if task.trained and folder.is_dir():
+                found = _stems(folder, exts)
                 missing = next((k for k in self.keys if k not in found), None)
                 if missing is not None:
-                    raise FileNotFoundError(f"{self.root / name}: no {name} file for image {missing} "
+                    raise FileNotFoundError(f"{folder}: no {task.name} file for image {missing} "
                                             f"(expected {missing} with extension {' or '.join(exts)})")
-                self._labels[name] = found
+                self._labels[task.name] = found
         classes, palette = self.root / "classes.txt", self.root / "palette.txt"
         self.classes = read_classes(classes) if classes.is_file() else []
         self.palette = ([[int(v) for v in ln.split()] for ln in palette.read_text().splitlines() if ln.strip()]
@@ -64,8 +66,5 @@ class FolderDataset(Reader):
 
     def __getitem__(self, i: int) -> Sample:
         key = self.keys[i]
-        paths = {name: found[key] for name, found in self._labels.items()}
         return Sample(key=key, image=read_rgb(self._images[key]),
-                      seg=read_index_png(paths["seg"]) if "seg" in paths else None,
-                      saliency=read_gray(paths["saliency"]) if "saliency" in paths else None,
-                      depth=read_depth(paths["depth"]) if "depth" in paths else None)
+                      labels={t: READ_LABEL[TASKS[t].kind](found[key]) for t, found in self._labels.items()})

@@ -92,7 +92,7 @@ class NYUListDataset(Reader):
         depth = read_depth(self.base / depth_path)  # (H, W) metres
         if self.eigen_crop:
             depth = eval_mask(depth, self.keys[i])
-        return Sample(key=self.keys[i], image=read_rgb(self.base / rgb), depth=depth)
+        return Sample(key=self.keys[i], image=read_rgb(self.base / rgb), labels={"depth": depth})
 
 
 def _h5py():
@@ -156,4 +156,4 @@ class NYULabeledDataset(Reader):
             depth = np.ascontiguousarray(f["depths"][k].T, dtype=np.float32)  # (W, H) → (H, W) metres
         if self.eigen_crop:
             depth = eval_mask(depth, self.keys[i])
-        return Sample(key=self.keys[i], image=image, depth=depth)
+        return Sample(key=self.keys[i], image=image, labels={"depth": depth})

@@ -139,4 +139,4 @@ class VOCDataset(Reader):
             seg = np.asarray(load_mat(label)["GTcls"].Segmentation, dtype=np.uint8)  # (H, W) ids 0–20
         else:
             seg = read_index_png(label)
-        return Sample(key=key, image=read_rgb(image), seg=seg)
+        return Sample(key=key, image=read_rgb(image), labels={"seg": seg})
