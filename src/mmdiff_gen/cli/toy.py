@@ -136,6 +136,32 @@ def ablation(
 
 
 @app.command()
+def unified(
+    work: Annotated[Path | None, typer.Option(help="Scenes, feature caches and heads [~/.cache/mmdiff-gen/toy-ablation, "
+                                              "whose caches the ablation shares]; re-run to resume.")] = None,
+    train_scenes: Annotated[int, typer.Option()] = 1000,
+    val_scenes: Annotated[int, typer.Option()] = 500,
+    epochs: Annotated[int, typer.Option(help="Epochs of every head (≥ 1).")] = 12,
+    timing_batch: Annotated[int, typer.Option(help="Captions of the timed generation pass.")] = 8,
+    report: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+) -> None:
+    """The unified multi-task decoder (MMDiff App. C): single-task heads vs heads sharing one aggregation for
+    seg + saliency, seg + depth and all three, and the heads' share of a generation pass."""
+    from ..toy.unified import run_unified
+
+    if min(epochs, train_scenes, val_scenes, timing_batch) < 1:
+        fail("--epochs, --train-scenes, --val-scenes and --timing-batch must be ≥ 1", code=2)
+    if report is not None:
+        output_file(report, "--report")
+    with clean_errors():
+        result = run_unified(work or _ABLATION_WORK, train_scenes=train_scenes, val_scenes=val_scenes, epochs=epochs,
+                             timing_batch=timing_batch)
+    out.print(json.dumps(result, indent=1))
+    if report is not None:
+        report.write_text(json.dumps(result, indent=1))
+
+
+@app.command()
 def consistency(
     heads_dir: Annotated[Path | None, typer.Option("--heads", help="Heads folder [the packaged toy heads].")] = None,
     n: Annotated[int, typer.Option("--n", help="Generated images (fresh captions, 1–3 objects).")] = 200,
