@@ -1,6 +1,8 @@
-"""The downstream protocol (`mmdiff-gen toy downstream`) on a seconds-long regime: every row, resume, refusals."""
+"""The downstream protocol (`mmdiff-gen toy downstream`) on a seconds-long regime: every row, resume, another
+downstream model reusing the heads and the generated set, refusals."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -40,7 +42,10 @@ def test_every_row_of_every_regime_is_scored(run):
     assert sorted(p.name for p in (work / "synthetic").glob("part_*.npz")) == ["part_000000.npz", "part_000003.npz"]
     part = np.load(work / "synthetic" / "part_000000.npz", allow_pickle=False)
     assert part["images"].shape == (3, 64, 64, 3) and part["mmdiff_3/score"].shape == (3,)
-    assert json.loads((work / "report.json").read_text()) == report
+    assert "pixel_3/seg" not in part.files  # the pixel labeller belongs to the downstream settings' folder
+    runs, = (work / "runs").iterdir()
+    assert json.loads((runs / "report.json").read_text()) == report
+    assert np.load(runs / "pixel_3.npz", allow_pickle=False)["seg"].shape == (4, 64, 64)
 
 
 def test_a_rerun_resumes_without_retraining(run):
@@ -53,10 +58,20 @@ def test_a_rerun_resumes_without_retraining(run):
     assert strip == {k: v for k, v in report.items() if k != "seconds"}
 
 
-def test_other_settings_in_the_same_folder_are_refused(run):
+def test_another_downstream_model_reuses_the_heads_and_the_generated_set(run):
+    work, report = run
+    fixed = sorted(work.glob("heads_*/**/*.safetensors")) + sorted((work / "synthetic").glob("*.npz"))
+    stamps = {p: p.stat().st_mtime_ns for p in fixed}
+    wider = run_downstream(work, replace(TINY, width=16), device="cpu")
+    assert {p: p.stat().st_mtime_ns for p in fixed} == stamps  # no head retrained, no image regenerated
+    assert len(list((work / "runs").iterdir())) == 2 and wider["config"]["width"] == 16
+    assert wider["regimes"]["3"]["labels vs oracle"]["mmdiff"] == report["regimes"]["3"]["labels vs oracle"]["mmdiff"]
+
+
+def test_other_label_settings_in_the_same_folder_are_refused(run):
     work, _ = run
     res = CliRunner().invoke(app, ["toy", "downstream", "--work", str(work), "--regimes", "3,4", "--synthetic", "4"])
-    assert res.exit_code == 1 and "other settings" in res.output, res.output
+    assert res.exit_code == 1 and "other settings" in res.output and "regimes" in res.output, res.output
     res = CliRunner().invoke(app, ["toy", "downstream", "--regimes", "0"])
     assert res.exit_code == 2 and "regimes" in res.output
 

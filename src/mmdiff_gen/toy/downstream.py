@@ -16,11 +16,15 @@ For each regime of N labelled real renders:
   5. every downstream model scored on the same held-out renders.
 
 Everything is resumable from WORK: caches, heads, generated parts and downstream runs are each written
-once (atomically) and skipped when present; each downstream run also keeps a step checkpoint.
+once (atomically) and skipped when present; each downstream run also keeps a step checkpoint. The settings
+that shape the labels (regimes, heads, the generation pass) are WORK's own: another value is refused. The
+settings of the downstream models only pick a folder WORK/runs/<their hash>/ (its runs, the pixel labellers'
+labels of the stored images, its report), so a second downstream model reuses the heads and the generated set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -71,6 +75,9 @@ class DownstreamConfig:
         sample_steps: sampling steps (None: the backbone's recommendation).
         seed: initialisation and shuffling seed of the downstream models.
     """
+
+    # What shapes the heads and the generated, labelled set; the other fields shape only the downstream models.
+    LABELS = ("regimes", "synthetic", "eval_scenes", "head_steps", "batch", "gen_batch", "sample_steps")
 
     regimes: tuple[int, ...] = (50, 200, 1000)
     synthetic: int = 2000
@@ -275,6 +282,23 @@ def _generate(bb, work: Path, cfg: DownstreamConfig, annotators: dict[str, Annot
                           cat.get(f"{src}/score")) for src in sources}
 
 
+def _labelled_by_pixels(synthetic: dict[str, Labelled], runs: Path, regimes: tuple[int, ...],
+                        device: str) -> dict[str, Labelled]:
+    """The pixel labellers' (each regime's real-only model's) labels of the stored generated images, read once and
+    kept in runs/pixel_N.npz."""
+    images = synthetic["oracle"].images
+    out = {}
+    for n in regimes:
+        path = runs / f"pixel_{n}.npz"
+        if not path.is_file():
+            labels = Oracle.from_checkpoint(runs / f"real_{n}.safetensors").to(device).predict(images)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **labels)
+        lab = np.load(path, allow_pickle=False)
+        out[f"pixel_{n}"] = Labelled(images, lab["seg"], lab["saliency"], lab["depth"].astype(np.float32))
+    return out
+
+
 def _without_train(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "train"}  # a head file's metrics also record its training
 
@@ -284,10 +308,20 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
     """Run (or resume) the whole protocol in `work`; returns the report, also written to work/report.json."""
     work = Path(work)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    everything = json.loads(json.dumps(asdict(cfg)))
+    labels = {k: everything[k] for k in cfg.LABELS}
+    models = {k: v for k, v in everything.items() if k not in labels}
     settings = work / "config.json"
-    if settings.is_file() and json.loads(settings.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        raise ValueError(f"{work} holds a run with other settings ({settings}): use another --work folder")
-    _write_json(settings, asdict(cfg))
+    if settings.is_file():
+        old = json.loads(settings.read_text())
+        old = {k: old[k] for k in cfg.LABELS if k in old}  # a folder of the first layout also lists model settings
+        if old != labels:
+            raise ValueError(f"{work} holds heads and a generated set made with other settings ({settings}: "
+                             + ", ".join(f"{k} {old.get(k)} ≠ {v}" for k, v in labels.items() if old.get(k) != v)
+                             + "): use another --work folder")
+    _write_json(settings, labels)
+    runs = work / "runs" / hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()[:12]
+    _write_json(runs / "config.json", models)
     t_start = time.time()
     times: dict[str, float] = {}
 
@@ -305,7 +339,6 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
     lap("heads (extraction + training)", t)
 
     t = time.time()
-    runs = work / "runs"
     for n in cfg.regimes:  # real only: also each regime's pixel labeller
         train_downstream(Labelled.real(real, n), cfg, runs, f"real_{n}", steps=cfg.steps, lr=cfg.lr, device=device)
     lap("downstream training", t)
@@ -315,9 +348,8 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
     for n, kinds in heads.items():
         for kind, folder in kinds.items():
             annotators[f"{kind}_{n}"] = build_annotator(bb, head_files(folder, TASKS))
-    labellers = {"oracle": Oracle.from_checkpoint().to(device)}
-    labellers |= {f"pixel_{n}": Oracle.from_checkpoint(runs / f"real_{n}.safetensors").to(device) for n in cfg.regimes}
-    synthetic = _generate(bb, work, cfg, annotators, labellers)
+    synthetic = _generate(bb, work, cfg, annotators, {"oracle": Oracle.from_checkpoint().to(device)})
+    synthetic |= _labelled_by_pixels(synthetic, runs, cfg.regimes, device)
     lap("generation and labelling", t)
 
     t = time.time()
@@ -352,5 +384,5 @@ def run_downstream(work: Path, cfg: DownstreamConfig = DownstreamConfig(), model
         _log(f"regime N={n} scored")
     lap("downstream training", t)
     report["seconds"] = times | {"total (this invocation)": round(time.time() - t_start, 1)}
-    _write_json(work / "report.json", report)
+    _write_json(runs / "report.json", report)
     return json.loads(json.dumps(report))  # what report.json holds (lists, not tuples)
