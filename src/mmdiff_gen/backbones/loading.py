@@ -121,6 +121,8 @@ def load_backbone(
     device: str | torch.device = "cuda",
     offload: str = "none",
     storage: str = "full",
+    lora: Path | str | None = None,
+    lora_scale: float = 1.0,
     **pipeline_kwargs: Any,
 ) -> Backbone:
     """Load a frozen pipeline, store and place it as asked, and wrap it in its family adapter.
@@ -136,6 +138,9 @@ def load_backbone(
             on a CUDA stream). Needs an accelerator.
         storage: full (the weights in `dtype`), fp8 (transformer weights stored in float8_e4m3fn, each layer
             upcast to `dtype` for its forward) or int8 (torchao int8 weight-only transformer).
+        lora: a diffusers LoRA file (.safetensors) or a folder holding pytorch_lora_weights.safetensors (what
+            `finetune-grounding` writes), loaded into the transformer before placement as adapter "lora".
+        lora_scale: its weight (`set_adapters`); 0 computes exactly what the base model does.
         pipeline_kwargs: passed to `from_pretrained` (e.g. `variant`).
 
     The backbone's `runtime` records what was applied ({"offload", "storage"}).
@@ -171,11 +176,32 @@ def load_backbone(
         settings_file = Path(folder) / SETTINGS_FILE
         name, weights_id = model, _weights_id(Path(folder))
         settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if lora is not None:
+        load_lora(pipe, lora, lora_scale)
     apply_runtime(pipe, offload=offload, storage=storage, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     bb = _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings, weights_id=weights_id)
     bb.runtime = describe(pipe)
     return bb
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
+
+
+def load_lora(pipe: Any, path: Path | str, scale: float = 1.0, name: str = "lora") -> None:
+    """A diffusers LoRA file into the pipeline's transformer as adapter `name` at `scale`. Only safetensors
+    files are read (a `.bin` / `.pth` LoRA is a pickle: refused); ValueError names what is wrong."""
+    path = Path(path)
+    file = path / LORA_WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"LoRA not found: {file}")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: LoRA files are read as .safetensors only (other formats are pickles)")
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except ImportError:
+        raise ImportError("loading a LoRA needs peft: pip install 'mmdiff-gen[lora]'") from None
+    pipe.set_adapters([name], adapter_weights=[float(scale)])
 
 
 def wrap_pipeline(pipe: Any, name: str = "custom", settings: dict | None = None, weights_id: str = "") -> Backbone:

@@ -30,7 +30,7 @@ from torch import nn
 from ..backbones.base import Backbone
 from ..backbones.runtime import onload
 from .concepts import concept_block_update, concept_map, cross_attention_map
-from .text_attention import _heads, _norm, text_attention
+from .text_attention import _heads, _norm, text_attention, text_logits
 
 
 @dataclass(eq=False)
@@ -46,6 +46,8 @@ class Config:
         cross: keep the averaged cross-attention maps.
         text_layers: attention-block indices whose per-token image→text attention is kept.
         text_mask: (B, S) bool prompt-token mask of the conditional rows (cross-attention).
+        text_logits: keep the text layers' pre-softmax logits instead (mean over heads of q·kᵀ/√d, (R, N, S),
+            not detached): what grounding fine-tuning trains on.
     """
 
     feature_layers: tuple[int, ...] = ()
@@ -56,6 +58,7 @@ class Config:
     cross: bool = False
     text_layers: tuple[int, ...] = ()
     text_mask: torch.Tensor | None = None
+    text_logits: bool = False
     dtype: torch.dtype = torch.float32  # the transformer's compute dtype (the concept stream's modulation)
 
 
@@ -112,6 +115,7 @@ class CaptureHooks:
     _stream: torch.Tensor | None = None
     _temb: torch.Tensor | None = None
     handles: list[Any] = field(default_factory=list)
+    _hooked: list[tuple[Any, str, nn.Module]] = field(default_factory=list)  # (parent, attribute, the module hooked)
 
     # --- switching (eager, between transformer calls) -----------------------------------------
     def arm(self) -> None:
@@ -154,8 +158,21 @@ class CaptureHooks:
             for name in ("to_q", "to_k", "to_v", "add_k_proj"):
                 if getattr(attn, name, None) is not None:
                     self.handles.append(getattr(attn, name).register_forward_hook(self._keep(name)))
+                    self._hooked.append((attn, name, getattr(attn, name)))
             if getattr(attn, "to_out", None) is not None:
                 self.handles.append(attn.to_out[0].register_forward_pre_hook(self._keep_input("image_out")))
+                self._hooked.append((attn.to_out, "0", attn.to_out[0]))
+
+    def stale(self) -> bool:
+        """Whether a hooked projection was replaced since (a LoRA added by peft wraps `to_q` & co. in a new module,
+        leaving these hooks on the bare base layer: they would read projections without the LoRA)."""
+        return any((parent[int(name)] if name.isdigit() else getattr(parent, name, None)) is not module
+                   for parent, name, module in self._hooked)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self._hooked = [], []
 
     def _on_call_start(self, _module, _args, kwargs):
         if self.listener is not None:
@@ -250,7 +267,7 @@ class CaptureHooks:
             self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask)  # (R, N)
 
     def _text_attention(self, block: nn.Module) -> torch.Tensor:
-        """(R, N, S) image→text attention per text token, recomputed from the block's own q and k."""
+        """(R, N, S) image→text attention per text token, recomputed from the block's own q and k (or its logits)."""
         sc, attn = self._scratch, block.attn
         q = _norm(attn.norm_q, _heads(attn, sc["to_q"]))
         k = _norm(attn.norm_k, _heads(attn, sc["to_k"]))
@@ -265,7 +282,7 @@ class CaptureHooks:
             img = (rotary[0][s : s + n], rotary[1][s : s + n])
             q, k = apply_rotary_emb(q, img, sequence_dim=1), apply_rotary_emb(k, img, sequence_dim=1)
             tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
-        return text_attention(q, tk, k)
+        return text_logits(q, tk) if self.config.text_logits else text_attention(q, tk, k)
 
 
 def _eager_when_called_alone(*functions) -> None:
@@ -317,9 +334,13 @@ def prepare(backbone: Backbone) -> CaptureHooks:
     """Install capture's hooks on `backbone` (once; later calls return the same hooks).
 
     Call it before compiling the transformer yourself (`generate --compile` does it for you): a compiled
-    graph only contains the hooks that existed when it was traced.
+    graph only contains the hooks that existed when it was traced. Hooks whose projections were replaced since
+    (a LoRA adapter added to the transformer) are reinstalled on the new modules.
     """
     hooks = getattr(backbone, "_capture_hooks", None)
+    if hooks is not None and hooks.stale():
+        hooks.remove()
+        hooks = None
     if hooks is None:
         hooks = CaptureHooks(backbone)
         hooks._install()

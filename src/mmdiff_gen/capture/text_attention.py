@@ -26,6 +26,13 @@ def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
+def text_logits(image_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
+    """(B, N, S) float32 pre-softmax image→text logits q·kᵀ/√d, mean over heads (differentiable); shapes as in
+    `text_attention`."""
+    d = image_queries.shape[-1]
+    return torch.einsum("bnhd,bshd->bns", image_queries.float(), text_keys.float()) / (math.sqrt(d) * image_queries.shape[2])
+
+
 def text_attention(image_queries: torch.Tensor, text_keys: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
     """(B, N, S) float32: for each image query, the attention probability of each text key, mean over heads.
 

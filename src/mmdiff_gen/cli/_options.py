@@ -89,6 +89,10 @@ def compile_if(backbone, mode: str) -> None:
 
         compile_backbone(backbone, mode)
 
+Lora = Annotated[Path | None, typer.Option(help="A diffusers LoRA (.safetensors file, or a folder holding "
+                                                "pytorch_lora_weights.safetensors, e.g. from finetune-grounding) loaded "
+                                                "into the transformer; heads check it.")]
+LoraScale = Annotated[float, typer.Option(help="The LoRA's weight (0: the base model's outputs).")]
 Dino = Annotated[Path | None, typer.Option(help="Local DINOv3 ViT folder (e.g. dinov3-vitb16-pretrain-lvd1689m): "
                                                 "its features join the heads' inputs (MMDiff §3.3).")]
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import clean_errors, fail
-from ._options import (Blocks, Compile, Device, Dtype, Model, Offload, Storage, check_compile, check_runtime, compile_if,
-                       output_file, read_prompts, resolve_device, torch_dtype, worker)
+from ._options import (Blocks, Compile, Device, Dtype, Lora, LoraScale, Model, Offload, Storage, check_compile,
+                       check_runtime, compile_if, output_file, read_prompts, resolve_device, torch_dtype, worker)
 
 out = Console()
 
@@ -109,6 +109,8 @@ def capture(
     dtype: Dtype = "auto",
     offload: Offload = "none",
     storage: Storage = "full",
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
 ) -> None:
     """Generate each prompt once and dump its image, captured features and concept maps.
 
@@ -125,7 +127,8 @@ def capture(
     check_compile(compile)
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), blocks=blocks, sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
-        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage,
+                           lora=lora, lora_scale=lora_scale)
         compile_if(bb, compile)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                                 true_cfg_scale=true_cfg, max_sequence_length=max_sequence_length)
@@ -154,6 +157,8 @@ def probe_layers(
     dtype: Dtype = "auto",
     offload: Offload = "none",
     storage: Storage = "full",
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
 ) -> None:
     """Find the expert layer: zero-shot segmentation mIoU of every block's image→text attention × sigma.
 
@@ -176,7 +181,8 @@ def probe_layers(
         names = [c.strip() for c in classes.split(",")] if classes else list(ds.classes)
         if len(names) < 2:
             fail("--classes is required: the dataset records no class names", code=2)
-        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage,
+                           lora=lora, lora_scale=lora_scale)
         if w > 1:
             out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False, soft_wrap=True)
         scores = probe_scores(bb, ds, names, sigmas=_sigmas(sigmas), n=n, batch_size=batch_size, rank=r, world_size=w)
@@ -202,3 +208,48 @@ def probe_layers(
               highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.write_text(json.dumps({**res, "miou": res["miou"].tolist(), "classes": names}, indent=1))
+
+
+def finetune_grounding(
+    data: Annotated[str, typer.Option(help="Images with segmentation labels and class names (voc:PATH, folder:PATH, "
+                                           "a files-layout folder…).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder of the LoRA (pytorch_lora_weights.safetensors, "
+                                                        "grounding.json); re-run to resume.")],
+    model: Model = "toy",
+    split: Annotated[str | None, typer.Option(help="Dataset split.")] = None,
+    size: Annotated[int | None, typer.Option(help="Resize + center-crop to SIZE×SIZE.")] = None,
+    captions: Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"caption\"} lines [each image's class "
+                                                       "names].")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names, background first "
+                                                     "[the dataset's classes].")] = None,
+    layer: Annotated[int | None, typer.Option(help="The grounding expert block [the backbone's openseg layer, "
+                                                   "e.g. from probe-layers].")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW rate of the LoRA weights.")] = 1e-5,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps (then cosine).")] = 500,
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = rank).")] = 16,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Seg4Diff's mask-alignment fine-tuning: a LoRA on the joint blocks' attention that aligns the expert block's
+    image→text attention with the class masks (focal + dice), the flow-matching loss keeping generation intact."""
+    dev = resolve_device(device)
+    from ..backbones import load_backbone
+    from ..io.datasets import open_dataset
+    from ..train.grounding import GroundingConfig, finetune_grounding as run
+
+    with clean_errors(usage=(ValueError,)):
+        cfg = GroundingConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, rank=rank, alpha=rank,
+                              layer=layer, seed=seed)
+    with clean_errors():
+        ds = open_dataset(data, split=split, size=size, captions=captions)
+        names = [c.strip() for c in classes.split(",")] if classes else list(ds.classes)
+        bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
+        result = run(bb, ds, names, out_dir, cfg)  # the dataset reads an image when a step draws it
+    first, last = result["first"], result["last"]
+    out.print(f"LoRA in {result['lora']} (expert block {result['layer']}); first step: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in first.items()) + "; last: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+              + f" — use `generate --lora {out_dir}`", highlight=False, soft_wrap=True)

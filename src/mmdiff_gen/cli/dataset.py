@@ -11,8 +11,8 @@ from rich.console import Console
 
 from ..tasks import quality_tasks
 from ._errors import clean_errors, err, fail
-from ._options import (Compile, Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_compile,
-                       check_runtime, compile_if, parse_tasks, read_prompts, resolve_device, torch_dtype)
+from ._options import (Compile, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
+                       check_compile, check_runtime, compile_if, parse_tasks, read_prompts, resolve_device, torch_dtype)
 
 out = Console(stderr=True)
 AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an unfinished or damaged dataset "
@@ -47,6 +47,8 @@ def generate(
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Also redo finished shards that recorded failed samples.")] = False,
     dino: Dino = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
     classes: Annotated[str | None, typer.Option(help="openseg: class names, background first, comma-separated "
                                                      "[the seg head's classes].")] = None,
     openseg_layer: Annotated[int | None, typer.Option(help="openseg: attention block [mmdiff.json, else the "
@@ -101,7 +103,8 @@ def generate(
                                           [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
         if min_quality is not None and not set(quality_tasks()) & set(task_list):
             fail(f"--min-quality needs a task with a quality signal: {', '.join(quality_tasks())}", code=2)
-        bb = load_backbone(model, dtype=torch_dt, device=dev, offload=offload, storage=storage)
+        bb = load_backbone(model, dtype=torch_dt, device=dev, offload=offload, storage=storage, lora=lora,
+                           lora_scale=lora_scale)
         compile_if(bb, compile)
         dino_features = None
         if dino is not None:

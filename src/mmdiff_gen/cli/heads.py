@@ -15,8 +15,8 @@ from rich.table import Table
 from ..tasks import class_task
 from ..tasks import get as get_task
 from ._errors import clean_errors, fail
-from ._options import (Blocks, Device, Dino, Dtype, HeadsPrecision, Model, Offload, Storage, check_runtime, output_file,
-                       parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
+from ._options import (Blocks, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
+                       check_runtime, output_file, parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
 
 out = Console()
 # Images per real-image forward when train / eval extract for themselves: × 4 sigmas = 16 rows, a modest
@@ -36,8 +36,8 @@ Captions = Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"captio
 
 
 def _extract(data: str, out_dir: Path, *, model: str, device: str, dtype: str, dino: Path | None = None,
-             offload: str = "none", storage: str = "full", env: dict[str, str] | None = None, wait: bool = True,
-             **settings) -> tuple[int, int, int]:
+             offload: str = "none", storage: str = "full", lora: Path | None = None, lora_scale: float = 1.0,
+             env: dict[str, str] | None = None, wait: bool = True, **settings) -> tuple[int, int, int]:
     """Load the backbone (and DINOv3) on this worker's device and extract its shards of a dataset
     (`feature_cache.extract_dataset` with `settings`; rank and world size from `env`); with `wait`, then wait
     for the other workers' shards. Returns (samples, rank, world size)."""
@@ -48,7 +48,8 @@ def _extract(data: str, out_dir: Path, *, model: str, device: str, dtype: str, d
     if w > 1:
         out.print(f"worker {r} of {w} ({source}) on {dev}: extracting shards s ≡ {r} (mod {w}) of {out_dir}",
                   highlight=False, soft_wrap=True)
-    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage)
+    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage, lora=lora,
+                       lora_scale=lora_scale)
     features = None
     if dino is not None:
         from ..backbones.dino import DinoFeatures
@@ -77,6 +78,8 @@ def extract(
                                                       "the host memory of extraction.")] = "2G",
     seed: Annotated[int, typer.Option(help="Noise seed base; sample i uses seed + i.")] = 0,
     dino: Dino = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
     device: Device = "auto",
     dtype: Dtype = "auto",
     offload: Offload = "none",
@@ -94,8 +97,9 @@ def extract(
     max_bytes = parse_bytes(max_shard_bytes, "--max-shard-bytes")
     check_runtime(offload, storage, resolve_device(device))
     with clean_errors():
-        n, r, w = _extract(data, out_dir, model=model, device=device, dtype=dtype, dino=dino, offload=offload,
-                           storage=storage, wait=False, tasks=task_list, split=split, size=size, captions=captions,
+        n, r, w = _extract(data, out_dir, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
+                           lora_scale=lora_scale, offload=offload, storage=storage, wait=False, tasks=task_list,
+                           split=split, size=size, captions=captions,
                            cross_attention=cross_attention, blocks=blocks, batch_size=batch_size,
                            shard_size=shard_size, max_shard_bytes=max_bytes, seed=seed)
     if w > 1:
@@ -120,6 +124,8 @@ def train(
     captions: Captions = None,
     model: Model = "toy",
     dino: Dino = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
     device: Device = "auto",
     dtype: Dtype = "auto",
     epochs: Annotated[int, typer.Option(help="Passes over the cache (≥ 1).")] = 20,
@@ -165,7 +171,8 @@ def train(
         # Datasets are extracted first (resumable), with the side maps this head reads.
         for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
             if src is not None:  # a finished cache of the same inputs is kept; another one is refused
-                _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, env=group, tasks=list(picked),
+                _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
+                         lora_scale=lora_scale, env=group, tasks=list(picked),
                          split=spl, size=size, captions=captions, cross_attention=reads_cross(side),
                          batch_size=EXTRACT_BATCH)
         cfg = TrainConfig(tasks=picked, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
@@ -190,6 +197,8 @@ def evaluate(
     captions: Captions = None,
     model: Model = "toy",
     dino: Dino = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
     precision: HeadsPrecision = "fp32",
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -205,7 +214,8 @@ def evaluate(
     with clean_errors():
         if data is not None:
             m = read_meta(head)
-            _extract(data, cache, model=model, device=device, dtype=dtype, dino=dino, env={},  # one process scores
+            _extract(data, cache, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
+                     lora_scale=lora_scale, env={},  # one process scores
                      tasks=list(m.config.tasks), split=split, size=size, captions=captions,
                      cross_attention=reads_cross(m.side), blocks=m.blocks, batch_size=EXTRACT_BATCH)
         fc = FeatureCache(cache)
