@@ -26,18 +26,21 @@ TASKS = ["seg", "saliency", "depth"]
 
 
 @torch.no_grad()
-def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str = "toy",
-                    keep: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25), grounding: dict | None = None) -> dict:
-    """Metrics of the heads (and openseg) against the oracle on n generated images (1–3 objects per
+def run_consistency(heads: Path | None, n: int = 200, batch_size: int = 25, model: str = "toy",
+                    keep: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25), grounding: dict | None = None,
+                    tasks: tuple[str, ...] = tuple(TASKS), lora: Path | None = None, lora_scale: float = 1.0) -> dict:
+    """Metrics of the heads of `tasks` (and openseg) against the oracle on n generated images (1–3 objects per
     caption), and the seg consistency of the best-scored `keep` fractions under each quality signal.
 
-    `grounding` overrides openseg's layer / sigma / threshold (default: the backbone's)."""
-    bb = load_backbone(model, dtype=torch.float32, device="cpu")
-    ann = build_annotator(bb, head_files(Path(heads), TASKS), list(CLASSES), grounding)
+    `grounding` overrides openseg's layer / sigma / threshold (default: the backbone's); `lora` is loaded into the
+    backbone (`tasks=()`: openseg alone, no heads)."""
+    bb = load_backbone(model, dtype=torch.float32, device="cpu", lora=lora, lora_scale=lora_scale)
+    ann = build_annotator(bb, head_files(Path(heads), list(tasks)) if tasks else {}, list(CLASSES), grounding)
     oracle = Oracle.from_checkpoint()
     kw = bb.sampling_kwargs()
     size = (kw["height"], kw["width"])
-    seg, sal, dep, zero = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics(), SegMetrics(len(CLASSES))
+    meters = {"seg": SegMetrics(len(CLASSES)), "saliency": SaliencyMetrics(), "depth": DepthMetrics()}
+    meters = {t: meters[t] for t in tasks} | {"openseg": SegMetrics(len(CLASSES))}
     captions = [render_scene(CONSISTENCY_SEED + i).caption for i in range(n)]
     pairs, quality = [], []  # per sample: (heads' seg, oracle's seg), quality record
     for i in range(0, n, batch_size):
@@ -48,15 +51,17 @@ def run_consistency(heads: Path, n: int = 200, batch_size: int = 25, model: str 
         a = ann(gen.capture, size, prompts=batch)
         ours = {k: v.numpy() for k, v in a.labels.items()}
         ref = oracle.predict(images)
-        for j in range(len(batch)):
-            seg.update(ours["seg"][j], ref["seg"][j])
-            zero.update(ours["openseg"][j], ref["seg"][j])
-            sal.update(ours["saliency"][j], np.where(ref["saliency"][j] >= 128, 255, 0).astype(np.uint8))
-            dep.update(ours["depth"][j], ref["depth"][j])
-            pairs.append((ours["seg"][j], ref["seg"][j]))
+        ref["openseg"] = ref["seg"]
+        ref["saliency"] = np.where(ref["saliency"] >= 128, 255, 0).astype(np.uint8)  # the oracle's mask
+        for t, m in meters.items():
+            for j in range(len(batch)):
+                m.update(ours[t][j], ref[t][j])
+        if "seg" in tasks:
+            pairs += [(ours["seg"][j], ref["seg"][j]) for j in range(len(batch))]
         quality += a.quality
-    return {"n": n, "seg": seg.result(), "saliency": sal.result(), "depth": dep.result(),
-            "openseg": {**zero.result(), **ann.openseg.to_dict()}, "quality_filter": quality_filter(pairs, quality, keep)}
+    return {"n": n, **{t: m.result() for t, m in meters.items() if t != "openseg"},
+            "openseg": {**meters["openseg"].result(), **ann.openseg.to_dict()},
+            "quality_filter": quality_filter(pairs, quality, keep) if pairs else []}
 
 
 def quality_filter(pairs: list[tuple[np.ndarray, np.ndarray]], quality: list[dict], keep: tuple[float, ...]) -> list:

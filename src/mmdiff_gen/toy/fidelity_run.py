@@ -23,9 +23,11 @@ def fresh_scenes(n: int, objects: int):
 
 
 @torch.no_grad()
-def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: Path | None) -> dict:
-    """Fidelity of generated images per object count, with the judge's ceilings (renders, VAE reconstructions)."""
-    bb = load_backbone(model, dtype=torch.float32, device="cpu")
+def run_fidelity(model: str, n: int, counts: list[int], batch_size: int, sheet: Path | None,
+                 lora: Path | None = None, lora_scale: float = 1.0) -> dict:
+    """Fidelity of generated images per object count, with the judge's ceilings (renders, VAE reconstructions);
+    `lora` is loaded into the backbone."""
+    bb = load_backbone(model, dtype=torch.float32, device="cpu", lora=lora, lora_scale=lora_scale)
     oracle = Oracle.from_checkpoint()
     s = bb.sampling
     result: dict = {"model": model, "sampling": s, "n": n}
