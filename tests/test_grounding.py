@@ -108,3 +108,22 @@ def test_cli_finetunes_and_generate_reads_the_lora(tmp_path):
     res = runner.invoke(app, ["finetune-grounding", "--data", str(tmp_path / "data"), "--model", "tiny-random",
                               "--out", str(tmp_path / "x"), "--steps", "0"])
     assert res.exit_code == 2 and "steps must be ≥ 1" in res.output
+
+
+@pytest.mark.parametrize("build", [build_tiny_flux, build_tiny_sd3], ids=["flux", "sd3"])
+def test_gradient_checkpointing_gives_the_same_gradients(build):
+    grads = []
+    for checkpointing in (False, True):
+        bb = wrap_pipeline(build(seed=0), name="tiny")
+        cfg = GroundingConfig(flow_weight=0.0)
+        loss = GroundingLoss(bb, cfg, CLASSES)
+        params = add_lora(bb, cfg, loss.layer)
+        torch.manual_seed(1)
+        for p in params:
+            p.data.normal_(0, 0.1)  # B ≠ 0: gradients reach every LoRA weight
+        if checkpointing:
+            bb.transformer.enable_gradient_checkpointing()
+        bb.transformer.train()
+        loss(SAMPLES[:2], torch.tensor([0.5, 0.3]), noise_seed=0)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7)

@@ -30,7 +30,7 @@ from torch import nn
 from ..backbones.base import Backbone
 from ..backbones.runtime import onload
 from .concepts import concept_block_update, concept_map, cross_attention_map
-from .text_attention import _heads, _norm, text_attention, text_logits
+from .text_attention import _heads, _norm, image_text_qk, text_attention
 
 
 @dataclass(eq=False)
@@ -46,8 +46,6 @@ class Config:
         cross: keep the averaged cross-attention maps.
         text_layers: attention-block indices whose per-token image→text attention is kept.
         text_mask: (B, S) bool prompt-token mask of the conditional rows (cross-attention).
-        text_logits: keep the text layers' pre-softmax logits instead (mean over heads of q·kᵀ/√d, (R, N, S),
-            not detached): what grounding fine-tuning trains on.
     """
 
     feature_layers: tuple[int, ...] = ()
@@ -58,7 +56,6 @@ class Config:
     cross: bool = False
     text_layers: tuple[int, ...] = ()
     text_mask: torch.Tensor | None = None
-    text_logits: bool = False
     dtype: torch.dtype = torch.float32  # the transformer's compute dtype (the concept stream's modulation)
 
 
@@ -267,22 +264,8 @@ class CaptureHooks:
             self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask)  # (R, N)
 
     def _text_attention(self, block: nn.Module) -> torch.Tensor:
-        """(R, N, S) image→text attention per text token, recomputed from the block's own q and k (or its logits)."""
-        sc, attn = self._scratch, block.attn
-        q = _norm(attn.norm_q, _heads(attn, sc["to_q"]))
-        k = _norm(attn.norm_k, _heads(attn, sc["to_k"]))
-        if "add_k_proj" in sc:  # a joint block: image projections here, text through the added projections
-            tk = _norm(attn.norm_added_k, _heads(attn, sc["add_k_proj"]))
-        else:  # FLUX single-stream: one projection over [text; image]
-            s = sc["text_len"]
-            q, tk, k = q[:, s:], k[:, :s], k[:, s:]
-        rotary = sc["rotary"]
-        if rotary is not None:  # FLUX: positions [text; image]
-            s, n = tk.shape[1], q.shape[1]
-            img = (rotary[0][s : s + n], rotary[1][s : s + n])
-            q, k = apply_rotary_emb(q, img, sequence_dim=1), apply_rotary_emb(k, img, sequence_dim=1)
-            tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
-        return text_logits(q, tk) if self.config.text_logits else text_attention(q, tk, k)
+        """(R, N, S) image→text attention per text token, recomputed from the block's own q and k."""
+        return text_attention(*image_text_qk(block.attn, self._scratch))
 
 
 def _eager_when_called_alone(*functions) -> None:

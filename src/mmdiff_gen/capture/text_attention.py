@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 
@@ -24,6 +25,31 @@ def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
+
+
+def image_text_qk(attn: nn.Module, kept: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image queries (B, N, H, D), text keys (B, S, H, D) and image keys (B, N, H, D) of one block — normed and
+    rotated as the block attends — from the outputs of its projections.
+
+    Args:
+        attn: the block's attention module.
+        kept: "to_q", "to_k" (and "add_k_proj" for a joint block) outputs; "rotary": the block's
+            `image_rotary_emb` (FLUX, positions [text; image]) or None; "text_len": S of a FLUX single-stream block.
+    """
+    q = _norm(attn.norm_q, _heads(attn, kept["to_q"]))
+    k = _norm(attn.norm_k, _heads(attn, kept["to_k"]))
+    if "add_k_proj" in kept:  # a joint block: image projections here, text through the added projections
+        tk = _norm(attn.norm_added_k, _heads(attn, kept["add_k_proj"]))
+    else:  # FLUX single-stream: one projection over [text; image]
+        s = kept["text_len"]
+        q, tk, k = q[:, s:], k[:, :s], k[:, s:]
+    rotary = kept["rotary"]
+    if rotary is not None:
+        s, n = tk.shape[1], q.shape[1]
+        img = (rotary[0][s : s + n], rotary[1][s : s + n])
+        q, k = apply_rotary_emb(q, img, sequence_dim=1), apply_rotary_emb(k, img, sequence_dim=1)
+        tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
+    return q, tk, k
 
 
 def text_logits(image_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:

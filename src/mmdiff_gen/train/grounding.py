@@ -17,6 +17,7 @@ LoRA file (`pipe.load_lora_weights` reads it; `generate --lora` loads it), writt
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 
 from .._atomic import atomic_path
 from ..backbones.base import Backbone
-from ..capture._hooks import Config, prepare
 from ..capture._noise import noise_to
+from ..capture.text_attention import image_text_qk, text_logits
 from ..io.readers import Sample
 from ..io.state import load_state, save_state
 
@@ -57,6 +58,8 @@ class GroundingConfig:
         layer: the expert block (index into the backbone's attention blocks); None: the backbone's grounding layer.
         clip: gradient-norm clip.
         checkpoint_every: steps between training-state checkpoints.
+        gradient_checkpointing: recompute each block's activations in backward (diffusers'
+            `enable_gradient_checkpointing`): FLUX.1-dev at 1024² needs it to fit one 80 GB GPU.
         seed: LoRA initialisation, sampling of images, sigmas and noise.
     """
 
@@ -74,6 +77,7 @@ class GroundingConfig:
     layer: int | None = None
     clip: float = 1.0
     checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -130,6 +134,44 @@ def lora_targets(backbone: Backbone, layer: int) -> list[str]:
     return out
 
 
+class ExpertTap:
+    """The expert block's projection outputs of one transformer call, kept with their gradients.
+
+    Only references are kept, and the first of each per call, so it works under gradient checkpointing (the
+    recomputation in backward stores nothing the forward did not); logits are computed after the call.
+    Install it after the LoRA: peft wraps the projections in new modules."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.block, self.kept = block, {}
+        attn = block.attn
+        self.handles = [block.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        self.handles += [getattr(attn, n).register_forward_hook(self._keep(n)) for n in ("to_q", "to_k", "add_k_proj")
+                         if getattr(attn, n, None) is not None]
+
+    def _pre(self, module, args, kwargs):
+        if "rotary" not in self.kept:  # gradient checkpointing passes the block's arguments by position
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            enc = bound.get("encoder_hidden_states")
+            self.kept.update(rotary=bound.get("image_rotary_emb"), text_len=None if enc is None else enc.shape[1])
+
+    def _keep(self, name: str):
+        def hook(_module, _inputs, output):
+            self.kept.setdefault(name, output)
+        return hook
+
+    def start(self) -> None:
+        self.kept = {}
+
+    def logits(self) -> torch.Tensor:
+        """(B, N, S) pre-softmax image→text logits of the last call, mean over heads."""
+        q, tk, _ = image_text_qk(self.block.attn, self.kept)
+        return text_logits(q, tk)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class GroundingLoss:
     """One forward of the transformer with LoRA on a batch of real images, and the recipe's loss terms."""
 
@@ -139,6 +181,7 @@ class GroundingLoss:
         if not 0 <= self.layer < len(backbone.attention_blocks):
             raise ValueError(f"grounding layer {self.layer} out of range: the backbone has "
                              f"{len(backbone.attention_blocks)} attention blocks")
+        self.tap: ExpertTap | None = None
 
     def __call__(self, samples: Sequence[Sample], sigma: torch.Tensor, noise_seed: int) -> dict[str, torch.Tensor]:
         """{"flow", "focal", "dice", "loss"} of `samples` noised to `sigma` (B,)."""
@@ -157,11 +200,11 @@ class GroundingLoss:
         with torch.no_grad():
             cond = bb.encode_prompts(captions, s["max_sequence_length"])
         inputs = bb.transformer_inputs(latents, sigma, cond, s["guidance_scale"], height, width)
-        hooks = prepare(bb)  # (re)installed on the adapter's modules once a LoRA wraps the projections
-        hooks.config = Config(text_layers=(self.layer,), text_logits=True, dtype=bb.dtype)
-        hooks.arm()
+        if self.tap is None:  # at the first call: after the LoRA wrapped the projections
+            self.tap = ExpertTap(bb.attention_blocks[self.layer])
+        self.tap.start()
         pred = bb.transformer(**inputs)[0]
-        logits = hooks.take()[("text", self.layer)]  # (B, N, S) pre-softmax, mean over heads
+        logits = self.tap.logits()  # (B, N, S) pre-softmax, mean over heads
         flow = F.mse_loss(pred.float(), (noise - x0).float())
         rows, targets = [], []
         for i, pos in enumerate(bb.class_token_positions(captions, self.classes)):
@@ -177,6 +220,11 @@ class GroundingLoss:
             focal = dc = flow.new_zeros(())
         loss = cfg.flow_weight * flow + cfg.focal_weight * focal + cfg.dice_weight * dc
         return {"loss": loss, "flow": flow.detach(), "focal": focal.detach(), "dice": dc.detach()}
+
+    def close(self) -> None:
+        if self.tap is not None:
+            self.tap.remove()
+            self.tap = None
 
 
 def add_lora(backbone: Backbone, cfg: GroundingConfig, layer: int) -> list[torch.nn.Parameter]:
@@ -244,6 +292,8 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
         1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))), last_epoch=-1)
     for _ in range(start):
         sched.step()
+    if cfg.gradient_checkpointing:
+        backbone.transformer.enable_gradient_checkpointing()
     backbone.transformer.train()
     t0 = time.time()
     for step in range(start, cfg.steps):
@@ -265,6 +315,7 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
             save_state(state_path, {"lora": lora_state(backbone), "opt": opt.state_dict(), "step": done,
                                     "history": history})
     backbone.transformer.eval()
+    loss_fn.close()
     path = save_lora(backbone, out)
     record = {"config": asdict(cfg), "layer": loss_fn.layer, "classes": list(classes), "samples": len(samples),
               "backbone": {k: v for k, v in backbone.identity().items() if k != "lora"}, "history": history}
