@@ -175,6 +175,9 @@ def grounding(
     consistency_n: Annotated[int, typer.Option(help="Generated images scored against the oracle.")] = 200,
     fidelity_n: Annotated[int, typer.Option(help="Captions per object count of the fidelity protocol.")] = 100,
     head_epochs: Annotated[int, typer.Option(help="Epochs of the seg head retrained on each backbone.")] = 6,
+    layer: Annotated[int | None, typer.Option(help="The expert block (from probe-layers) [the backbone's].")] = None,
+    sigma: Annotated[float | None, typer.Option(help="The expert sigma openseg reads [the backbone's].")] = None,
+    threshold: Annotated[float | None, typer.Option(help="openseg's background threshold [the backbone's].")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
 ) -> None:
     """Seg4Diff's mask-alignment LoRA on the toy backbone, before / after: openseg on renders and on generated
@@ -189,7 +192,8 @@ def grounding(
     with clean_errors():
         result = run_grounding(work or _ABLATION_WORK, train_scenes=train_scenes, val_scenes=val_scenes, cfg=cfg,
                                probe_n=probe_n, consistency_n=consistency_n, fidelity_n=fidelity_n,
-                               head_epochs=head_epochs)
+                               head_epochs=head_epochs,
+                               grounding={"layer": layer, "sigma": sigma, "threshold": threshold})
     out.print(json.dumps(result, indent=1))
     if report is not None:
         report.write_text(json.dumps(result, indent=1))

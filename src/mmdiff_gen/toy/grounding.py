@@ -1,9 +1,10 @@
 """Seg4Diff's mask-alignment LoRA on the toy world, before / after on the same captions and seeds.
 
 The shipped toy backbone is fine-tuned (`train.grounding`) on labelled renders with their own captions (which name
-every shape). Then, for the base backbone and the fine-tuned one alike:
-  1. openseg on held-out renders at the backbone's expert setting (the probe's protocol: every attention block at
-     the expert sigma, the expert block's cell and the best one reported);
+every shape), its attention loss on the expert block (the probe's, or the backbone's default). Then, for the base
+backbone and the fine-tuned one alike:
+  1. openseg on held-out renders at the expert setting (the probe's protocol: every attention block at the expert
+     sigma and threshold; the expert block's cell and the best one reported);
   2. the consistency protocol on generated images, scored against the oracle: openseg, and a seg head retrained
      on that backbone's features with one recipe (so the two heads differ only by the backbone);
   3. prompt fidelity judged by the oracle (`toy fidelity`'s protocol: 1 and 2 objects).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -49,10 +50,17 @@ def _seg_head(work: Path, name: str, train: FeatureCache, val: FeatureCache, epo
 
 def run_grounding(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500, cfg: GroundingConfig | None = None,
                   probe_n: int = 200, consistency_n: int = 200, fidelity_n: int = 100, head_epochs: int = 6,
-                  model: str = "toy") -> dict:
-    """Fine-tune (resumable), then measure base and fine-tuned alike; returns {"lora", "base", "fine-tuned"}."""
+                  model: str = "toy", grounding: dict | None = None) -> dict:
+    """Fine-tune (resumable), then measure base and fine-tuned alike; returns {"lora", "base", "fine-tuned"}.
+
+    `grounding` ({"layer", "sigma", "threshold"}, None values kept) overrides the backbone's expert setting: the
+    block the LoRA aligns (unless `cfg.layer` says) and where openseg reads."""
     work = Path(work)
     cfg = cfg or GroundingConfig(steps=600, batch_size=8, lr=1e-4, warmup=50)
+    g = load_backbone(model, dtype=torch.float32, device="cpu").default_grounding()
+    g |= {k: v for k, v in (grounding or {}).items() if v is not None}
+    if cfg.layer is None:
+        cfg = replace(cfg, layer=g["layer"])
     base_caches = toy_caches(work, train_scenes, val_scenes)["feature"]  # the renders, the base backbone's caches
     lora_dir = work / "grounding_lora"
     t0 = time.time()
@@ -63,7 +71,6 @@ def run_grounding(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500
     for name, lora in (("base", None), ("fine-tuned", lora_dir)):
         t0 = time.time()
         bb = load_backbone(model, dtype=torch.float32, device="cpu", lora=lora)
-        g = bb.default_grounding()
         _log(f"{name}: probe, seg head, consistency, fidelity")
         probe = probe_scores(bb, FilesDataset(work / "val_scenes"), CLASSES, sigmas=(g["sigma"],), n=probe_n,
                              thresholds=(g["threshold"],)).result()
@@ -75,7 +82,7 @@ def run_grounding(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500
                                                     work / f"{split}_cache_lora", batch_size=64))
                            for split in ("train", "val"))
         heads = _seg_head(work, name, *caches, head_epochs)
-        cons = run_consistency(heads, n=consistency_n, tasks=("seg",), lora=lora)
+        cons = run_consistency(heads, n=consistency_n, tasks=("seg",), lora=lora, grounding=g)
         fid = run_fidelity(model, fidelity_n, [1, 2], 50, None, lora=lora)
         report[name] = {
             "openseg on renders (expert block)": {"block": g["layer"], "sigma": g["sigma"],
