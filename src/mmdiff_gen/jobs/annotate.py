@@ -145,9 +145,6 @@ class Annotator:
     def tasks(self) -> list[str]:
         return [t for h in self.heads.values() for t in h.tasks] + (["openseg"] if self.openseg else [])
 
-    def _head(self, task: str) -> _Head | None:
-        return next((h for h in self.heads.values() if task in h.tasks), None)
-
     def spec(self, store_dtype: str = "bfloat16") -> CaptureSpec:
         """What the generation pass must capture for these heads (kept on the backbone's device)."""
         return CaptureSpec(layers=self.layers or (0,), blocks=self.blocks, sigmas=self.sigmas, concepts=self.concepts,

@@ -3,8 +3,8 @@
 A head may predict several tasks from one aggregation (MMDiff App. C's unified decoder). Their losses are
 summed with per-task weights set from the relative loss magnitudes early in training: over the first
 `calibration_steps` steps each task's weight is the mean of the tasks' running mean losses divided by its
-own, so every task starts contributing alike whatever its loss's scale (cross-entropy ≈ 2, the depth term
-≈ 5, BCE + IoU ≈ 1.5 at the start); then the weights are frozen and recorded in the head file.
+own, so every task starts contributing alike whatever its loss's scale (cross-entropy over K classes, BCE + soft
+IoU, the scale-invariant log loss × 10); then the weights are frozen and recorded in the head file.
 
 Under torchrun / accelerate launch / srun every process reads only its share of each global batch
 (`FeatureCache.batches`), and every process runs the same number of steps, so DDP never waits on a rank
