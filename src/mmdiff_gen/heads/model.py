@@ -83,7 +83,7 @@ class HeadConfig:
 
     @property
     def classes_task(self) -> str | None:
-        return next((t for t in self.tasks if registry.get(t).kind == "classes"), None)
+        return registry.class_task(self.tasks)
 
     @property
     def width(self) -> int:

@@ -160,7 +160,7 @@ class Annotator:
                     "dino": h.meta.dino, "metrics": h.meta.metrics} for h in self.heads.values() for t in h.tasks}
 
     def _classes_head(self) -> _Head | None:
-        return next((h for h in self.heads.values() for t in h.tasks if get_task(t).kind == "classes"), None)
+        return next((h for h in self.heads.values() if class_task(h.tasks)), None)
 
     @property
     def classes(self) -> list[str]:
@@ -217,8 +217,7 @@ class Annotator:
             signals[get_task("openseg").confidence] = score.flatten(1).mean(1).cpu()
             h = self._classes_head()
             if h and list(o.classes) == list(self.classes):
-                signals["agreement"] = agreement(labels[next(t for t in h.tasks if get_task(t).kind == "classes")],
-                                                 labels["openseg"])
+                signals["agreement"] = agreement(labels[class_task(h.tasks)], labels["openseg"])
         b = cap.features.shape[0]
         quality = [{k: float(v[i]) for k, v in signals.items()} for i in range(b)]
         for q in quality:

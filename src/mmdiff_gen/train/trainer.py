@@ -24,7 +24,7 @@ from ..heads.checkpoint import HeadMeta, save_head
 from ..heads.inputs import check_side, reads_concepts, run_head, side_maps
 from ..heads.model import HeadConfig, MMDiffHead
 from ..io.state import load_state, save_state
-from ..tasks import canonical
+from ..tasks import canonical, class_task
 from ..tasks import get as get_task
 from .evaluate import evaluate_head
 from .feature_cache import FeatureCache
@@ -155,7 +155,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
 
     acc = Accelerator(cpu=not torch.cuda.is_available())  # without cpu=True, CPU workers would not form a group
     out = Path(out)
-    classes_task = next((t for t in cfg.tasks if get_task(t).kind == "classes"), None)
+    classes_task = class_task(cfg.tasks)
     num_classes = len(classes) if classes_task else 1
     missing = [t for t in cfg.tasks if t not in cache.manifest.get("labels", [])]
     if missing:
