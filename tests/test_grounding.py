@@ -46,37 +46,39 @@ def test_alignment_loss_falls_on_a_fixed_batch(build):
     assert align[-1] < 0.9 * align[0] and min(align[-5:]) < min(align[:5])
 
 
-def test_finetune_resumes_and_its_lora_round_trips(tmp_path):
+@pytest.mark.parametrize("build", [build_tiny_flux, build_tiny_sd3], ids=["flux", "sd3"])
+def test_finetune_resumes_and_its_lora_round_trips(tmp_path, build):
     out = tmp_path / "lora"
-    first = finetune_grounding(wrap_pipeline(build_tiny_flux(seed=0), name="tiny"), SAMPLES, CLASSES, out,
+    first = finetune_grounding(wrap_pipeline(build(seed=0), name="tiny"), SAMPLES, CLASSES, out,
                                GroundingConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=1))
     record = json.loads((out / "grounding.json").read_text())
     assert len(record["history"]) == 2 and (out / "pytorch_lora_weights.safetensors").is_file()
     # A longer run in the same folder continues from the saved step (the first two steps are not redone).
-    trained = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
+    trained = wrap_pipeline(build(seed=0), name="tiny")
     again = finetune_grounding(trained, SAMPLES, CLASSES, out,
                                GroundingConfig(steps=3, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=1))
     history = json.loads((out / "grounding.json").read_text())["history"]
     assert len(history) == 3 and history[:2] == record["history"] and again["first"] == first["first"]
 
     # The file is a standard diffusers LoRA: a fresh pipeline loading it computes what the trained one does.
-    loaded = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
+    loaded = wrap_pipeline(build(seed=0), name="tiny")
     load_lora(loaded.pipe, out)
     a, b = _forward(trained, SAMPLES[:1]), _forward(loaded, SAMPLES[:1])
     assert torch.allclose(a["flow"], b["flow"], rtol=1e-5) and torch.allclose(a["focal"], b["focal"], rtol=1e-5)
     assert loaded.identity()["lora"][0]["name"] == "lora"
-    base = _forward(wrap_pipeline(build_tiny_flux(seed=0), name="tiny"), SAMPLES[:1])
+    base = _forward(wrap_pipeline(build(seed=0), name="tiny"), SAMPLES[:1])
     assert not torch.allclose(base["focal"], a["focal"])  # the LoRA changed the attention
 
 
-def test_scale_zero_is_the_base_model_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("build", [build_tiny_flux, build_tiny_sd3], ids=["flux", "sd3"])
+def test_scale_zero_is_the_base_model_bit_for_bit(tmp_path, build):
     from mmdiff_gen.capture import CaptureSpec, generate
 
     out = tmp_path / "lora"
-    finetune_grounding(wrap_pipeline(build_tiny_flux(seed=0), name="tiny"), SAMPLES, CLASSES, out,
+    finetune_grounding(wrap_pipeline(build(seed=0), name="tiny"), SAMPLES, CLASSES, out,
                        GroundingConfig(steps=1, batch_size=1, lr=1e-2, warmup=1))
-    base = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
-    zero = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
+    base = wrap_pipeline(build(seed=0), name="tiny")
+    zero = wrap_pipeline(build(seed=0), name="tiny")
     load_lora(zero.pipe, out, scale=0.0)
     kw = dict(seeds=[3], num_inference_steps=2, height=64, width=64, output_type="np")
     spec = CaptureSpec(layers=(0,), sigmas=(0.5,))
