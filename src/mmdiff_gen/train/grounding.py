@@ -84,8 +84,9 @@ class GroundingConfig:
         for name in ("steps", "batch_size", "rank", "alpha", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.timestep_std > 0) or min(self.focal_weight, self.dice_weight, self.flow_weight) < 0:
-            raise ValueError("lr and timestep_std must be > 0 and the loss weights ≥ 0")
+        if not (self.lr > 0 and self.timestep_std > 0) or min(self.focal_weight, self.dice_weight, self.flow_weight,
+                                                             self.warmup) < 0:
+            raise ValueError("lr and timestep_std must be > 0, warmup and the loss weights ≥ 0")
 
 
 def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -288,10 +289,9 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
         set_peft_model_state_dict(backbone.transformer, st["lora"], adapter_name=ADAPTER)
         opt.load_state_dict(st["opt"])
         start, history = st["step"], st["history"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))), last_epoch=-1)
-    for _ in range(start):
-        sched.step()
+    def rate(s: int) -> float:  # linear warm-up, then cosine to 0
+        return cfg.lr * min(1.0, (s + 1) / cfg.warmup if cfg.warmup else 1.0) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
     if cfg.gradient_checkpointing:
         backbone.transformer.enable_gradient_checkpointing()
     backbone.transformer.train()
@@ -300,12 +300,13 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
         rng = np.random.default_rng([cfg.seed, step])
         batch = [samples[int(i)] for i in rng.integers(0, len(samples), cfg.batch_size)]
         sigma = torch.from_numpy(rng.normal(0.0, cfg.timestep_std, cfg.batch_size)).float().sigmoid()
+        for group in opt.param_groups:
+            group["lr"] = rate(step)
         terms = loss_fn(batch, sigma, noise_seed=cfg.seed * 1_000_003 + step)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
-        sched.step()
         history.append({k: round(float(v.detach()), 6) for k, v in terms.items()})
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
