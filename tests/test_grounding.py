@@ -59,6 +59,9 @@ def test_finetune_resumes_and_its_lora_round_trips(tmp_path, build):
                                GroundingConfig(steps=3, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=1))
     history = json.loads((out / "grounding.json").read_text())["history"]
     assert len(history) == 3 and history[:2] == record["history"] and again["first"] == first["first"]
+    with pytest.raises(ValueError, match="other settings"):  # another rank in the same folder never mixes in
+        finetune_grounding(wrap_pipeline(build(seed=0), name="tiny"), SAMPLES, CLASSES, out,
+                           GroundingConfig(steps=4, batch_size=2, lr=1e-3, warmup=1, rank=8))
 
     # The file is a standard diffusers LoRA: a fresh pipeline loading it computes what the trained one does.
     loaded = wrap_pipeline(build(seed=0), name="tiny")

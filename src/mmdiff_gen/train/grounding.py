@@ -264,6 +264,11 @@ def save_lora(backbone: Backbone, out: Path) -> Path:
     return final
 
 
+def _settings(cfg: GroundingConfig, classes: Sequence[str]) -> dict:
+    """What a resumed run must share with the saved one (its step count may grow)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every")} | {"classes": list(classes)}
+
+
 def _log(msg: str) -> None:
     print(f"[finetune-grounding] {msg}", file=sys.stderr, flush=True)
 
@@ -286,12 +291,16 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
         from peft.utils import set_peft_model_state_dict
 
         st = load_state(state_path)
+        if st.get("settings") != _settings(cfg, classes):  # more steps may extend a run; nothing else may change
+            raise ValueError(f"{out} holds a fine-tuning run with other settings or classes: use another --out")
         set_peft_model_state_dict(backbone.transformer, st["lora"], adapter_name=ADAPTER)
         opt.load_state_dict(st["opt"])
         start, history = st["step"], st["history"]
+
     def rate(s: int) -> float:  # linear warm-up, then cosine to 0
         return cfg.lr * min(1.0, (s + 1) / cfg.warmup if cfg.warmup else 1.0) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+
     if cfg.gradient_checkpointing:
         backbone.transformer.enable_gradient_checkpointing()
     backbone.transformer.train()
@@ -314,7 +323,7 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
             _log(f"step {done}/{cfg.steps}: " + ", ".join(f"{k} {np.mean([x[k] for x in h]):.4f}" for k in h[0])
                  + f" ({time.time() - t0:.0f} s)")
             save_state(state_path, {"lora": lora_state(backbone), "opt": opt.state_dict(), "step": done,
-                                    "history": history})
+                                    "history": history, "settings": _settings(cfg, classes)})
     backbone.transformer.eval()
     loss_fn.close()
     path = save_lora(backbone, out)
