@@ -26,6 +26,7 @@ class FilesWriter:
     def __init__(self, root: Path):
         self.root = Path(root)
         (self.root / "images").mkdir(parents=True, exist_ok=True)
+        self._folders: set[str] = set()  # label folders made so far (one mkdir each, not one per sample)
         self._meta = open(self.root / "meta.jsonl", "a", encoding="utf-8")
 
     def write(self, key: str, *, image: np.ndarray, meta: dict, labels: dict[str, np.ndarray]) -> None:
@@ -33,7 +34,9 @@ class FilesWriter:
         write_bytes_atomic(self.root / "images" / f"{key}.png", encode_image(image, "png"))
         for task, array in labels.items():
             folder = self.root / get_task(task).folder
-            folder.mkdir(exist_ok=True)
+            if folder.name not in self._folders:
+                folder.mkdir(exist_ok=True)
+                self._folders.add(folder.name)
             write_bytes_atomic(folder / f"{key}.png", encode_label(task, array))
         self._meta.write(json.dumps({"key": key, **meta}) + "\n")  # last: the sample is complete
         self._meta.flush()

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from ..backbones import load_backbone
+from ..backbones.loading import LORA_WEIGHTS
 from ..heads.checkpoint import read_meta
 from ..io.readers import FilesDataset
 from ..jobs.probe import probe_scores
 from ..train.feature_cache import FeatureCache, build_cache
-from ..train.grounding import LORA_FILE, GroundingConfig, finetune_grounding
+from ..train.grounding import GroundingConfig, finetune_grounding
 from ..train.trainer import TrainConfig, train_head
 from .consistency import run_consistency
 from .fidelity_run import run_fidelity
@@ -57,15 +58,15 @@ def run_grounding(work: Path, *, train_scenes: int = 1000, val_scenes: int = 500
     block the LoRA aligns (unless `cfg.layer` says) and where openseg reads."""
     work = Path(work)
     cfg = cfg or GroundingConfig(steps=600, batch_size=8, lr=1e-4, warmup=50)
-    g = load_backbone(model, dtype=torch.float32, device="cpu").default_grounding()
+    bb = load_backbone(model, dtype=torch.float32, device="cpu")  # the base: its grounding default, then fine-tuned
+    g = bb.default_grounding()
     g |= {k: v for k, v in (grounding or {}).items() if v is not None}
     if cfg.layer is None:
         cfg = replace(cfg, layer=g["layer"])
     base_caches = toy_caches(work, train_scenes, val_scenes)["feature"]  # the renders, the base backbone's caches
     lora_dir = work / "grounding_lora"
     t0 = time.time()
-    if not (lora_dir / LORA_FILE).is_file():
-        bb = load_backbone(model, dtype=torch.float32, device="cpu")
+    if not (lora_dir / LORA_WEIGHTS).is_file():
         finetune_grounding(bb, FilesDataset(work / "train_scenes"), CLASSES, lora_dir, cfg)
     report: dict = {"lora": {"config": asdict(cfg), "seconds": round(time.time() - t0, 1)}}
     for name, lora in (("base", None), ("fine-tuned", lora_dir)):

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 
 from .._atomic import atomic_path
 from ..backbones.base import Backbone
+from ..backbones.loading import LORA_WEIGHTS
 from ..capture._noise import noise_to
 from ..capture.text_attention import image_text_qk, text_logits
 from ..io.readers import Sample
 from ..io.state import load_state, save_state
 
 ADAPTER = "grounding"
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name: load_lora_weights(folder) finds it
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -129,9 +129,8 @@ def lora_targets(backbone: Backbone, layer: int) -> list[str]:
         blocks.append(expert)
     out = []
     for blk in blocks:
-        present = [t for t in TARGETS[:3] if getattr(blk.attn, t, None) is not None]
-        present += ["to_out.0"] if getattr(blk.attn, "to_out", None) is not None else []  # FLUX single blocks: none
-        out += [f"{names[id(blk)]}.attn.{t}" for t in present]
+        present = dict(blk.attn.named_modules())  # FLUX's single-stream blocks have no to_out
+        out += [f"{names[id(blk)]}.attn.{t}" for t in TARGETS if t in present]
     return out
 
 
@@ -257,7 +256,7 @@ def save_lora(backbone: Backbone, out: Path) -> Path:
     """Write OUT/pytorch_lora_weights.safetensors with the pipeline's own `save_lora_weights` (atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    final = out / LORA_FILE
+    final = out / LORA_WEIGHTS  # diffusers' default name: load_lora_weights(folder) finds it
     with atomic_path(final) as tmp:
         type(backbone.pipe).save_lora_weights(str(tmp.parent), transformer_lora_layers=lora_state(backbone),
                                               weight_name=tmp.name, safe_serialization=True)
