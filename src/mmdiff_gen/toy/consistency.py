@@ -17,7 +17,9 @@ import torch
 from ..backbones import load_backbone
 from ..capture import generate
 from ..jobs.annotate import build_annotator, head_files
-from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
+from ..tasks import get as get_task
+from ..train.evaluate import METRICS
+from ..train.metrics import SegMetrics
 from .oracle import Oracle
 from .world import CLASSES, render_scene
 
@@ -39,8 +41,7 @@ def run_consistency(heads: Path | None, n: int = 200, batch_size: int = 25, mode
     oracle = Oracle.from_checkpoint()
     kw = bb.sampling_kwargs()
     size = (kw["height"], kw["width"])
-    meters = {"seg": SegMetrics(len(CLASSES)), "saliency": SaliencyMetrics(), "depth": DepthMetrics()}
-    meters = {t: meters[t] for t in tasks} | {"openseg": SegMetrics(len(CLASSES))}
+    meters = {t: METRICS[get_task(t).kind](len(CLASSES)) for t in (*tasks, "openseg")}
     captions = [render_scene(CONSISTENCY_SEED + i).caption for i in range(n)]
     pairs, quality = [], []  # per sample: (heads' seg, oracle's seg), quality record
     for i in range(0, n, batch_size):
