@@ -68,6 +68,30 @@ def test_train_eval_checkpoint(tiny, caches, tmp_path, task, side, timesteps):
     assert again[key] == metrics[key]
 
 
+def test_resume_checks_settings_and_reads_older_states(caches, tmp_path):
+    from mmdiff_gen.io.state import save_state
+
+    _, train, val = caches
+    cfg = TrainConfig(tasks="seg", epochs=1, batch_size=4, head=HEAD)
+    out, state = tmp_path / "seg.safetensors", tmp_path / ".seg.state.safetensors"
+    train_head(train, cfg, out, classes=list(CLASSES))
+    with pytest.raises(ValueError, match=r"other settings \(lr\): train with them again, or delete it"):
+        train_head(train, TrainConfig(tasks="seg", epochs=2, batch_size=4, head=HEAD, lr=1e-3), out,
+                   classes=list(CLASSES))
+    # A state written before multi-task heads (one "decoder.", no settings) resumes into today's head.
+    st = load_state(state)
+    old = lambda w: {(f"decoder.{k[len('decoders.seg.'):]}" if k.startswith("decoders.seg.") else k): v
+                     for k, v in w.items()}
+    save_state(state, {"model": old(st["model"]), "ema": old(st["ema"]), "opt": st["opt"], "epoch": 1})
+    resumed = train_head(train, TrainConfig(tasks="seg", epochs=2, batch_size=4, head=HEAD), out,
+                         classes=list(CLASSES), eval_cache=val)
+    assert np.isfinite(resumed["miou"]) and load_state(state)["epoch"] == 2
+    # A state that does not fit the head (another head size) is refused in one line, not torch's key list.
+    save_state(state, {**load_state(state), "settings": {}, "model": {"w": torch.zeros(1)}})
+    with pytest.raises(ValueError, match=r"does not fit this head \(.*\): delete it to start over$"):
+        train_head(train, TrainConfig(tasks="seg", epochs=3, batch_size=4, head=HEAD), out, classes=list(CLASSES))
+
+
 def test_cli_extract_train_eval(caches, tmp_path):
     from typer.testing import CliRunner
 

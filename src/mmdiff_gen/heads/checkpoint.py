@@ -122,7 +122,11 @@ def load_head(path: Path, backbone: dict | None = None, device: str | torch.devi
     if backbone is not None:
         meta.check_backbone(backbone)
     model = MMDiffHead(meta.config)
-    weights = load_file(str(path), device=str(device))
-    old = f"decoders.{meta.config.tasks[0]}."  # files from before multi-task heads name their one decoder "decoder."
-    model.load_state_dict({(old + k[8:] if k.startswith("decoder.") else k): v for k, v in weights.items()})
+    model.load_state_dict(upgrade_keys(load_file(str(path), device=str(device)), meta.config.tasks[0]))
     return model.to(device).eval(), meta
+
+
+def upgrade_keys(weights: dict, task: str) -> dict:
+    """Head weights (file or resume state) from before multi-task heads name their one decoder "decoder.";
+    today's name it "decoders.TASK."."""
+    return {(f"decoders.{task}." + k[8:] if k.startswith("decoder.") else k): v for k, v in weights.items()}

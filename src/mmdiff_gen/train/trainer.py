@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..heads.checkpoint import HeadMeta, save_head
+from ..heads.checkpoint import HeadMeta, save_head, upgrade_keys
 from ..heads.inputs import check_side, reads_concepts, run_head, side_maps
 from ..heads.model import HeadConfig, MMDiffHead
 from ..io.state import load_state, save_state
@@ -170,11 +170,20 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
     state_path = out.with_name(f".{out.stem}.state.safetensors")  # hidden, git-ignored: resumable per-epoch state
     start = 0
     weights = LossWeights(cfg)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "epochs"}  # more epochs may extend a run
     if state_path.is_file():
         st = load_state(state_path)  # never unpickles: a planted or damaged file is refused with one line
-        acc.unwrap_model(model).load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
+        changed = sorted(k for k, v in st.get("settings", settings).items() if settings.get(k) != v)
+        if changed:
+            raise ValueError(f"{state_path} is a run with other settings ({', '.join(changed)}): "
+                             "train with them again, or delete it to start over")
+        try:
+            acc.unwrap_model(model).load_state_dict(upgrade_keys(st["model"], cfg.tasks[0]))
+            ema.load_state_dict(upgrade_keys(st["ema"], cfg.tasks[0]))
+            opt.load_state_dict(st["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch lists every key: one line is enough
+            raise ValueError(f"{state_path} does not fit this head ({str(e).splitlines()[0].rstrip(':')}): "
+                             "delete it to start over") from None
         start = st["epoch"]
         weights.load(st.get("loss_weights", {}))
     ema.to(acc.device)
@@ -205,7 +214,8 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
                   f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             save_state(state_path, {"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
-                                    "opt": opt.state_dict(), "epoch": epoch + 1, "loss_weights": weights.state()})
+                                    "opt": opt.state_dict(), "epoch": epoch + 1, "loss_weights": weights.state(),
+                                    "settings": settings})
         acc.wait_for_everyone()
     metrics = {}
     if eval_cache is not None and acc.is_main_process:  # the others are done: no barrier to time out on
