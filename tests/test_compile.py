@@ -92,3 +92,34 @@ def test_compiled_before_the_hooks_existed_is_refused_in_one_line():
     bb.pipe(prompt=PROMPTS[:1], **KW)
     with pytest.raises(RuntimeError, match="compiled .* before .*prepare"):
         generate(bb, PROMPTS[:1], SPEC, seeds=SEEDS[:1], **KW)
+
+
+@pytest.mark.parametrize("offload, storage", [("model", "full"), ("group", "full"), ("none", "fp8")])
+def test_compiled_under_offload_or_fp8_equals_eager(offload, storage):
+    """Their hooks move or cast weights in `torch.compiler.disable`d functions: fullgraph would refuse them, so
+    compile_backbone breaks the graph there (on the CPU through the same diffusers / accelerate calls)."""
+    from mmdiff_gen.backbones.runtime import apply_runtime
+
+    pipe = build_tiny_flux(seed=0)
+    apply_runtime(pipe, offload=offload, storage=storage, dtype=torch.float32, device="cpu")
+    bb = wrap_pipeline(pipe, name="tiny")
+    eager = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)
+    compile_backbone(bb, "blocks", backend="aot_eager")
+    ours = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)
+    assert np.array_equal(ours.images, eager.images)
+    _same(ours.capture, eager.capture)
+
+
+def test_compile_under_sequential_offload_is_refused_in_one_line():
+    from typer.testing import CliRunner
+
+    from mmdiff_gen.backbones.runtime import apply_runtime
+    from mmdiff_gen.cli import app
+
+    pipe = build_tiny_flux(seed=0)
+    apply_runtime(pipe, offload="sequential", storage="full", dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="sequential offload .*: use --offload group or model"):
+        compile_backbone(wrap_pipeline(pipe, name="tiny"), "blocks", backend="aot_eager")
+    res = CliRunner().invoke(app, ["generate", "--prompts", "p.txt", "--out", "o", "--compile", "blocks",
+                                   "--offload", "sequential"])  # refused before the prompts are read
+    assert res.exit_code == 2 and "sequential offload" in res.output, res.output

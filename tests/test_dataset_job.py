@@ -244,6 +244,31 @@ def test_worker_identity_from_flags_and_environment():
     assert local_device("cuda:0", env={"LOCAL_RANK": "1"}) == "cuda:0" and local_device("cpu", env={}) == "cpu"
 
 
+class _MadeCurrent(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", ["generate", "capture"])
+def test_each_worker_makes_its_gpu_current_before_loading(monkeypatch, tmp_path, command):
+    """Under torchrun every rank starts on cuda:0: streams and events it creates (group offload's prefetch, capture's
+    copies) would land there. The worker's GPU is made current first (a stub stands in for CUDA here)."""
+    from typer.testing import CliRunner
+
+    from mmdiff_gen.cli import app
+
+    def made_current(dev):
+        raise _MadeCurrent(dev)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    res = CliRunner().invoke(app, [command, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                                   "--device", "cuda", "--model", "tiny-random"],
+                             env={"LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert isinstance(res.exception, _MadeCurrent) and res.exception.args == ("cuda:1",), res.output
+
+
 def test_huggingface_datasets_reader_is_lossless(reference):
     """The README's `datasets` snippet: seg ids as uint8, depth as uint16 millimetres, bit for bit."""
     from datasets import load_dataset

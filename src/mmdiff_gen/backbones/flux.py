@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Backbone
-from .runtime import onload
+from .runtime import onloaded
 
 # black-forest-labs/FLUX.1-dev transformer/config.json: builds the real architecture on the meta
 # device (geometry tests, FLOP counts) without the weights.
@@ -84,8 +84,8 @@ class FluxBackbone(Backbone):
         # Inputs on the execution device, as the pipeline's encode_prompt: under offload t5.device is cpu or meta.
         hidden = self.pipe.text_encoder_2(tok.input_ids.to(self.device), output_hidden_states=False)[0]  # (K, S, D_t5)
         first = hidden[:, 0].to(device=self.device, dtype=self.dtype)  # (K, D_t5)
-        onload(self.transformer)  # model offload: the embedder runs outside the transformer's forward
-        return self.transformer.context_embedder(first)  # (K, C)
+        with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
+            return self.transformer.context_embedder(first)  # (K, C)
 
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B, C) modulation for the concept stream: time (+ guidance) embedding, zero pooled text, in the

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Backbone
-from .runtime import onload
+from .runtime import onloaded
 
 # stabilityai/stable-diffusion-3.5-large transformer/config.json: the real architecture on the meta
 # device (geometry tests) without the weights.
@@ -125,8 +125,8 @@ class SD3Backbone(Backbone):
         if key not in self._concept_tokens:
             embeds = self.encode_prompts(list(key[0]), max_sequence_length=8)["encoder_hidden_states"]  # (K, 77+8, D)
             pos = self.pipe.tokenizer_max_length if self.pipe.text_encoder_3 is not None else 1
-            onload(self.transformer)  # model offload: the embedder runs outside the transformer's forward
-            self._concept_tokens[key] = self.transformer.context_embedder(embeds[:, pos].to(self.dtype))
+            with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
+                self._concept_tokens[key] = self.transformer.context_embedder(embeds[:, pos].to(self.dtype))
         return self._concept_tokens[key]
 
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

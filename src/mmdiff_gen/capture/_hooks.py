@@ -28,7 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..backbones.runtime import onload
+from ..backbones.runtime import describe, onload
 from .concepts import concept_block_update, concept_map, cross_attention_map
 from .text_attention import _heads, _norm, image_text_qk, text_attention
 
@@ -292,13 +292,21 @@ def compile_backbone(backbone: Backbone, mode: str = "blocks", **compile_kwargs)
     Args:
         mode: "blocks" (diffusers' `compile_repeated_blocks`: each block class compiled once, a fast
             warm-up) or "transformer" (the whole forward as one graph).
-        compile_kwargs: passed to torch.compile (backend, mode, dynamic…); fullgraph defaults to True:
-            armed calls never break the graph.
+        compile_kwargs: passed to torch.compile (backend, mode, dynamic…). fullgraph defaults to True for a
+            resident transformer stored in full precision or torchao int8 (armed calls never break the graph),
+            False under model / group offload or layerwise-cast (fp8) storage: their hooks move or cast weights
+            in functions marked `torch.compiler.disable`, where dynamo must break the graph.
+
+    Sequential offload is refused: its weights wait on the meta device, which dynamo cannot trace.
     """
     if mode not in ("blocks", "transformer"):
         raise ValueError(f"compile mode must be blocks or transformer, got {mode!r}")
+    runtime = describe(backbone.pipe)
+    if runtime["offload"] == "sequential":
+        raise ValueError("torch.compile cannot run a transformer under sequential offload (its weights wait on the "
+                         "meta device): use --offload group or model with --compile")
     prepare(backbone)
-    compile_kwargs.setdefault("fullgraph", True)
+    compile_kwargs.setdefault("fullgraph", runtime["offload"] == "none" and runtime["storage"] in ("full", "int8"))
     tr = backbone.transformer
     if mode == "blocks":
         tr.compile_repeated_blocks(**compile_kwargs)

@@ -215,8 +215,8 @@ class Capture:
         else:
             dst.copy_(part.to(dtype), non_blocking=dst.is_pinned())
             if dst.is_pinned():
-                self._copied = torch.cuda.Event()
-                self._copied.record()
+                self._copied = torch.cuda.Event()  # on the source GPU's stream, where the copy was queued,
+                self._copied.record(torch.cuda.current_stream(part.device))  # whichever GPU is current
         self._written.add((slot, target))
 
     # --- a capture around an arbitrary call (eager only) -------------------------------------

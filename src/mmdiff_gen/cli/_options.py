@@ -77,9 +77,13 @@ Compile = Annotated[str, typer.Option(
 COMPILE_MODES = ("off", "blocks", "transformer")
 
 
-def check_compile(mode: str) -> None:
+def check_compile(mode: str, offload: str) -> None:
+    """--compile against --offload, before anything loads (capture.compile_backbone refuses the same)."""
     if mode not in COMPILE_MODES:
         raise typer.BadParameter(f"choose from {', '.join(COMPILE_MODES)}, got {mode!r}", param_hint="'--compile'")
+    if mode != "off" and offload == "sequential":
+        raise typer.BadParameter("torch.compile cannot run a transformer under sequential offload (its weights wait "
+                                 "on the meta device): use --offload group or model", param_hint="'--compile'")
 
 
 def compile_if(backbone, mode: str) -> None:
@@ -173,16 +177,26 @@ def worker(device: str, env: dict[str, str] | None = None) -> tuple[str, int, in
     """(device, rank, world size, where they came from) of this worker: `cuda` becomes its GPU (LOCAL_RANK /
     SLURM_LOCALID, made current before anything is placed), rank and world size as `generate` reads them
     (from `env`, default os.environ)."""
-    from ..jobs.plan import local_device, worker_identity
+    from ..jobs.plan import worker_identity
 
-    dev = local_device(resolve_device(device), env)
+    dev = this_device(device, env)
     with clean_errors(usage=(ValueError,)):
         r, w, source = worker_identity(env=env)
+    return dev, r, w, source
+
+
+def this_device(device: str, env: dict[str, str] | None = None) -> str:
+    """--device for this worker (`cuda` → its GPU, jobs.plan.local_device), made current before anything is
+    placed: CUDA streams (group offload's prefetch) and events are created on the current device, cuda:0
+    for every worker otherwise."""
+    from ..jobs.plan import local_device
+
+    dev = local_device(resolve_device(device), env)
     if dev.startswith("cuda:"):
         import torch
 
         torch.cuda.set_device(dev)
-    return dev, r, w, source
+    return dev
 
 
 def parse_bytes(text: str, option: str) -> int:

@@ -124,7 +124,7 @@ def capture(
     from ..capture import CaptureSpec
     from ..jobs.capture_job import CaptureJob, run_capture
 
-    check_compile(compile)
+    check_compile(compile, offload)
     with clean_errors():
         spec = CaptureSpec(layers=_layers(layers), blocks=blocks, sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
         bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage,

@@ -12,7 +12,7 @@ from rich.console import Console
 from ..tasks import quality_tasks
 from ._errors import clean_errors, err, fail
 from ._options import (Compile, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
-                       check_compile, check_runtime, compile_if, parse_tasks, read_prompts, resolve_device, torch_dtype)
+                       check_compile, check_runtime, compile_if, parse_tasks, read_prompts, this_device, torch_dtype)
 
 out = Console(stderr=True)
 AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an unfinished or damaged dataset "
@@ -65,10 +65,10 @@ def generate(
     storage: Storage = "full",
 ) -> None:
     """Generate images with their segmentation, saliency and depth in one pass per batch, as shards."""
-    from ..jobs.plan import default_shard_size, local_device, worker_identity
+    from ..jobs.plan import default_shard_size, worker_identity
 
     task_list = parse_tasks(tasks)
-    check_compile(compile)
+    check_compile(compile, offload)
     texts = read_prompts(prompts)
     if write_workers is not None and write_workers < 0:
         fail("--write-workers must be ≥ 0", code=2)
@@ -80,7 +80,7 @@ def generate(
         fail(f"--image-format must be jpg or png, got {image_format!r}", code=2)
     if fmt not in ("webdataset", "files"):
         fail(f"--format must be webdataset or files, got {fmt!r}", code=2)
-    dev = local_device(resolve_device(device))
+    dev = this_device(device)  # --rank / --world-size may override the environment's: not worker()
     torch_dt = torch_dtype(dtype, dev)
     check_runtime(offload, storage, dev)
     from ..heads.checkpoint import HeadMismatch
