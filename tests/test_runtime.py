@@ -179,14 +179,18 @@ def _owners(transformer) -> dict:
 def test_model_offload_runs_the_transformer_layers_only_while_it_is_on_the_device(monkeypatch, reference):
     """accelerate moves a component in for its forward only: the concept tokens (context embedder, outside any
     forward) and the concept stream's time embedding (in the transformer's pre-hook) onload it first, and the
-    extra forward after the pipeline returned frees it again, so the next batch's text encoders find room."""
+    extra forward after the pipeline returned frees it again, so the next batch's text encoders find room; the
+    concept tokens put it back too, so T5 never shares the device with it (the first batch included)."""
     pipe = build_tiny_flux(seed=0)
     apply_runtime(pipe, offload="model", storage="full", dtype=torch.float32, device="cpu")  # diffusers allows cpu
     spy = _Residency(monkeypatch, pipe.transformer)
+    t5_beside = []
+    pipe.text_encoder_2.register_forward_pre_hook(lambda *_: t5_beside.append(spy.resident.get(id(pipe.transformer))))
     bb = wrap_pipeline(pipe)
     assert bb.runtime["offload"] == "model" and bb.device.type == "cpu"
     ours = _run(bb)
     assert spy.bad == [], sorted(set(spy.bad))
+    assert len(t5_beside) >= 2 and not any(t5_beside), t5_beside  # concept words, then the prompts
     _same(ours, reference)
     generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)
     assert spy.resident[id(pipe.transformer)] is False  # freed after the extra forward at sigma 0.001
