@@ -36,6 +36,17 @@ def test_token_aggregation_shapes_init_and_weights():
     _grads_everywhere(agg, out.square().mean())
 
 
+def test_temporal_attention_in_chunks_equals_one_call(monkeypatch):
+    """More sequences than CUDA's fused kernels take in one grid (FLUX 1024², batch 16) run in chunks: same result."""
+    from mmdiff_gen.heads import aggregation
+
+    attn = aggregation.TemporalAttention(16, 4, 0.0)
+    x = torch.randn(10, T, 16)
+    whole = attn(x)
+    monkeypatch.setattr(aggregation, "SDPA_MAX_BATCH", 3)
+    assert torch.allclose(attn(x), whole, atol=1e-6)
+
+
 def test_token_aggregation_rejects_wrong_shapes():
     agg = TokenAggregation(C, 16, T)
     with pytest.raises(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -56,6 +57,8 @@ def _extract(data: str, out_dir: Path, *, model: str, device: str, dtype: str, d
 
         features = DinoFeatures.load(dino, device=dev, dtype=torch_dtype(dtype, dev))
     n = extract_dataset(bb, data, out_dir, dino=features, rank=r, world_size=w, **settings)
+    del bb, features  # capture's hooks make a cycle (backbone → hooks → transformer): free the weights before training
+    gc.collect()
     if wait and w > 1:
         wait_for_cache(out_dir)
     return n, r, w

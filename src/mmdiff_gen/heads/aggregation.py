@@ -8,6 +8,10 @@ from torch import nn
 
 from .cbam import CBAM
 
+#: Sequences per SDPA call. CUDA's fused kernels put the batch on a grid axis of at most 65 535 blocks, and the
+#: heads' batch is B·N tokens (FLUX at 1024², a batch of 16: 16 × 4 096 = 65 536).
+SDPA_MAX_BATCH = 32_768
+
 
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
@@ -34,7 +38,12 @@ class TemporalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, t, d = x.shape  # (sequences, T, D)
         q, k, v = self.qkv(x).view(s, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (S, H, T, d/H)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if s <= SDPA_MAX_BATCH:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            o = torch.cat([F.scaled_dot_product_attention(*c, dropout_p=p) for c in zip(
+                q.split(SDPA_MAX_BATCH), k.split(SDPA_MAX_BATCH), v.split(SDPA_MAX_BATCH))])
         return self.out(o.transpose(1, 2).reshape(s, t, d))
 
 

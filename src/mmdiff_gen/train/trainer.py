@@ -193,7 +193,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed + epoch)
         model.train()
-        t0, total, n = time.time(), 0.0, 0
+        t0, total, n = time.time(), torch.zeros((), device=acc.device), 0
         for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen, rank=acc.process_index,
                                                 world_size=acc.num_processes)):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -207,8 +207,8 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             step = epoch * steps_per_epoch + i
             # EMA warm-up: early weights must not dominate short runs.
             ema_update(ema, acc.unwrap_model(model), min(cfg.ema, (1 + step) / (10 + step)))
-            total, n = total + loss.item(), n + 1
-        mean = acc.reduce(torch.tensor([total / max(n, 1)], device=acc.device), reduction="mean").item()
+            total, n = total + loss.detach(), n + 1  # no device sync per step: read once per epoch
+        mean = acc.reduce((total / max(n, 1)).reshape(1), reduction="mean").item()
         if acc.is_main_process:
             print(f"[{'+'.join(cfg.tasks)}] epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} "
                   f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
