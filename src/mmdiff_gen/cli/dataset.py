@@ -177,18 +177,23 @@ def export(
                                                "components) smaller than this many pixels; labels/ keeps "
                                                "them. 0 keeps all.")] = 0,
     allow_partial: AllowPartial = False,
+    mask_format: Annotated[str, typer.Option(help="rle (exact, holes kept: pycocotools, mmdet, detectron2 with "
+                                                  "MASK_FORMAT=bitmask) or polygon (for polygon-only loaders; "
+                                                  "holes filled).")] = "rle",
 ) -> None:
-    """Export a generated dataset: COCO annotations.json (one RLE per instance) + images, labels, saliency, depth."""
-    from ..io.coco import export_coco
+    """Export a generated dataset: COCO annotations.json (one mask per instance) + images, labels, saliency, depth."""
+    from ..io.coco import MASK_FORMATS, export_coco
 
     if fmt != "coco":
         fail(f"unknown export format {fmt!r}; supported: coco", code=2)
+    if mask_format not in MASK_FORMATS:
+        fail(f"--mask-format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}", code=2)
     if min_area < 0:
         fail(f"--min-area must be ≥ 0 pixels, got {min_area}", code=2)
     with clean_errors():
         _say_missing(src, allow_partial)
         counts = export_coco(src, dest, include_background=include_background, min_quality=min_quality,
-                             min_area=min_area, allow_partial=allow_partial)
+                             min_area=min_area, allow_partial=allow_partial, mask_format=mask_format)
     out.print(f"{dest}: {counts['images']} images, {counts['annotations']} annotations, "
               f"{counts['categories']} categories (annotations.json)"
               + (f"; {counts['dropped']} instance(s) under --min-area left out" if counts["dropped"] else ""),
