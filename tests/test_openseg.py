@@ -132,6 +132,19 @@ def test_openseg_without_heads_and_min_quality_filter(tiny, tmp_path):
     assert stats["filtered"] == 2 and sorted(r["status"] for r in stats["samples"]) == ["filtered"] * 2 + ["ok"] * 2
     info = json.loads((tmp_path / "best" / "dataset.json").read_text())
     assert info["openseg"]["classes"] == list(CLASSES) and info["quality"]["min_quality"] == cut
+    # Every sample filtered: markers but no (empty) tar, which a schema-inferring reader (HF datasets) cannot
+    # read; the dataset reads as empty, verifies, and a re-run has nothing left to do.
+    none = GenerateJob(out=tmp_path / "none", min_quality=max(scores) + 1e-6, **kw)
+    assert run_generate(tiny, ann, CAPTIONS, none, progress=False).samples_filtered == 4
+    assert not list((tmp_path / "none").glob("*.tar")) and len(list((tmp_path / "none").glob("*_stats.json"))) == 1
+    assert json.loads((tmp_path / "none" / "sizes.json").read_text()) == {}
+    assert list(GeneratedDataset(tmp_path / "none")) == []
+    assert run_generate(tiny, ann, CAPTIONS, none, progress=False).shards_written == 0
+    from typer.testing import CliRunner
+
+    from mmdiff_gen.cli import app
+
+    assert CliRunner().invoke(app, ["verify", str(tmp_path / "none")]).exit_code == 0
 
 
 def test_probe_layers_cli(tmp_path):

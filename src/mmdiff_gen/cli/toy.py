@@ -237,6 +237,8 @@ def downstream(
     finetune_steps: Annotated[int, typer.Option(help="Real fine-tuning steps after synthetic pretraining.")] = 300,
     width: Annotated[int, typer.Option(help="The downstream U-Net's first-stage width.")] = 32,
     sample_steps: Annotated[int | None, typer.Option(help="Sampling steps [the backbone's].")] = None,
+    seed: Annotated[int, typer.Option(help="The downstream models' initialisation and shuffling seed "
+                                           "(another seed reuses the heads and generated images).")] = 0,
     report: Annotated[Path | None, typer.Option(help="Also write the report JSON here.")] = None,
 ) -> None:
     """Does our data train better models? Real only vs synthetic only vs synthetic pretraining + real
@@ -251,7 +253,8 @@ def downstream(
         output_file(report, "--report")
     with clean_errors(usage=(ValueError,)):  # bad settings: a usage error, before anything is written
         cfg = DownstreamConfig(regimes=sizes, synthetic=synthetic, eval_scenes=eval_scenes, head_steps=head_steps,
-                               steps=steps, finetune_steps=finetune_steps, width=width, sample_steps=sample_steps)
+                               steps=steps, finetune_steps=finetune_steps, width=width, sample_steps=sample_steps,
+                               seed=seed)
     with clean_errors():
         result = run_downstream(work or _DOWNSTREAM_WORK, cfg)
     out.print(json.dumps(result, indent=1))

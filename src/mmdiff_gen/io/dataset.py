@@ -146,6 +146,8 @@ class GeneratedDataset:
     def __iter__(self) -> Iterator[GeneratedSample]:
         for shard in sorted(self.stats):
             keep = {r["key"] for r in self.stats[shard]["samples"] if self._kept(r)}
+            if not keep:
+                continue  # e.g. every sample filtered: no tar was published
             if self.format == "webdataset":
                 yield from (x for x in self._tar_samples(self.root / f"{shard:05d}.tar") if x.key in keep)
             else:

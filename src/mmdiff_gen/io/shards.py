@@ -176,8 +176,13 @@ class ShardWriter:
 
     def commit(self, stats: dict) -> None:
         """Publish the shard: the tar by atomic rename, then its stats file (the done marker) with the
-        size and sha256 of every file it vouches for."""
-        if self.fmt == "webdataset":
+        size and sha256 of every file it vouches for. A shard without samples (all filtered) publishes no tar,
+        only its marker: an empty tar breaks readers that infer a schema from the first shard (HF datasets)."""
+        if self.fmt == "webdataset" and self.count == 0:
+            self.abort()
+            stats_path(self.root, self.shard).unlink(missing_ok=True)  # then an older version's tar, if any
+            self.path.unlink(missing_ok=True)
+        elif self.fmt == "webdataset":
             self._tar.close()
             self._file.flush()
             os.fsync(self._file.fileno())

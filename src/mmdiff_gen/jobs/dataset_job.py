@@ -525,7 +525,7 @@ def _write_indexes(out: Path, info: dict) -> None:
         found = {}
         for s in range(info["num_shards"]):
             st = _marker(out, s, info["fingerprint"])
-            if st is not None and shard_problem(out, st) is None:
+            if st is not None and st["written"] and shard_problem(out, st) is None:  # no samples: no tar
                 size = sum(f["bytes"] for f in st.get("files", {}).values())
                 found[f"{shard_name(s)}.tar"] = (st["written"], size)
         return found
