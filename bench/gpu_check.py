@@ -10,7 +10,8 @@ Two backbones: the embedded toy (64×64, 24 steps, true CFG 5) with its shipped 
 FLUX-architecture transformer at 1024² (4 096 image + 512 text tokens, as FLUX.1-dev; width 1024, 4 double and
 8 single blocks, 8× VAE) with paper sigmas and the seg concepts. For each, rows: a plain pipeline call (the same
 images without capture), `generate` with capture in eager mode (the reference), compiled by blocks and as a whole
-transformer (inductor), with each offload mode (model / sequential / group), and with fp8 and int8 storage.
+transformer (inductor), with each offload mode (model / sequential / group), with fp8 and int8 storage, and
+compiled by blocks over group offload and over fp8 storage (graphs broken where their hooks move weights).
 Each row builds its backbone afresh, warms it up once, then times `--repeats` batches (median). Columns: time per
 batch, images/s and its ratio to the plain call, GPU memory held after loading and the peak while generating
 (`torch.cuda.max_memory_allocated`), and the largest difference from the eager reference (images in 0–1,
@@ -66,13 +67,17 @@ VARIANTS: dict[str, tuple[str, str, str | None]] = {
     "offload sequential": ("sequential", "full", None),
     "fp8 storage": ("none", "fp8", None),
     "int8 storage": ("none", "int8", None),
+    "compile blocks + offload group": ("group", "full", "blocks"),  # graph breaks where the hooks move weights
+    "compile blocks + fp8 storage": ("none", "fp8", "blocks"),
     "compile transformer": ("none", "full", "transformer"),  # last: the longest warm-up
 }
 LABELS = {"plain": "plain pipeline call (no capture)", "eager": "`generate`, eager capture (reference)",
           "compile blocks": '`compile_backbone(bb, "blocks")`', "compile transformer": '`compile_backbone(bb, "transformer")`',
           "offload model": "`offload=\"model\"`", "offload group": "`offload=\"group\"` (leaf level, CUDA stream)",
           "offload sequential": "`offload=\"sequential\"`", "fp8 storage": "`storage=\"fp8\"` (layerwise casting)",
-          "int8 storage": "`storage=\"int8\"` (torchao weight-only)"}
+          "int8 storage": "`storage=\"int8\"` (torchao weight-only)",
+          "compile blocks + offload group": "compiled by blocks, `offload=\"group\"`",
+          "compile blocks + fp8 storage": "compiled by blocks, `storage=\"fp8\"`"}
 
 # --smoke keeps a few rows, each path once (on the CPU, offload="model" of the toy is refused: a FAILED row).
 SMOKE_VARIANTS = {"toy": ("eager", "offload model", "fp8 storage"),
