@@ -28,6 +28,13 @@ def check_runtime(offload: str, storage: str, *, device: str | torch.device) -> 
         _torchao()
 
 
+def check_compilable(offload: str) -> None:
+    """Refuse torch.compile under sequential offload (the CLI's --compile before loading, compile_backbone after)."""
+    if offload == "sequential":
+        raise ValueError("torch.compile cannot run a transformer under sequential offload (its weights wait on the "
+                         "meta device): use --offload group or model")
+
+
 def _torchao():
     try:
         import torchao.quantization as tq

@@ -28,7 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..backbones.runtime import describe, onload
+from ..backbones.runtime import check_compilable, describe, onload
 from .concepts import concept_block_update, concept_map, cross_attention_map
 from .text_attention import _heads, _norm, image_text_qk, text_attention
 
@@ -302,9 +302,7 @@ def compile_backbone(backbone: Backbone, mode: str = "blocks", **compile_kwargs)
     if mode not in ("blocks", "transformer"):
         raise ValueError(f"compile mode must be blocks or transformer, got {mode!r}")
     runtime = describe(backbone.pipe)
-    if runtime["offload"] == "sequential":
-        raise ValueError("torch.compile cannot run a transformer under sequential offload (its weights wait on the "
-                         "meta device): use --offload group or model with --compile")
+    check_compilable(runtime["offload"])
     prepare(backbone)
     compile_kwargs.setdefault("fullgraph", runtime["offload"] == "none" and runtime["storage"] in ("full", "int8"))
     tr = backbone.transformer

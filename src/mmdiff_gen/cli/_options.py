@@ -81,9 +81,11 @@ def check_compile(mode: str, offload: str) -> None:
     """--compile against --offload, before anything loads (capture.compile_backbone refuses the same)."""
     if mode not in COMPILE_MODES:
         raise typer.BadParameter(f"choose from {', '.join(COMPILE_MODES)}, got {mode!r}", param_hint="'--compile'")
-    if mode != "off" and offload == "sequential":
-        raise typer.BadParameter("torch.compile cannot run a transformer under sequential offload (its weights wait "
-                                 "on the meta device): use --offload group or model", param_hint="'--compile'")
+    if mode != "off":
+        from ..backbones.runtime import check_compilable
+
+        with clean_errors(usage=(ValueError,)):
+            check_compilable(offload)
 
 
 def compile_if(backbone, mode: str) -> None:
