@@ -64,6 +64,14 @@ def check_runtime(offload: str, storage: str, device: str) -> None:
         check(offload, storage, device=device)
 
 
+# As train.feature_codec.CODECS names them (a test keeps the two equal).
+FEATURE_CODECS = ("bf16", "int8", "fp8")
+Codec = Annotated[str, typer.Option(
+    help="How the feature cache stores features: bf16 (as captured), int8 or fp8 (8 bits with a scale per token: "
+         "half the disk; see BENCHMARKS.md for what it changes).",
+    callback=lambda v: _one_of(v, FEATURE_CODECS, "--codec"))]
+
+
 # As capture.spec.BLOCKS names them (a test keeps the two equal).
 BLOCK_LISTS = ("feature", "joint")
 Blocks = Annotated[str, typer.Option(

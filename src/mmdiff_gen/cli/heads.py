@@ -16,7 +16,7 @@ from rich.table import Table
 from ..tasks import class_task
 from ..tasks import get as get_task
 from ._errors import clean_errors, fail
-from ._options import (Blocks, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
+from ._options import (Blocks, Codec, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
                        check_runtime, output_file, parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
 
 out = Console()
@@ -36,26 +36,43 @@ Captions = Annotated[Path | None, typer.Option(help="JSONL of {\"key\", \"captio
                                                     "is conditioned on (default: empty).")]
 
 
+def _load(model: str, dev: str, dtype: str, dino: Path | None, **runtime):
+    """The backbone (and DINOv3 when asked for) on `dev`; `runtime`: offload, storage, LoRA."""
+    from ..backbones import load_backbone
+
+    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, **runtime)
+    if dino is None:
+        return bb, None
+    from ..backbones.dino import DinoFeatures
+
+    return bb, DinoFeatures.load(dino, device=dev, dtype=torch_dtype(dtype, dev))
+
+
+def _live(sources: list[tuple[str | None, str | None]], *, model: str, device: str, dtype: str, dino: Path | None,
+          lora: Path | None, lora_scale: float, env: dict[str, str], **spec) -> list:
+    """`train --no-cache`: the backbone (and DINOv3) loaded once on this worker's device, and each (data, split)
+    of `sources` as a `LiveFeatures` source (None where data is None); `spec`: tasks, size, captions, cross."""
+    from ..train.feature_cache import open_live
+
+    dev, *_ = worker(device, env)
+    bb, features = _load(model, dev, dtype, dino, lora=lora, lora_scale=lora_scale)
+    return [open_live(bb, src, split=spl, dino=features, extract_batch_size=EXTRACT_BATCH, **spec)
+            if src is not None else None for src, spl in sources]
+
+
 def _extract(data: str, out_dir: Path, *, model: str, device: str, dtype: str, dino: Path | None = None,
              offload: str = "none", storage: str = "full", lora: Path | None = None, lora_scale: float = 1.0,
              env: dict[str, str] | None = None, wait: bool = True, **settings) -> tuple[int, int, int]:
     """Load the backbone (and DINOv3) on this worker's device and extract its shards of a dataset
     (`feature_cache.extract_dataset` with `settings`; rank and world size from `env`); with `wait`, then wait
     for the other workers' shards. Returns (samples, rank, world size)."""
-    from ..backbones import load_backbone
     from ..train.feature_cache import extract_dataset, wait_for_cache
 
     dev, r, w, source = worker(device, env)
     if w > 1:
         out.print(f"worker {r} of {w} ({source}) on {dev}: extracting shards s ≡ {r} (mod {w}) of {out_dir}",
                   highlight=False, soft_wrap=True)
-    bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage, lora=lora,
-                       lora_scale=lora_scale)
-    features = None
-    if dino is not None:
-        from ..backbones.dino import DinoFeatures
-
-        features = DinoFeatures.load(dino, device=dev, dtype=torch_dtype(dtype, dev))
+    bb, features = _load(model, dev, dtype, dino, offload=offload, storage=storage, lora=lora, lora_scale=lora_scale)
     n = extract_dataset(bb, data, out_dir, dino=features, rank=r, world_size=w, **settings)
     del bb, features  # capture's hooks make a cycle (backbone → hooks → transformer): free the weights before training
     gc.collect()
@@ -80,6 +97,7 @@ def extract(
     max_shard_bytes: Annotated[str, typer.Option(help="Tensor bytes per shard (2G = 2 GiB; K, M, G binary): bounds "
                                                       "the host memory of extraction.")] = "2G",
     seed: Annotated[int, typer.Option(help="Noise seed base; sample i uses seed + i.")] = 0,
+    codec: Codec = "bf16",
     dino: Dino = None,
     lora: Lora = None,
     lora_scale: LoraScale = 1.0,
@@ -104,7 +122,7 @@ def extract(
                            lora_scale=lora_scale, offload=offload, storage=storage, wait=False, tasks=task_list,
                            split=split, size=size, captions=captions,
                            cross_attention=cross_attention, blocks=blocks, batch_size=batch_size,
-                           shard_size=shard_size, max_shard_bytes=max_bytes, seed=seed)
+                           shard_size=shard_size, max_shard_bytes=max_bytes, seed=seed, codec=codec)
     if w > 1:
         out.print(f"worker {r} of {w}: its shards of the feature cache of {n} samples in {out_dir} are done "
                   "(the cache is complete once every worker is)", highlight=False, soft_wrap=True)
@@ -113,14 +131,20 @@ def extract(
 
 
 def train(
-    cache: Annotated[Path, typer.Option(help="Training feature cache (filled from --data first when given).")],
     task: Annotated[str, typer.Option(help="seg, saliency (sal) or depth; several (seg,sal,depth) train one "
                                            "multi-task head sharing one aggregation.")],
     out_path: Annotated[Path, typer.Option("--out", help="Head file to write (.safetensors).")],
+    cache: Annotated[Path | None, typer.Option(help="Training feature cache (filled from --data first when "
+                                                    "given).")] = None,
     eval_cache: Annotated[Path | None, typer.Option(help="Validation feature cache, scored at the end "
                                                          "(filled from --eval-data first when given).")] = None,
     data: Data = None,
     split: Split = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Extract --data's (and --eval-data's) features for "
+                                                              "each batch inside the training loop instead of "
+                                                              "caching them: no scratch disk, one backbone forward "
+                                                              "per batch and epoch.")] = False,
+    codec: Codec = "bf16",
     eval_data: Annotated[str | None, typer.Option(help="Validation dataset, as --data.")] = None,
     eval_split: Annotated[str | None, typer.Option(help="Validation split, as --split.")] = None,
     size: Size = None,
@@ -139,7 +163,8 @@ def train(
     fusion: Annotated[str, typer.Option(help="learned (paper) or mean (ablation).")] = "learned",
     decoder_channels: Annotated[int | None, typer.Option(help="Decoder width (default 256).")] = None,
 ) -> None:
-    """Train one head on a feature cache (resumable): one task, or several sharing one aggregation.
+    """Train one head on a feature cache, or on --data directly with --no-cache (resumable): one task, or several
+    sharing one aggregation.
 
     Many GPUs: one process group, a process per GPU (torchrun or accelerate launch); --data is extracted shard by
     shard across them, then every process trains on its share of each batch, all for the same number of steps."""
@@ -158,8 +183,13 @@ def train(
              code=2)
     steps = _indices(timesteps, "--timesteps")
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
-    if eval_data is not None and eval_cache is None:
-        fail("--eval-data needs --eval-cache (the folder its features go to)", code=2)
+    if no_cache:
+        if data is None or cache is not None or eval_cache is not None:
+            fail("--no-cache trains on --data (and scores on --eval-data) without --cache or --eval-cache", code=2)
+    elif cache is None:
+        fail("--cache is required (the feature cache to train on), or --data with --no-cache", code=2)
+    elif eval_data is not None and eval_cache is None:
+        fail("--eval-data needs --eval-cache (the folder its features go to), or --no-cache", code=2)
     from ..heads.inputs import SIDES, reads_cross
     from ..train.feature_cache import FeatureCache
     from ..train.trainer import TrainConfig, train_head
@@ -170,28 +200,34 @@ def train(
     # Training ranks are those of its process group (torchrun, accelerate launch): SLURM task and job-array ids
     # do not split the extraction, so array tasks training different heads each extract their whole data.
     group = {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
+    what = dict(tasks=list(picked), size=size, captions=captions, cross_attention=reads_cross(side))
     with clean_errors():
-        # Datasets are extracted first (resumable), with the side maps this head reads.
-        for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
-            if src is not None:  # a finished cache of the same inputs is kept; another one is refused
-                _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
-                         lora_scale=lora_scale, env=group, tasks=list(picked),
-                         split=spl, size=size, captions=captions, cross_attention=reads_cross(side),
-                         batch_size=EXTRACT_BATCH)
+        if no_cache:
+            tr, ev = _live([(data, split), (eval_data, eval_split)], model=model, device=device, dtype=dtype,
+                           dino=dino, lora=lora, lora_scale=lora_scale, env=group, **what)
+        else:
+            # Datasets are extracted first (resumable), with the side maps this head reads.
+            for src, spl, folder in ((data, split, cache), (eval_data, eval_split, eval_cache)):
+                if src is not None:  # a finished cache of the same inputs is kept; another one is refused
+                    _extract(src, folder, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
+                             lora_scale=lora_scale, env=group, split=spl, batch_size=EXTRACT_BATCH, codec=codec,
+                             **what)
+            tr = FeatureCache(cache)
+            ev = FeatureCache(eval_cache) if eval_cache else None
         cfg = TrainConfig(tasks=picked, epochs=epochs, batch_size=batch_size, lr=lr, side=side, timesteps=steps,
                           fusion=fusion, head=head, dino=dino is not None)
-        tr = FeatureCache(cache)
-        ev = FeatureCache(eval_cache) if eval_cache else None
         classes = tr.manifest.get("classes") or []
         if class_task(picked) and not classes:
-            fail(f"{cache} records no class names: extract it from a dataset with classes.txt")
+            fail(f"{tr.root} records no class names: give it a dataset with classes.txt")
         metrics = train_head(tr, cfg, out_path, classes=classes, palette=tr.manifest.get("palette"), eval_cache=ev,
                              depth_unit="metre" if any(get_task(t).kind == "positive" for t in picked) else "")
     _print_metrics(metrics if len(picked) > 1 else {name: metrics})
+    _refresh_card(out_path.parent)
 
 
 def evaluate(
-    head: Annotated[Path, typer.Option(help="Head file (.safetensors).")],
+    head: Annotated[Path, typer.Option(help="Head file (.safetensors), or a heads folder or Hub repo id org/name "
+                                            "holding one (org/name/FILE.safetensors picks one).")],
     cache: Annotated[Path, typer.Option(help="Feature cache to score on (filled from --data first when given).")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     data: Data = None,
@@ -215,6 +251,7 @@ def evaluate(
     from ..train.feature_cache import FeatureCache
 
     with clean_errors():
+        head = _one_head(head)
         if data is not None:
             m = read_meta(head)
             _extract(data, cache, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
@@ -233,6 +270,31 @@ def evaluate(
     _print_metrics(by_task)
     if json_out is not None:  # a one-task head's metrics as they are; a multi-task head's by task
         json_out.write_text(json.dumps(by_task if len(by_task) > 1 else next(iter(by_task.values())), indent=1))
+
+
+def _one_head(source: Path) -> Path:
+    """--head: a head file, or a heads folder or Hub repo (`resolve_heads`) that holds exactly one."""
+    from ..heads.checkpoint import head_paths
+    from ..jobs.annotate import resolve_heads
+
+    path = resolve_heads(source)
+    files = head_paths(path) if path.is_dir() else [path]
+    if len(files) != 1:
+        fail(f"{source} holds {len(files)} head files ({', '.join(f.name for f in files) or 'none'}): pick one, "
+             f"e.g. --head {source}/{files[0].name if files else 'seg.safetensors'}", code=2)
+    return files[0]
+
+
+def _refresh_card(folder: Path) -> None:
+    """After `train` wrote a head: the folder's config.json and model card, covering all its heads (the main
+    process writes heads and cards)."""
+    from accelerate import PartialState
+
+    from ..heads.card import write_card
+
+    if PartialState().is_main_process:
+        with clean_errors():
+            write_card(folder)
 
 
 def _indices(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -257,3 +319,25 @@ def _print_metrics(by_task: dict) -> None:
             if isinstance(v, (int, float)):
                 t.add_row(k, f"{v:.4f}")
         out.print(t)
+
+
+# `mmdiff-gen heads …`: a heads folder as a Hub model repo.
+app = typer.Typer(help="Heads folders as Hub model repos.", no_args_is_help=True, rich_markup_mode=None)
+
+
+@app.command()
+def card(
+    folder: Annotated[Path, typer.Argument(help="Heads folder (its *.safetensors head files).")],
+    license_id: Annotated[str | None, typer.Option("--license", help="Licence id of the card (e.g. apache-2.0) [the "
+                                                                     "folder's recorded one, else other: the "
+                                                                     "backbone's terms].")] = None,
+) -> None:
+    """Write (or refresh) FOLDER's config.json and README.md model card from its head files: the folder is then a
+    Hub model repo (`hf upload ORG/NAME FOLDER`) that `generate --heads ORG/NAME` reads."""
+    from ..heads.card import write_card
+
+    if not folder.is_dir():
+        fail(f"{folder} is not a heads folder", code=2)
+    with clean_errors(usage=(ValueError,)):
+        paths = write_card(folder, license_id)
+    out.print(f"wrote {' and '.join(str(p) for p in paths)}", highlight=False, soft_wrap=True)

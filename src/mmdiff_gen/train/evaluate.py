@@ -23,8 +23,7 @@ def evaluate_head(model: MMDiffHead, side: str, timesteps: tuple[int, ...] | Non
     device = next(model.parameters()).device
     tasks = model.config.tasks
     acc = {t: METRICS[get_task(t).kind](len(classes)) for t in tasks}
-    for batch in cache.batches(batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for batch in cache.batches(batch_size, device=device):
         with head_precision(device, precision):
             out = run_head(model, side, batch, cache.grid, cache.image_size, timesteps=timesteps,
                            extra=batch["dino"] if model.config.extra_channels else None, source="the cache")

@@ -3,7 +3,8 @@
 Layout: DIR/cache.json (backbone identity, capture spec, grid, image size, shard layout),
 DIR/shard_00000.safetensors … and, per finished shard, DIR/shard_00000.done.json (its done marker, written
 last). A shard holds, per sample: features (L, T, N, C) in the spec's store dtype (bf16 by default: FLUX's
-massive activations overflow fp16), concept_maps (T, K, N) and cross_attention (T, N) when captured, dino
+massive activations overflow fp16) or in 8 bits with features_scale (L, T, N, 1) (`feature_codec`),
+concept_maps (T, K, N) and cross_attention (T, N) when captured, dino
 (E, h, w) bf16 DINOv3 maps when asked for, the labels present by task name, in the task's label dtype (seg,
 saliency uint8; depth float32 metres)
 and index (the sample's position in the dataset).
@@ -39,6 +40,7 @@ from ..io.readers import Sample
 from ..io.shards import write_json_atomic
 from .._workers import STALL_S, owned_shards, shard_ranges, wait_for
 from ..tasks import get as get_task
+from .feature_codec import check_codec, decode, encode
 
 MAX_SHARD_BYTES = 2 * 2**30
 FORMAT = 2  # 1 (no "format" key): cache.json lists finished shards; 2: a done marker per shard
@@ -62,13 +64,13 @@ def check_one_size(samples: Sequence[Sample], shape: tuple[int, ...]) -> None:
                              f"{shape[1]}×{shape[0]}: pass --size to resize and crop every image to one size")
 
 
-def _extract_batch(backbone: Backbone, batch: list[Sample], indices: range, spec: CaptureSpec, seed: int,
-                   labels: Sequence[str], dino: DinoFeatures | None) -> dict[str, torch.Tensor]:
-    """Every stored tensor of `batch` (samples `indices` of the dataset), batch first; sample i is noised with
-    seed + i."""
+def extract_batch(backbone: Backbone, batch: list[Sample], indices: Sequence[int], spec: CaptureSpec, seed: int,
+                  labels: Sequence[str], dino: DinoFeatures | None, codec: str = "bf16") -> dict[str, torch.Tensor]:
+    """Every stored tensor of `batch` (samples `indices` of the dataset), batch first, on the CPU; sample i is
+    noised with seed + i; features encoded with `codec`."""
     images = [Image.fromarray(x.image) for x in batch]
     res = extract(backbone, images, spec, captions=[x.caption for x in batch], seeds=[seed + i for i in indices])
-    t = {"features": res.features.cpu()}
+    t = encode(res.features.cpu(), codec)
     if res.concept_maps is not None:
         t["concept_maps"] = res.concept_maps.cpu()
     if res.cross_attention is not None:
@@ -87,9 +89,10 @@ def _spec(manifest: dict) -> CaptureSpec:
 
 def _identity(manifest: dict) -> dict:
     """What must match for a cache to be resumed: everything but the shard layout, the spec with its defaults
-    (a cache written before a CaptureSpec field existed holds that field's default)."""
-    return {k: v for k, v in manifest.items() if k not in LAYOUT} | {
-        "spec": json.loads(json.dumps(_spec(manifest).to_dict()))}
+    (a cache written before a CaptureSpec field existed holds that field's default; before codecs, bf16)."""
+    # "source" names a path: the same data read from another place is the same cache (keys_sha256 says so)
+    return {k: v for k, v in manifest.items() if k not in LAYOUT and k != "source"} | {
+        "spec": json.loads(json.dumps(_spec(manifest).to_dict())), "codec": manifest.get("codec", "bf16")}
 
 
 def missing_shards(root: Path, manifest: dict) -> list[int]:
@@ -111,15 +114,59 @@ def extract_dataset(backbone: Backbone, data: str, out: Path, tasks: Sequence[st
     from ..io.datasets import open_dataset
 
     ds = open_dataset(data, split=split, size=size, captions=captions)
-    spec = CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
-    build_cache(backbone, ds, spec, out, **build)
+    build_cache(backbone, ds, _dataset_spec(tasks, cross_attention, blocks), out, source=_source(data, split), **build)
     return len(ds)
+
+
+def open_live(backbone: Backbone, data: str, tasks: Sequence[str], *, split: str | None = None,
+              size: int | None = None, captions: Path | None = None, cross_attention: bool = False,
+              blocks: str = "feature", **live) -> "LiveFeatures":
+    """The dataset `extract_dataset` would cache, as a `LiveFeatures` source (`live`: seed, dino, batch size)."""
+    from ..io.datasets import open_dataset
+
+    ds = open_dataset(data, split=split, size=size, captions=captions)
+    return LiveFeatures(backbone, ds, _dataset_spec(tasks, cross_attention, blocks),
+                        source=_source(data, split), **live)
+
+
+def _source(data: str, split: str | None) -> str:
+    """What a head records as its training or evaluation data: "voc:/data/VOC2012 train_aug"."""
+    return data + (f" {split}" if split else "")
+
+
+def _dataset_spec(tasks: Sequence[str], cross_attention: bool, blocks: str) -> CaptureSpec:
+    """What heads of `tasks` read: their paper concept sets, optionally the averaged cross-attention."""
+    return CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
+
+
+def _manifest(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, seed: int,
+              dino: DinoFeatures | None, codec: str) -> dict:
+    """What a cache (or a live source) records of its data and settings, JSON-shaped; the image size and labels
+    are the first sample's."""
+    keys = samples.keys if hasattr(samples, "keys") else [x.key for x in samples]  # datasets load lazily
+    first = samples[0]
+    h, w = first.image.shape[:2]
+    return json.loads(json.dumps({  # tuples → lists, as it will read back
+        "backbone": backbone.identity(),
+        "spec": spec.to_dict(),
+        "grid": list(backbone.token_grid(h, w)),
+        "layers": list(spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)),
+        "image_size": [h, w],
+        "count": len(samples),
+        "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
+        "seed": seed,
+        "labels": [t for t in first.labels if get_task(t).trained],
+        "classes": list(getattr(samples, "classes", [])),
+        "palette": list(getattr(samples, "palette", [])),
+        "dino": dino.identity() if dino is not None else {},
+        "codec": codec,
+    }))
 
 
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
                 shard_size: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, batch_size: int = 16,
                 seed: int = 0, on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None,
-                rank: int = 0, world_size: int = 1) -> Path:
+                rank: int = 0, world_size: int = 1, codec: str = "bf16", source: str = "") -> Path:
     """Extract features of this worker's shards of `samples` into `out` (resumable: finished shards are kept).
 
     Args:
@@ -129,6 +176,9 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
             once, before any shard, when the folder has no cache.json yet).
         rank, world_size: this worker writes shards s ≡ rank (mod world_size) only; run every rank on the same
             folder (in any order, at once or not) for the whole cache.
+        codec: how features are stored (`feature_codec`: "bf16" as captured, or "int8" / "fp8" with a scale per
+            token, half the bytes); readers decode them.
+        source: where the samples come from ("voc:/data/VOC2012 val"), recorded for the heads trained on it.
 
     Noise seeds are seed + sample index and batches start at shard starts, so a cache is reproducible whatever
     the number of workers (byte for byte on one device type) and, within rounding, the batch size. With `dino`,
@@ -138,27 +188,13 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         raise ValueError(f"worker rank {rank} is not in 0…{world_size - 1}")
     if (shard_size is not None and shard_size < 1) or max_shard_bytes < 1 or batch_size < 1:
         raise ValueError("shard_size, max_shard_bytes and batch_size must be ≥ 1")
+    check_codec(codec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "cache.json"
-    keys = samples.keys if hasattr(samples, "keys") else [x.key for x in samples]  # datasets load lazily
+    manifest = _manifest(backbone, samples, spec, seed, dino, codec) | ({"source": source} if source else {})
     first = samples[0]
-    h, w = first.image.shape[:2]
-    labels = [t for t in first.labels if get_task(t).trained]
-    manifest = json.loads(json.dumps({  # tuples → lists, as it will read back
-        "backbone": backbone.identity(),
-        "spec": spec.to_dict(),
-        "grid": list(backbone.token_grid(h, w)),
-        "layers": list(spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)),
-        "image_size": [h, w],
-        "count": len(samples),
-        "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
-        "seed": seed,
-        "labels": labels,
-        "classes": list(getattr(samples, "classes", [])),
-        "palette": list(getattr(samples, "palette", [])),
-        "dino": dino.identity() if dino is not None else {},
-    }))
+    labels = manifest["labels"]
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if _identity(old) != _identity(manifest):
@@ -170,7 +206,7 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
             return out  # finished: read as it is
         manifest = old  # its shard layout is kept, whatever this run's shard options
     else:
-        probe = _extract_batch(backbone, [first], range(1), spec, seed, labels, dino)
+        probe = extract_batch(backbone, [first], range(1), spec, seed, labels, dino, codec)
         per_sample = sum(v[0].numel() * v.element_size() for v in probe.values())
         n = max(1, max_shard_bytes // per_sample)
         n = min(n, shard_size) if shard_size is not None else n
@@ -182,13 +218,13 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
     for s in owned_shards(len(ranges), rank, world_size):
         if not (out / done_file(s)).is_file():
             _write_shard(backbone, samples, ranges[s], spec, out, s, seed=seed, labels=labels, dino=dino,
-                         batch_size=batch_size, shape=first.image.shape, on_batch=on_batch)
+                         batch_size=batch_size, shape=first.image.shape, on_batch=on_batch, codec=codec)
     return out
 
 
 def _write_shard(backbone: Backbone, samples: Sequence[Sample], rows: range, spec: CaptureSpec, out: Path, s: int, *,
                  seed: int, labels: Sequence[str], dino: DinoFeatures | None, batch_size: int,
-                 shape: tuple[int, ...], on_batch: Callable[[int], None] | None) -> None:
+                 shape: tuple[int, ...], on_batch: Callable[[int], None] | None, codec: str) -> None:
     """Shard s: its tensors allocated once at the first batch, filled batch by batch, written then renamed, then
     its done marker. Peak host memory: one shard plus one batch."""
     name = shard_file(s)
@@ -199,7 +235,7 @@ def _write_shard(backbone: Backbone, samples: Sequence[Sample], rows: range, spe
         idx = range(b, min(b + batch_size, rows.stop))
         batch = [samples[i] for i in idx]
         check_one_size(batch, shape)
-        t = _extract_batch(backbone, batch, idx, spec, seed, labels, dino)
+        t = extract_batch(backbone, batch, idx, spec, seed, labels, dino, codec)
         if not shard:
             shard = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype) for k, v in t.items()}
         for k, v in t.items():
@@ -220,20 +256,11 @@ def wait_for_cache(root: Path, *, stall_s: float = STALL_S, poll_s: float = 2.0)
              stall_s=stall_s, poll_s=poll_s)
 
 
-class FeatureCache:
-    """Reads a finished cache: metadata plus batches for training and evaluation, one batch's rows at a time."""
+class _Features:
+    """What training and evaluation read of a feature source besides its batches: its manifest's facts."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        path = self.root / "cache.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.root} has no cache.json: not a feature cache")
-        self.manifest = json.loads(path.read_text())
-        self.ranges = shard_ranges(self.manifest["count"], self.manifest["shard_size"])
-        missing = missing_shards(self.root, self.manifest)
-        if missing:
-            raise ValueError(f"{self.root} is unfinished ({len(self.ranges) - len(missing)}/{len(self.ranges)} "
-                             "shards): re-run the extraction (every worker) to complete it")
+    manifest: dict
+    record: dict  # what a head trained on it records as its training data
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -256,12 +283,32 @@ class FeatureCache:
 
     def num_batches(self, batch_size: int, world_size: int = 1) -> int:
         """Batches each of `world_size` ranks gets from `batches` (the same for every rank)."""
-        full, rest = divmod(len(self), batch_size * world_size)
-        return full + (rest // world_size > 0)
+        return num_batches(len(self), batch_size, world_size)
+
+
+class FeatureCache(_Features):
+    """Reads a finished cache: metadata plus batches for training and evaluation, one batch's rows at a time."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        path = self.root / "cache.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root} has no cache.json: not a feature cache")
+        self.manifest = json.loads(path.read_text())
+        self.record = {"cache": str(self.root), "codec": self.manifest.get("codec", "bf16")} | (
+            {"data": self.manifest["source"]} if "source" in self.manifest else {})
+        self.ranges = shard_ranges(self.manifest["count"], self.manifest["shard_size"])
+        missing = missing_shards(self.root, self.manifest)
+        if missing:
+            raise ValueError(f"{self.root} is unfinished ({len(self.ranges) - len(missing)}/{len(self.ranges)} "
+                             "shards): re-run the extraction (every worker) to complete it")
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of whole samples; with `shuffle`, shards in random order and samples shuffled within.
+                rank: int = 0, world_size: int = 1, device: torch.device | str | None = None
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of whole samples on `device` (default: the CPU), features decoded to the spec's store dtype
+        there (8-bit caches cross the bus in 8 bits); with `shuffle`, shards in random order and samples shuffled
+        within.
 
         With `world_size` ranks (each passing a generator in the same state), global batch k is the next
         batch_size × world_size samples of one order and rank r gets its r-th part: every rank gets the same
@@ -269,22 +316,80 @@ class FeatureCache:
         fewer than world_size samples are dropped), reads only its own rows, and the ranks together see the
         single-process batches of batch_size × world_size.
         """
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0…{world_size - 1}")
-        # One order for all ranks: the same generator calls, in the same order, on every rank.
-        shards = torch.randperm(len(self.ranges), generator=generator).tolist() if shuffle else range(len(self.ranges))
-        order: list[tuple[int, int]] = []
-        for s in shards:
-            n = len(self.ranges[s])
-            order += [(s, i) for i in (torch.randperm(n, generator=generator).tolist() if shuffle else range(n))]
         reader = _Rows(self.root)
-        step = batch_size * world_size
-        for start in range(0, len(order), step):
-            chunk = order[start : start + step]
-            per = len(chunk) // world_size
-            if per == 0:
-                break
-            yield reader.read(chunk[rank * per : (rank + 1) * per])
+        dtype = self.spec.torch_store_dtype
+        for picks in _picks(self.ranges, batch_size, shuffle, generator, rank, world_size):
+            rows = reader.read(picks)
+            yield decode({k: v.to(device) for k, v in rows.items()} if device is not None else rows, dtype)
+
+
+def num_batches(count: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches each of `world_size` ranks gets from `_picks` over `count` samples (the same for every rank)."""
+    full, rest = divmod(count, batch_size * world_size)
+    return full + (rest // world_size > 0)
+
+
+def _picks(ranges: list[range], batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int,
+           world_size: int) -> Iterator[list[tuple[int, int]]]:
+    """This rank's (shard, row) picks of each batch (`FeatureCache.batches` says how they are chosen)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0…{world_size - 1}")
+    # One order for all ranks: the same generator calls, in the same order, on every rank.
+    shards = torch.randperm(len(ranges), generator=generator).tolist() if shuffle else range(len(ranges))
+    order: list[tuple[int, int]] = []
+    for s in shards:
+        n = len(ranges[s])
+        order += [(s, i) for i in (torch.randperm(n, generator=generator).tolist() if shuffle else range(n))]
+    step = batch_size * world_size
+    for start in range(0, len(order), step):
+        chunk = order[start : start + step]
+        per = len(chunk) // world_size
+        if per == 0:
+            break
+        yield chunk[rank * per : (rank + 1) * per]
+
+
+class LiveFeatures(_Features):
+    """A dataset read as a feature cache would be, its features extracted for each batch as it is read (`train
+    --no-cache`: no scratch disk, one backbone forward per batch and epoch). Same interface as FeatureCache, and
+    the same tensors as a one-shard bf16 cache of the same samples and seed (noise seed + sample index).
+
+    Args:
+        backbone: the loaded backbone (kept for the whole run).
+        samples: a dataset (`io.datasets.open_dataset`) or any sequence of Sample of one image size.
+        spec: what to capture (as `extract_dataset` builds it).
+        source: what the head file records as its training data (e.g. "voc:/data/VOC2012 train_aug").
+        seed: noise seed base.
+        dino: DINOv3 maps too (MMDiff §3.3).
+        extract_batch_size: images per backbone forward (× the number of sigmas): bounds activation memory
+            whatever the training batch size.
+    """
+
+    def __init__(self, backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, *, source: str,
+                 seed: int = 0, dino: DinoFeatures | None = None, extract_batch_size: int = 4):
+        if extract_batch_size < 1:
+            raise ValueError("extract_batch_size must be ≥ 1")
+        self.backbone, self.samples, self.dino, self.seed = backbone, samples, dino, seed
+        self.extract_batch_size, self.root = extract_batch_size, source
+        self.manifest = _manifest(backbone, samples, spec, seed, dino, "bf16")
+        self.shape = samples[0].image.shape
+        self.record = {"data": source, "features": "extracted per batch (no cache)"}
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                rank: int = 0, world_size: int = 1, device: torch.device | str | None = None
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """As `FeatureCache.batches`, over one shard holding every sample."""
+        labels, spec = self.manifest["labels"], self.spec
+        for picks in _picks([range(len(self))], batch_size, shuffle, generator, rank, world_size):
+            idx = [i for _, i in picks]
+            parts = []
+            for a in range(0, len(idx), self.extract_batch_size):
+                chunk = idx[a : a + self.extract_batch_size]
+                batch = [self.samples[i] for i in chunk]
+                check_one_size(batch, self.shape)
+                parts.append(extract_batch(self.backbone, batch, chunk, spec, self.seed, labels, self.dino))
+            rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            yield {k: v.to(device) for k, v in rows.items()} if device is not None else rows
 
 
 class _Rows:

@@ -27,7 +27,7 @@ from ..io.state import load_state, save_state
 from ..tasks import canonical, class_task
 from ..tasks import get as get_task
 from .evaluate import evaluate_head
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureCache, LiveFeatures
 from .losses import LOSSES
 
 
@@ -82,7 +82,7 @@ class TrainConfig:
         check_side(self.side)
 
 
-def build_head(cache: FeatureCache, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
+def build_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
     first = next(cache.batches(1))  # one sample: the shapes
     _, l, t, _, c = first["features"].shape
     t_used = t if cfg.timesteps is None else len(cfg.timesteps)
@@ -144,9 +144,11 @@ def _dino(use: bool, batch: dict) -> torch.Tensor | None:
     return batch["dino"] if use else None
 
 
-def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: list[str], palette: list | None = None,
-               eval_cache: FeatureCache | None = None, depth_unit: str = "") -> dict:
-    """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file).
+def train_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, out: Path, *, classes: list[str],
+               palette: list | None = None, eval_cache: FeatureCache | LiveFeatures | None = None,
+               depth_unit: str = "") -> dict:
+    """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file). Features
+    come from a cache, or from the backbone batch by batch (`LiveFeatures`).
 
     Resumes from the hidden per-epoch state file beside `out` (.NAME.state.safetensors). Returns the metrics
     (on the main process; evaluation runs there only, and the others return {}).
@@ -195,8 +197,7 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
         model.train()
         t0, total, n = time.time(), torch.zeros((), device=acc.device), 0
         for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen, rank=acc.process_index,
-                                                world_size=acc.num_processes)):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+                                                world_size=acc.num_processes, device=acc.device)):
             pred = run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps, extra=_dino(cfg.dino, batch),
                             source="the cache")
             losses = {t: LOSSES[get_task(t).kind](pred[t].float(), batch[t]) for t in cfg.tasks}  # {task: ()}
@@ -228,7 +229,9 @@ def train_head(cache: FeatureCache, cfg: TrainConfig, out: Path, *, classes: lis
             config=ema.config, backbone=cache.manifest["backbone"], layers=list(cache.layers), blocks=spec.blocks,
             sigmas=[spec.sigmas[i] for i in idx], concepts=list(spec.concepts) if reads_concepts(cfg.side) else [],
             classes=list(classes) if classes_task else [], palette=[list(p) for p in (palette or [])],
-            metrics={**metrics, "train": {"cache": str(cache.root), "samples": len(cache), "config": asdict(cfg)}
+            metrics={**metrics, "train": cache.record | {"samples": len(cache), "steps": cfg.epochs * steps_per_epoch,
+                                                         "config": asdict(cfg)}
+                     | ({"eval": eval_cache.record | {"samples": len(eval_cache)}} if eval_cache is not None else {})
                      | ({"loss_weights": weights.weights} if len(cfg.tasks) > 1 else {})},
             depth_unit=depth_unit, side=cfg.side, dino=cache.manifest.get("dino", {}) if cfg.dino else {},
         )
