@@ -9,8 +9,9 @@ from mmdiff_gen.tasks import get as get_task
 from mmdiff_gen.toy.world import CLASSES, PALETTE
 
 
-def make_heads(backbone, folder, tasks=("seg", "saliency", "depth"), blocks="feature"):
-    """Untrained but complete head files for `backbone` (the job's plumbing does not need trained weights)."""
+def make_heads(backbone, folder, tasks=("seg", "saliency", "depth"), blocks="feature", metrics=None):
+    """Untrained but complete head files for `backbone` (the job's plumbing does not need trained weights);
+    `metrics`: {task: what its file records as metrics}, as training would."""
     layers = list(backbone.default_layers(blocks=blocks))
     for task in tasks:
         cfg = HeadConfig(tasks=task, feature_dim=backbone.feature_dim, num_layers=len(layers), num_timesteps=4,
@@ -20,6 +21,6 @@ def make_heads(backbone, folder, tasks=("seg", "saliency", "depth"), blocks="fea
         meta = HeadMeta(config=cfg, backbone=backbone.identity(), layers=layers, sigmas=list(PAPER_SIGMAS),
                         concepts=list(get_task(task).concepts), classes=list(CLASSES) if task == "seg" else [],
                         palette=[list(c) for c in PALETTE], depth_unit="metre" if task == "depth" else "",
-                        blocks=blocks)
+                        blocks=blocks, metrics=(metrics or {}).get(task, {}))
         save_head(folder / f"{task}.safetensors", MMDiffHead(cfg), meta)
     return folder

@@ -57,20 +57,42 @@ def _read_model_index(model: str) -> tuple[str, dict]:
         return str(path), json.loads(index.read_text())
     if not _REPO_ID.fullmatch(model):
         raise BackboneNotFound(f"no pipeline folder at {path}")
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        folder = snapshot_download(model, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    folder = hub_snapshot(model)
+    if folder is None:
         raise BackboneNotFound(
-            f"{model!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); on a machine with internet run "
+            f"{model!r} is not in the local Hugging Face cache ({hub_cache()}); on a machine with internet run "
             f"`hf download {model}` (accept the model's licence on the Hub first), or pass a local folder"
-        ) from None
+        )
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         raise BackboneNotFound(f"the cached snapshot of {model!r} has no model_index.json: re-run `hf download {model}`")
-    return folder, json.loads(index.read_text())
+    return str(folder), json.loads(index.read_text())
+
+
+def hub_cache() -> str:
+    """The Hugging Face cache folder (HF_HUB_CACHE, else HF_HOME/hub, as huggingface_hub reads them)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None, download: bool = False) -> Path | None:
+    """The local snapshot folder of the Hub model repo `repo_id`: from the local HF cache (offline), else, with
+    `download` and unless HF_HUB_OFFLINE is set, fetched from the Hub (only files matching `allow_patterns`).
+    None when neither works (not cached; Hub unreachable, repo unknown or gated): the caller says how to get it."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HTTPError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns))
+    except (OSError, ValueError):  # LocalEntryNotFoundError is a FileNotFoundError; a bad id is a ValueError
+        pass
+    if not download or constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+    except (OSError, ValueError, HTTPError):  # unknown or gated repo, Hub down, proxy or transfer failure
+        return None
 
 
 def _tiny_random(build: str):

@@ -30,6 +30,7 @@ app.command("finetune-grounding")(_backbone.finetune_grounding)
 app.command("extract")(_heads.extract)
 app.command("train")(_heads.train)
 app.command("eval")(_heads.evaluate)
+app.add_typer(_heads.app, name="heads")
 app.add_typer(_toy.app, name="toy")
 
 

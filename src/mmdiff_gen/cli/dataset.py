@@ -26,7 +26,8 @@ def generate(
     tasks: Annotated[str, typer.Option(help="Any of seg, saliency (sal), depth, openseg (zero-shot, no head), "
                                             "comma-separated.")] = "seg,saliency,depth",
     model: Model = "toy",
-    heads: Annotated[Path | None, typer.Option(help="Heads folder (seg/saliency/depth.safetensors) or one head file "
+    heads: Annotated[Path | None, typer.Option(help="Heads folder (seg/saliency/depth.safetensors), one head file, "
+                                                     "or a Hub repo id org/name (local HF cache, else downloaded) "
                                                      "[the backbone's shipped heads].")] = None,
     images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", "-n", help="Samples per prompt.")] = 1,
     seed: Annotated[int, typer.Option(help="Global seed; each sample's seed derives from (seed, prompt, repeat).")] = 0,

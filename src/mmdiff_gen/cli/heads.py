@@ -11,11 +11,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..tasks import class_task
 from ..tasks import get as get_task
-from ._errors import clean_errors, fail
+from ._errors import clean_errors, err, fail
 from ._options import (Blocks, Codec, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
                        check_runtime, output_file, parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
 
@@ -287,14 +288,17 @@ def _one_head(source: Path) -> Path:
 
 def _refresh_card(folder: Path) -> None:
     """After `train` wrote a head: the folder's config.json and model card, covering all its heads (the main
-    process writes heads and cards)."""
+    process writes heads and cards). A folder that cannot be a heads repo (someone else's README.md, heads of
+    another backbone) keeps the head with a warning: the training succeeded."""
     from accelerate import PartialState
 
     from ..heads.card import write_card
 
     if PartialState().is_main_process:
-        with clean_errors():
+        try:
             write_card(folder)
+        except ValueError as e:
+            err.print(f"[yellow]warning:[/] no model card written: {escape(str(e))}", highlight=False, soft_wrap=True)
 
 
 def _indices(text: str | None, option: str) -> tuple[int, ...] | None:

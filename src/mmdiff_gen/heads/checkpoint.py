@@ -116,6 +116,11 @@ def read_meta(path: Path) -> HeadMeta:
     return HeadMeta(config=HeadConfig(**config), **json.loads(header["meta"]))
 
 
+def head_paths(folder: Path) -> list[Path]:
+    """The head files of a folder, by name (hidden .NAME.state.safetensors files are training states)."""
+    return sorted(Path(folder).glob("[!.]*.safetensors"))
+
+
 def load_head(path: Path, backbone: dict | None = None, device: str | torch.device = "cpu") -> tuple[MMDiffHead, HeadMeta]:
     """Rebuild a head from its file; with `backbone` (an identity dict), refuse a mismatched one."""
     meta = read_meta(path)

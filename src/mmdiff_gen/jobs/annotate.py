@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ import torch
 
 from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureResult, CaptureSpec
-from ..heads.checkpoint import HeadMeta, HeadMismatch, load_head, read_meta
+from ..heads.checkpoint import HeadMeta, HeadMismatch, head_paths, load_head, read_meta
 from ..heads.inputs import reads_concepts, reads_cross, run_head
 from ..heads.model import MMDiffHead, head_precision, predictions
 from ..heads.openseg import OpenSegConfig, class_maps, segment
@@ -22,15 +23,40 @@ from ..tasks import TASKS, class_task, trained as trained_tasks
 from ..tasks import get as get_task
 
 
-def head_files(source: Path, tasks: list[str]) -> dict[str, Path]:
-    """Head file per task from a head file, or a folder: TASK.safetensors for each task first, then any other
-    head file there that predicts it (a multi-task head serves all its tasks)."""
-    source = Path(source)
+# A Hub model repo id, optionally with one of its files: org/name, org/name/seg.safetensors.
+_HEADS_REPO = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w.-]+\.safetensors))?")
+
+
+def resolve_heads(source: str | Path) -> Path:
+    """The local path of heads given as a path (a head file or a heads folder) or a Hub repo id `org/name`
+    (optionally `org/name/FILE.safetensors`): a local path of that name first, else the repo's snapshot in the
+    local HF cache, else downloaded when the Hub is reachable (`heads.card.REPO_FILES` only: no pickles).
+    FileNotFoundError saying how to get a repo that is neither here nor reachable."""
+    from ..backbones.loading import hub_cache, hub_snapshot
+    from ..heads.card import REPO_FILES
+
+    path = Path(source).expanduser()
+    repo = _HEADS_REPO.fullmatch(str(source))
+    if path.exists() or repo is None:
+        return path  # a missing local path is head_files' "heads not found"
+    folder = hub_snapshot(repo["repo"], REPO_FILES, download=True)
+    if folder is None:
+        raise FileNotFoundError(f"heads {repo['repo']!r} are neither a local folder nor in the local Hugging Face "
+                                f"cache ({hub_cache()}), and the Hub did not serve them: run `hf download "
+                                f"{repo['repo']}` on a machine with internet (HF_HUB_CACHE names the cache), or pass "
+                                "a local folder")
+    return folder / repo["file"] if repo["file"] else folder
+
+
+def head_files(source: str | Path, tasks: list[str]) -> dict[str, Path]:
+    """Head file per task from a head file, or a heads folder or Hub repo (`resolve_heads`): TASK.safetensors for
+    each task first, then any other head file there that predicts it (a multi-task head serves all its tasks)."""
+    source = resolve_heads(source)
     if source.is_file():
         found = dict.fromkeys(read_meta(source).config.tasks, source)
     elif source.is_dir():
         found = {t: source / f"{t}.safetensors" for t in TASKS if (source / f"{t}.safetensors").is_file()}
-        for path in sorted(source.glob("[!.]*.safetensors")) if set(tasks) - set(found) else ():  # not state files
+        for path in head_paths(source) if set(tasks) - set(found) else ():
             if path not in found.values():
                 found = dict.fromkeys(read_meta(path).config.tasks, path) | found
     else:
@@ -225,11 +251,12 @@ class Annotator:
         return Annotation(labels, quality)
 
 
-def plan_annotator(model: str, tasks: list[str], heads: Path | None = None,
+def plan_annotator(model: str, tasks: list[str], heads: str | Path | None = None,
                    classes: list[str] | None = None) -> tuple[dict[str, Path], list[str] | None]:
     """What an annotator for `tasks` will read, checked before any backbone loads (minutes for FLUX):
-    the head file per trained task (from `heads`, else the model's shipped heads) and openseg's class names
-    (given, else the seg head's). HeadMismatch / ValueError name what is missing."""
+    the head file per trained task (from `heads` — a head file, a heads folder or a Hub repo id, `resolve_heads` —
+    else the model's shipped heads) and openseg's class names (given, else the seg head's). HeadMismatch /
+    ValueError name what is missing; FileNotFoundError, a Hub repo neither cached nor served."""
     from ..backbones.loading import DEFAULT_HEADS
 
     trained = [t for t in tasks if get_task(t).trained]

@@ -10,6 +10,7 @@ import torch
 
 from ..backbones import load_backbone
 from ..capture import CaptureSpec
+from ..heads.card import write_card
 from ..heads.checkpoint import read_meta
 from ..io.readers import FilesDataset
 from ..train.feature_cache import FeatureCache, build_cache
@@ -64,4 +65,5 @@ def train_toy_heads(work: Path, *, train_scenes: int = 2000, val_scenes: int = 5
                    eval_cache=val, depth_unit="metre" if task == "depth" else "")
         result[task] = read_meta(out / f"{task}.safetensors").metrics  # what the file itself records
         report.write_text(json.dumps(result, indent=1))
+    write_card(out)  # the folder stays a Hub model repo: its card and config.json cover the new heads
     return result
