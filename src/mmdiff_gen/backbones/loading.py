@@ -116,14 +116,15 @@ DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # 1 MiB read per weight file, whatever its size
 
 
-def _weights_id(folder: Path) -> str:
+def _weights_id(folder: Path, files: str = "transformer/*") -> str:
     """A cheap fingerprint of the weights: the Hub commit of a cached snapshot (content-addressed), else
-    the transformer's weight files — names, sizes and 16 blocks of 64 KiB spread over each file (so a
-    retrained or fine-tuned file of the same size is caught) — and mmdiff.json. Heads record it."""
+    the weight files (`files`, a glob in `folder`: a pipeline's transformer, a VLM's `*.safetensors`) — names,
+    sizes and 16 blocks of 64 KiB spread over each file (so a retrained or fine-tuned file of the same size is
+    caught) — and mmdiff.json. Heads record it."""
     if folder.parent.name == "snapshots":
         return folder.name
     h = hashlib.sha256()
-    for f in sorted(p for p in (folder / "transformer").glob("*") if p.is_file()):
+    for f in sorted(p for p in folder.glob(files) if p.is_file()):
         size = f.stat().st_size
         h.update(f"{f.name}:{size};".encode())
         with open(f, "rb") as fh:

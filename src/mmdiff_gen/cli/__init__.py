@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import backbone as _backbone
+from . import caption as _caption
 from . import dataset as _dataset
 from . import heads as _heads
 from . import toy as _toy
@@ -30,6 +31,7 @@ app.command("finetune-grounding")(_backbone.finetune_grounding)
 app.command("extract")(_heads.extract)
 app.command("train")(_heads.train)
 app.command("eval")(_heads.evaluate)
+app.command("caption")(_caption.caption)
 app.add_typer(_heads.app, name="heads")
 app.add_typer(_toy.app, name="toy")
 

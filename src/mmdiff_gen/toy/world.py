@@ -36,6 +36,7 @@ FOCAL = 64.0
 CAMERA_HEIGHT = 1.5
 WALL_DEPTH = 8.0
 MIN_VISIBLE = 0.5  # each object keeps at least half of its pixels, so the caption stays true
+SHADE = (0.7, 1.1)  # an object pixel is its colour × a shading factor in this range (lit from above-left)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def render(rng: np.random.Generator, things: list[Thing], horizon: int) -> Scene
         # Mild shading: lit from above-left, darker towards the bottom-right.
         shade = 1.08 - 0.25 * (rows - top) / t.side - 0.08 * (np.arange(SIZE)[None] - left) / t.side
         color = np.array(COLORS[t.color], np.float32)
-        obj = color[None, None] * np.clip(shade, 0.7, 1.1)[..., None] + rng.normal(0, 4, (SIZE, SIZE, 1))
+        obj = color[None, None] * np.clip(shade, *SHADE)[..., None] + rng.normal(0, 4, (SIZE, SIZE, 1))
         image = np.where(full[..., None], obj, image)
         depth = np.where(full, np.float32(t.depth), depth)
         seg = np.where(full, np.uint8(t.class_id), seg)
