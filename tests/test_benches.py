@@ -89,3 +89,10 @@ def test_gpu_check_reports_a_failing_row_and_runs_the_rest(monkeypatch):
     assert list(status) == ["eager", "offload group", "fp8 storage"]
     assert status["fp8 storage"] == "FAILED: RuntimeError: simulated failure"
     assert status["eager"] == status["offload group"] == "ok"
+
+
+def test_compact_cache_smoke(tmp_path):
+    res = bench("compact_cache").main(["--smoke", "--work", str(tmp_path)])
+    assert res["bytes_per_sample"]["int8"] < res["bytes_per_sample"]["bf16"]
+    assert all(0 < r["rel_l2"] < 0.05 for r in res["codecs"].values())
+    assert set(res["epoch_s"]) == {"bf16", "int8", "no cache"} and set(res["retrained"]) == {"bf16", "int8"}

@@ -18,7 +18,8 @@ from ..tasks import class_task
 from ..tasks import get as get_task
 from ._errors import clean_errors, err, fail
 from ._options import (Blocks, Codec, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
-                       check_runtime, output_file, parse_bytes, parse_tasks, resolve_device, torch_dtype, worker)
+                       check_runtime, output_file, parse_bytes, parse_tasks, read_prompts, resolve_device, torch_dtype,
+                       worker)
 
 out = Console()
 # Images per real-image forward when train / eval extract for themselves: × 4 sigmas = 16 rows, a modest
@@ -224,6 +225,84 @@ def train(
                              depth_unit="metre" if any(get_task(t).kind == "positive" for t in picked) else "")
     _print_metrics(metrics if len(picked) > 1 else {name: metrics})
     _refresh_card(out_path.parent)
+
+
+def distill(
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (as `generate` reads it).")],
+    task: Annotated[str, typer.Option(help="The task(s) the teacher labels: seg or depth for a transformers "
+                                           "teacher; any of seg,saliency,depth for the toy's oracle.")],
+    teacher: Annotated[str, typer.Option(help="A transformers semantic-segmentation or depth-estimation model "
+                                              "(local folder or Hub id in the local HF cache, e.g. "
+                                              "depth-anything/Depth-Anything-V2-Base-hf), or `oracle` (the toy "
+                                              "world's pixel model).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Head file to write (.safetensors).")],
+    model: Model = "toy",
+    images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", "-n", help="Samples per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Global seed, as `generate`'s.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="FLUX distilled guidance [recommendation].")] = None,
+    true_cfg: Annotated[float | None, typer.Option(help="True CFG scale, 1 = off [recommendation].")] = None,
+    size: Annotated[int | None, typer.Option(help="Image side in pixels [recommendation].")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the planned samples (each regenerates them).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Generated images per training step, per process.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW rate of the aggregation modules (> 0).")] = 1e-4,
+    save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints (and each epoch's end).")] = 50,
+    decoder_channels: Annotated[int | None, typer.Option(help="Decoder width (default 256).")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="A labelled dataset to score the head on (as --data).")] = None,
+    eval_split: Annotated[str | None, typer.Option(help="Its split.")] = None,
+    eval_cache: Annotated[Path | None, typer.Option(help="Or a feature cache to score it on.")] = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Train a head with no labelled dataset: each batch is generated with capture, a teacher labels the images,
+    and the features and labels make a training step; nothing is stored (resumable).
+
+    Many GPUs: one process group (torchrun, accelerate launch); each process generates its share of every batch."""
+    from ..jobs.dataset_job import SettingsError, check_sampling
+
+    picked = parse_tasks(task, option="--task")
+    prompt_list = read_prompts(prompts)
+    if min(epochs, batch_size, images_per_prompt, save_every) < 1:
+        fail("--epochs, --batch-size, --images-per-prompt and --save-every must be ≥ 1", code=2)
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr must be a finite number > 0, got {lr:g}", code=2)
+    if teacher != "oracle" and len(picked) > 1:
+        fail("a transformers teacher labels one task: give one --task (seg or depth)", code=2)
+    if eval_data is not None and eval_cache is not None:
+        fail("--eval-data and --eval-cache exclude each other", code=2)
+    if out_path.is_dir():
+        fail(f"--out {out_path} is a folder; give the head file to write", code=2)
+    with clean_errors(usage=(ValueError,)):
+        check_sampling(num_inference_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg, height=size)
+    from ..jobs.distill import distill as run
+    from ..train.feature_cache import FeatureCache, open_live
+    from ..train.trainer import TrainConfig
+
+    group = {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
+    head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
+    with clean_errors(usage=(SettingsError,)):  # an image size the backbone cannot take is a usage error
+        cfg = TrainConfig(tasks=picked, epochs=epochs, batch_size=batch_size, lr=lr, head=head)
+        dev, *_ = worker(device, group)
+        bb, _ = _load(model, dev, dtype, None, lora=lora, lora_scale=lora_scale)
+        if teacher == "oracle":
+            from ..toy.oracle import OracleTeacher
+
+            labeller = OracleTeacher()
+        else:
+            from ..backbones.teacher import Teacher
+
+            labeller = Teacher.load(teacher, picked[0], device=dev, dtype=torch_dtype(dtype, dev))
+        ev = FeatureCache(eval_cache) if eval_cache else None
+        if eval_data is not None:
+            ev = open_live(bb, eval_data, list(picked), split=eval_split, size=size, extract_batch_size=EXTRACT_BATCH)
+        sampling = {"num_inference_steps": steps, "guidance_scale": guidance, "true_cfg_scale": true_cfg,
+                    "height": size, "width": size}
+        metrics = run(bb, prompt_list, labeller, cfg, out_path, images_per_prompt=images_per_prompt, seed=seed,
+                      sampling=sampling, eval_source=ev, save_every=save_every)
+    _refresh_card(out_path.parent)
+    _print_metrics(metrics if len(picked) > 1 else {"+".join(picked): metrics})
 
 
 def evaluate(

@@ -440,9 +440,14 @@ def _check_settings(backbone: Backbone, annotator: Annotator, job: GenerateJob) 
             raise SettingsError(f"{name} layer {max(layers)} out of range: the backbone has {len(blocks)} such blocks")
     if job.min_quality is not None and not any(get_task(t).confidence for t in annotator.tasks):
         raise SettingsError(f"min_quality needs a task with a quality signal: {', '.join(quality_tasks())}")
+    check_size(backbone, job.height, job.width)
+
+
+def check_size(backbone: Backbone, height: int, width: int) -> None:
+    """SettingsError unless the image size is whole tokens of this backbone within its size range."""
     lo, hi = backbone.size_range
     p = backbone.pixels_per_token
-    for name, v in (("height", job.height), ("width", job.width)):
+    for name, v in (("height", height), ("width", width)):
         if v % p or not lo <= v <= hi:
             raise SettingsError(f"{name} {v} is not a multiple of {p} (this backbone's pixels per token) in "
                                 f"{lo}…{hi}")

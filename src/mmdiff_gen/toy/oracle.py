@@ -96,6 +96,27 @@ class Oracle(nn.Module):
         return model.eval()
 
 
+class OracleTeacher:
+    """The oracle as a `distill` teacher on the toy world: seg, saliency (its mask, as renders label it: 0 / 255)
+    and depth in metres of generated images (the pseudo-ground-truth of the consistency protocol)."""
+
+    tasks = ("seg", "saliency", "depth")
+    classes = list(CLASSES)
+    palette = [list(c) for c in PALETTE]
+    depth_unit = "metre"
+
+    def __init__(self, path: Path = ORACLE_FILE):
+        self.path = Path(path)
+        self.oracle = Oracle.from_checkpoint(self.path)
+
+    def identity(self) -> dict:
+        return {"name": "toy-oracle", "file": self.path.name, "tasks": list(self.tasks), "depth_unit": self.depth_unit}
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.oracle.predict(images)
+        out["saliency"] = np.where(out["saliency"] >= 128, 255, 0).astype(np.uint8)
+        return out
+
 def pixel_losses(out: dict, targets: dict) -> torch.Tensor:
     """The pixel model's loss over the tasks `targets` holds (the oracle's recipe, also the downstream models'):
     cross-entropy on seg ids (B, H, W) (255 ignored), BCE on saliency (B, H, W) 0–255 read as [0, 1], L1 of

@@ -7,7 +7,7 @@ import torch
 from ..heads.inputs import run_head
 from ..heads.model import MMDiffHead, head_precision, predictions
 from ..tasks import get as get_task
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureSource
 from .metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 
 # A task's metrics accumulator by its kind, built with the head's class count.
@@ -15,7 +15,7 @@ METRICS = {"classes": SegMetrics, "probability": lambda _: SaliencyMetrics(), "p
 
 
 @torch.no_grad()
-def evaluate_head(model: MMDiffHead, side: str, timesteps: tuple[int, ...] | None, cache: FeatureCache,
+def evaluate_head(model: MMDiffHead, side: str, timesteps: tuple[int, ...] | None, cache: FeatureSource,
                   classes: list[str], batch_size: int = 32, precision: str = "fp32") -> dict[str, dict]:
     """{task: metrics} of `model` on every sample of `cache` for each of its tasks (side maps and timesteps as
     it was trained with), run in `precision` (heads.head_precision: "fp32", "bf16" autocast, or "auto")."""

@@ -139,28 +139,38 @@ def _dataset_spec(tasks: Sequence[str], cross_attention: bool, blocks: str) -> C
     return CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
 
 
-def _manifest(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, seed: int,
-              dino: DinoFeatures | None, codec: str) -> dict:
-    """What a cache (or a live source) records of its data and settings, JSON-shaped; the image size and labels
-    are the first sample's."""
-    keys = samples.keys if hasattr(samples, "keys") else [x.key for x in samples]  # datasets load lazily
-    first = samples[0]
-    h, w = first.image.shape[:2]
+def source_manifest(backbone: Backbone, spec: CaptureSpec, image_size: tuple[int, int], *, count: int,
+                    labels: Sequence[str], classes: Sequence[str] = (), palette: Sequence = (),
+                    dino: DinoFeatures | None = None, **extra) -> dict:
+    """What a feature source (a cache, live extraction, a generation run) records, JSON-shaped: backbone identity,
+    capture spec, token grid and layers, image size (H, W), sample count, label tasks, classes and palette, DINOv3
+    identity, and `extra`."""
+    h, w = image_size
     return json.loads(json.dumps({  # tuples → lists, as it will read back
         "backbone": backbone.identity(),
         "spec": spec.to_dict(),
         "grid": list(backbone.token_grid(h, w)),
         "layers": list(spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)),
         "image_size": [h, w],
-        "count": len(samples),
-        "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
-        "seed": seed,
-        "labels": [t for t in first.labels if get_task(t).trained],
-        "classes": list(getattr(samples, "classes", [])),
-        "palette": list(getattr(samples, "palette", [])),
+        "count": count,
+        "labels": list(labels),
+        "classes": list(classes),
+        "palette": list(palette),
         "dino": dino.identity() if dino is not None else {},
-        "codec": codec,
+        **extra,
     }))
+
+
+def _manifest(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, seed: int,
+              dino: DinoFeatures | None, codec: str) -> dict:
+    """A dataset's `source_manifest`: image size and labels are the first sample's."""
+    keys = samples.keys if hasattr(samples, "keys") else [x.key for x in samples]  # datasets load lazily
+    first = samples[0]
+    return source_manifest(backbone, spec, first.image.shape[:2], count=len(samples),
+                           labels=[t for t in first.labels if get_task(t).trained],
+                           classes=getattr(samples, "classes", []), palette=getattr(samples, "palette", []), dino=dino,
+                           keys_sha256=hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16], seed=seed,
+                           codec=codec)
 
 
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
@@ -256,8 +266,9 @@ def wait_for_cache(root: Path, *, stall_s: float = STALL_S, poll_s: float = 2.0)
              stall_s=stall_s, poll_s=poll_s)
 
 
-class _Features:
-    """What training and evaluation read of a feature source besides its batches: its manifest's facts."""
+class FeatureSource:
+    """A feature source (a cache, live extraction, a generation run): what training and evaluation read of it
+    besides its batches, all from its manifest; each kind adds `batches`."""
 
     manifest: dict
     record: dict  # what a head trained on it records as its training data
@@ -286,7 +297,7 @@ class _Features:
         return num_batches(len(self), batch_size, world_size)
 
 
-class FeatureCache(_Features):
+class FeatureCache(FeatureSource):
     """Reads a finished cache: metadata plus batches for training and evaluation, one batch's rows at a time."""
 
     def __init__(self, root: Path):
@@ -304,7 +315,7 @@ class FeatureCache(_Features):
                              "shards): re-run the extraction (every worker) to complete it")
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                rank: int = 0, world_size: int = 1, device: torch.device | str | None = None
+                rank: int = 0, world_size: int = 1, device: torch.device | str | None = None, skip: int = 0
                 ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of whole samples on `device` (default: the CPU), features decoded to the spec's store dtype
         there (8-bit caches cross the bus in 8 bits); with `shuffle`, shards in random order and samples shuffled
@@ -314,23 +325,24 @@ class FeatureCache(_Features):
         batch_size × world_size samples of one order and rank r gets its r-th part: every rank gets the same
         number of equal-sized batches (`num_batches`; at the end, each gets an equal share of what is left and
         fewer than world_size samples are dropped), reads only its own rows, and the ranks together see the
-        single-process batches of batch_size × world_size.
+        single-process batches of batch_size × world_size. The first `skip` batches are left out unread (a
+        resumed epoch).
         """
         reader = _Rows(self.root)
         dtype = self.spec.torch_store_dtype
-        for picks in _picks(self.ranges, batch_size, shuffle, generator, rank, world_size):
+        for picks in batch_picks(self.ranges, batch_size, shuffle, generator, rank, world_size, skip):
             rows = reader.read(picks)
             yield decode({k: v.to(device) for k, v in rows.items()} if device is not None else rows, dtype)
 
 
 def num_batches(count: int, batch_size: int, world_size: int = 1) -> int:
-    """Batches each of `world_size` ranks gets from `_picks` over `count` samples (the same for every rank)."""
+    """Batches each of `world_size` ranks gets from `batch_picks` over `count` samples (the same for every rank)."""
     full, rest = divmod(count, batch_size * world_size)
     return full + (rest // world_size > 0)
 
 
-def _picks(ranges: list[range], batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int,
-           world_size: int) -> Iterator[list[tuple[int, int]]]:
+def batch_picks(ranges: list[range], batch_size: int, shuffle: bool, generator: torch.Generator | None, rank: int,
+                world_size: int, skip: int = 0) -> Iterator[list[tuple[int, int]]]:
     """This rank's (shard, row) picks of each batch (`FeatureCache.batches` says how they are chosen)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0…{world_size - 1}")
@@ -341,7 +353,7 @@ def _picks(ranges: list[range], batch_size: int, shuffle: bool, generator: torch
         n = len(ranges[s])
         order += [(s, i) for i in (torch.randperm(n, generator=generator).tolist() if shuffle else range(n))]
     step = batch_size * world_size
-    for start in range(0, len(order), step):
+    for start in range(skip * step, len(order), step):
         chunk = order[start : start + step]
         per = len(chunk) // world_size
         if per == 0:
@@ -349,7 +361,7 @@ def _picks(ranges: list[range], batch_size: int, shuffle: bool, generator: torch
         yield chunk[rank * per : (rank + 1) * per]
 
 
-class LiveFeatures(_Features):
+class LiveFeatures(FeatureSource):
     """A dataset read as a feature cache would be, its features extracted for each batch as it is read (`train
     --no-cache`: no scratch disk, one backbone forward per batch and epoch). Same interface as FeatureCache, and
     the same tensors as a one-shard bf16 cache of the same samples and seed (noise seed + sample index).
@@ -376,11 +388,11 @@ class LiveFeatures(_Features):
         self.record = {"data": source, "features": "extracted per batch (no cache)"}
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                rank: int = 0, world_size: int = 1, device: torch.device | str | None = None
+                rank: int = 0, world_size: int = 1, device: torch.device | str | None = None, skip: int = 0
                 ) -> Iterator[dict[str, torch.Tensor]]:
         """As `FeatureCache.batches`, over one shard holding every sample."""
         labels, spec = self.manifest["labels"], self.spec
-        for picks in _picks([range(len(self))], batch_size, shuffle, generator, rank, world_size):
+        for picks in batch_picks([range(len(self))], batch_size, shuffle, generator, rank, world_size, skip):
             idx = [i for _, i in picks]
             parts = []
             for a in range(0, len(idx), self.extract_batch_size):

@@ -27,7 +27,7 @@ from ..io.state import load_state, save_state
 from ..tasks import canonical, class_task
 from ..tasks import get as get_task
 from .evaluate import evaluate_head
-from .feature_cache import FeatureCache, LiveFeatures
+from .feature_cache import FeatureSource
 from .losses import LOSSES
 
 
@@ -82,7 +82,7 @@ class TrainConfig:
         check_side(self.side)
 
 
-def build_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
+def build_head(cache: FeatureSource, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
     first = next(cache.batches(1))  # one sample: the shapes
     _, l, t, _, c = first["features"].shape
     t_used = t if cfg.timesteps is None else len(cfg.timesteps)
@@ -144,13 +144,14 @@ def _dino(use: bool, batch: dict) -> torch.Tensor | None:
     return batch["dino"] if use else None
 
 
-def train_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, out: Path, *, classes: list[str],
-               palette: list | None = None, eval_cache: FeatureCache | LiveFeatures | None = None,
-               depth_unit: str = "") -> dict:
+def train_head(cache: FeatureSource, cfg: TrainConfig, out: Path, *, classes: list[str],
+               palette: list | None = None, eval_cache: FeatureSource | None = None,
+               depth_unit: str = "", save_every: int = 0) -> dict:
     """Train, evaluate the EMA weights on `eval_cache` (if given) and write out (safetensors head file). Features
     come from a cache, or from the backbone batch by batch (`LiveFeatures`).
 
-    Resumes from the hidden per-epoch state file beside `out` (.NAME.state.safetensors). Returns the metrics
+    Resumes from the hidden state file beside `out` (.NAME.state.safetensors), saved after every epoch and, with
+    `save_every`, every that many steps within one (a resumed epoch skips the batches it had done). Returns the metrics
     (on the main process; evaluation runs there only, and the others return {}).
     """
     from accelerate import Accelerator
@@ -170,7 +171,7 @@ def train_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, out: Path, 
     ], weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     state_path = out.with_name(f".{out.stem}.state.safetensors")  # hidden, git-ignored: resumable per-epoch state
-    start = 0
+    start = skip = 0
     weights = LossWeights(cfg)
     settings = {k: v for k, v in asdict(cfg).items() if k != "epochs"}  # more epochs may extend a run
     if state_path.is_file():
@@ -186,18 +187,32 @@ def train_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, out: Path, 
         except (RuntimeError, ValueError, KeyError) as e:  # torch lists every key: one line is enough
             raise ValueError(f"{state_path} does not fit this head ({str(e).splitlines()[0].rstrip(':')}): "
                              "delete it to start over") from None
-        start = st["epoch"]
+        start, skip = st["epoch"], st.get("batch", 0)
         weights.load(st.get("loss_weights", {}))
+        if "rng" in st:  # dropout draws on: a resumed run goes on as the uninterrupted one would
+            torch.set_rng_state(st["rng"])
+        if "cuda_rng" in st and acc.device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rng"], acc.device)
     ema.to(acc.device)
     grid, size = cache.grid, cache.image_size
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = cache.num_batches(cfg.batch_size, acc.num_processes)  # the same on every rank
+    def save(epoch: int, done: int) -> None:  # done: batches of `epoch` finished (0: the epoch is whole)
+        if acc.is_main_process:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_state(state_path, {"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                                    "opt": opt.state_dict(), "epoch": epoch, "batch": done,
+                                    "loss_weights": weights.state(), "settings": settings,
+                                    "rng": torch.get_rng_state()}
+                       | ({"cuda_rng": torch.cuda.get_rng_state(acc.device)} if acc.device.type == "cuda" else {}))
+
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed + epoch)
         model.train()
         t0, total, n = time.time(), torch.zeros((), device=acc.device), 0
-        for i, batch in enumerate(cache.batches(cfg.batch_size, shuffle=True, generator=gen, rank=acc.process_index,
-                                                world_size=acc.num_processes, device=acc.device)):
+        batches = cache.batches(cfg.batch_size, shuffle=True, generator=gen, rank=acc.process_index,
+                                world_size=acc.num_processes, device=acc.device, skip=skip)
+        for i, batch in enumerate(batches, start=skip):
             pred = run_head(model, cfg.side, batch, grid, size, timesteps=cfg.timesteps, extra=_dino(cfg.dino, batch),
                             source="the cache")
             losses = {t: LOSSES[get_task(t).kind](pred[t].float(), batch[t]) for t in cfg.tasks}  # {task: ()}
@@ -209,14 +224,14 @@ def train_head(cache: FeatureCache | LiveFeatures, cfg: TrainConfig, out: Path, 
             # EMA warm-up: early weights must not dominate short runs.
             ema_update(ema, acc.unwrap_model(model), min(cfg.ema, (1 + step) / (10 + step)))
             total, n = total + loss.detach(), n + 1  # no device sync per step: read once per epoch
+            if save_every and (i + 1) % save_every == 0 and i + 1 < steps_per_epoch:
+                save(epoch, i + 1)  # an epoch of `distill` is a whole generation run: keep its progress
+        skip = 0
         mean = acc.reduce((total / max(n, 1)).reshape(1), reduction="mean").item()
         if acc.is_main_process:
             print(f"[{'+'.join(cfg.tasks)}] epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} "
                   f"({steps_per_epoch} steps, {time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_state(state_path, {"model": acc.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
-                                    "opt": opt.state_dict(), "epoch": epoch + 1, "loss_weights": weights.state(),
-                                    "settings": settings})
+        save(epoch + 1, 0)
         acc.wait_for_everyone()
     metrics = {}
     if eval_cache is not None and acc.is_main_process:  # the others are done: no barrier to time out on
