@@ -224,30 +224,23 @@ def memory(heads: str, sizes: list[int], steps: int | None = None) -> dict:
 def flux_flops() -> dict:
     """FLOPs of FLUX.1-dev's transformer at 1024² (28 steps + 1 extra forward) vs the three heads at FLUX widths, and
     vs one unified head serving all three (one aggregation, a decoder per task: MMDiff App. C)."""
-    from diffusers import FluxTransformer2DModel
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from mmdiff_gen.backbones import FluxBackbone
+    from mmdiff_gen.backbones.flops import config_backbone, count_flops, forward_flops
     from mmdiff_gen.backbones.flux import FLUX_DEV
     from mmdiff_gen.tasks import get as get_task
     from mmdiff_gen.heads.model import HeadConfig, MMDiffHead
 
-    n_img, n_txt, grid = 4096, 512, (64, 64)  # 1024² → 64×64 tokens; FLUX.1-dev pads text to 512
+    n_img, grid = 4096, (64, 64)  # 1024² → 64×64 tokens; FLUX.1-dev pads text to 512
+    flux = config_backbone(FluxBackbone, "FluxTransformer2DModel", FLUX_DEV, vae_scale_factor=8, name="FLUX.1-dev")
+    per_forward = forward_flops(flux, rows=1, height=1024, width=1024, text_tokens=512)
+    heads = {}
+    union = list(dict.fromkeys(w for t in TASKS for w in get_task(t).concepts))  # the unified head reads all 10
     with torch.device("meta"):
-        tr = FluxTransformer2DModel(**FLUX_DEV)
-        args = dict(hidden_states=torch.empty(1, n_img, 64), encoder_hidden_states=torch.empty(1, n_txt, 4096),
-                    pooled_projections=torch.empty(1, 768), timestep=torch.empty(1), img_ids=torch.empty(n_img, 3),
-                    txt_ids=torch.empty(n_txt, 3), guidance=torch.empty(1), return_dict=False)
-        with FlopCounterMode(display=False) as fc:
-            tr(**args)
-        per_forward = fc.get_total_flops()
-        heads = {}
-        union = list(dict.fromkeys(w for t in TASKS for w in get_task(t).concepts))  # the unified head reads all 10
         for tasks, k in [((t,), len(get_task(t).concepts)) for t in TASKS] + [(tuple(TASKS), len(union))]:
             head = MMDiffHead(HeadConfig(tasks=tasks, feature_dim=3072, num_layers=4, num_timesteps=4, num_concepts=k,
                                          num_classes=21 if "seg" in tasks else 1))
-            with FlopCounterMode(display=False) as fc:
-                head(torch.empty(1, 4, 4, n_img, 3072), grid, (1024, 1024), concepts=torch.empty(1, k, *grid))
-            heads["+".join(tasks)] = fc.get_total_flops()
+            feats, concepts = torch.empty(1, 4, 4, n_img, 3072), torch.empty(1, k, *grid)
+            heads["+".join(tasks)] = count_flops(lambda: head(feats, grid, (1024, 1024), concepts=concepts))
     generation = 29 * per_forward  # 28 steps (distilled guidance: one call each) + the σ = 0.001 forward
     single = sum(heads[t] for t in TASKS)
     return {"transformer_forward": per_forward, "generation": generation, "heads": heads,

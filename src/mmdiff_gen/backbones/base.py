@@ -154,6 +154,11 @@ class Backbone(ABC):
                            guidance_scale: float, height: int, width: int) -> dict[str, torch.Tensor]:
         """Keyword arguments of one transformer forward on `latents` at per-row `sigma` (B,) (real-image mode)."""
 
+    @abstractmethod
+    def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
+        """Empty meta-device keyword arguments of one transformer forward on `rows` rows of height × width latents
+        with `text_tokens` text tokens: the shapes `transformer_inputs` passes, for FLOP counts (`flops.py`)."""
+
     @property
     def sampling(self) -> dict:
         """Recommended sampling settings (steps, guidance, size…) from mmdiff.json, else empty."""

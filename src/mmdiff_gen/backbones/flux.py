@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -135,3 +136,16 @@ class FluxBackbone(Backbone):
             "img_ids": self.image_ids(height, width),
             "return_dict": False,
         }
+
+    def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
+        cfg = self.transformer.config
+        n = math.prod(self.token_grid(height, width))  # packed image tokens
+
+        def e(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device="meta")
+
+        return {"hidden_states": e(rows, n, cfg.in_channels), "timestep": e(rows),
+                "guidance": e(rows) if cfg.guidance_embeds else None,
+                "pooled_projections": e(rows, cfg.pooled_projection_dim),
+                "encoder_hidden_states": e(rows, text_tokens, cfg.joint_attention_dim),
+                "txt_ids": e(text_tokens, 3), "img_ids": e(n, 3), "return_dict": False}

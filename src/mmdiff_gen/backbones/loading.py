@@ -177,14 +177,7 @@ def load_backbone(
         pipe = BUILTIN[model](dtype)
         name, settings, weights_id = model, {}, ""
     else:
-        source = model
-        if model in BUILTIN_FOLDERS:
-            source = str(BUILTIN_FOLDERS[model])
-            if not (BUILTIN_FOLDERS[model] / "model_index.json").is_file():
-                raise BackboneNotFound(f"the embedded {model!r} backbone is not in this install ({source}); "
-                                       f"train it with `mmdiff-gen toy train`")
-        folder, index = _read_model_index(source)
-        _adapter_for(index.get("_class_name", "?"))  # an unsupported pipeline fails before loading
+        folder, index = _pipeline_folder(model)
         cls = _pipeline_class(index["_class_name"])
         if storage == "int8":  # quantized while it loads (diffusers' TorchAoConfig): full weights never held
             from diffusers import TorchAoConfig
@@ -196,9 +189,7 @@ def load_backbone(
             pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **pipeline_kwargs)
         except OSError as err:
             raise BackboneNotFound(f"could not load {model!r} from {folder}: {str(err).splitlines()[0]}") from None
-        settings_file = Path(folder) / SETTINGS_FILE
-        name, weights_id = model, _weights_id(Path(folder))
-        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        name, weights_id, settings = model, _weights_id(Path(folder)), _settings(Path(folder))
     if lora is not None:
         load_lora(pipe, lora, lora_scale)
     apply_runtime(pipe, offload=offload, storage=storage, dtype=dtype, device=device)
@@ -206,6 +197,49 @@ def load_backbone(
     bb = _adapter_for(type(pipe).__name__)(pipe, name=name, settings=settings, weights_id=weights_id)
     bb.runtime = describe(pipe)
     return bb
+
+
+def _pipeline_folder(model: str) -> tuple[str, dict]:
+    """(folder, model_index.json) of a pipeline named by a built-in folder name, a path or a hub id; an unsupported
+    pipeline fails here, before anything loads."""
+    source = model
+    if model in BUILTIN_FOLDERS:
+        source = str(BUILTIN_FOLDERS[model])
+        if not (BUILTIN_FOLDERS[model] / "model_index.json").is_file():
+            raise BackboneNotFound(f"the embedded {model!r} backbone is not in this install ({source}); "
+                                   f"train it with `mmdiff-gen toy train`")
+    folder, index = _read_model_index(source)
+    _adapter_for(index.get("_class_name", "?"))
+    return folder, index
+
+
+def _settings(folder: Path) -> dict:
+    """The folder's mmdiff.json (recommended sampling, capture layers), else {}."""
+    path = folder / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def meta_backbone(model: str) -> Backbone:
+    """The backbone `model` names (as `load_backbone` takes it), its transformer built on the meta device from its
+    config files, no weights read: geometry, identity and FLOP counts in seconds, whatever its size, before a run
+    loads it (`train --recipe`'s cost plan needs only the snapshot's JSON files). The in-memory short names
+    (tiny-random) are built whole: they are tiny. Without a loaded tokenizer the text length is mmdiff.json's, else the
+    family's cap (FLUX 512, SD3 256 T5 tokens)."""
+    from .flops import config_backbone
+
+    if model in BUILTIN:
+        return load_backbone(model, dtype=torch.float32, device="cpu")
+    folder, index = _pipeline_folder(model)
+    try:
+        config = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise BackboneNotFound(f"{model!r} has no {Path(e.filename).parent.name}/config.json in {folder}") from None
+    # FluxPipeline / StableDiffusion3Pipeline: 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return config_backbone(_adapter_for(index["_class_name"]), index["transformer"][1], config,
+                           vae_scale_factor=scale, name=model, settings=_settings(Path(folder)),
+                           weights_id=_weights_id(Path(folder)))
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name

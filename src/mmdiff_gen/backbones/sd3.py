@@ -159,3 +159,16 @@ class SD3Backbone(Backbone):
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "return_dict": False,
         }
+
+    def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
+        cfg = self.transformer.config
+        h, w = self.token_grid(height, width)
+        p = int(cfg.patch_size)
+        clip = int(getattr(self.pipe, "tokenizer_max_length", 77))  # the CLIP tokens before T5's in the context
+
+        def e(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device="meta")
+
+        return {"hidden_states": e(rows, cfg.in_channels, h * p, w * p), "timestep": e(rows),
+                "pooled_projections": e(rows, cfg.pooled_projection_dim),
+                "encoder_hidden_states": e(rows, clip + text_tokens, cfg.joint_attention_dim), "return_dict": False}

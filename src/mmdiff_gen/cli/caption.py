@@ -58,20 +58,9 @@ def caption(
         r, w, source = worker_identity(rank, world_size)
     with clean_errors():
         dataset = open_dataset(data, split=split)  # a bad --data fails before a model loads
-        if model == "oracle":
-            if prompt is not None:
-                fail("--prompt: the toy oracle takes no prompt (it reads the render's objects)", code=2)
-            from ..toy.captioner import OracleCaptioner
-
-            check_output(out_path, OracleCaptioner.describe())  # an --out of another captioner: before loading
-            captioner = OracleCaptioner.load(device=dev)
-        else:
-            from ..backbones.captioner import CAPTION_PROMPT, Captioner, describe
-
-            text = CAPTION_PROMPT if prompt is None else prompt
-            check_output(out_path, describe(model, text, max_new_tokens))
-            captioner = Captioner.load(model, device=dev, dtype=torch_dtype(dtype, dev), prompt=text,
-                                       max_new_tokens=max_new_tokens)
+        choice = captioner_choice(model, prompt=prompt, max_new_tokens=max_new_tokens, device=dev, dtype=dtype)
+        check_output(out_path, choice.identity())  # an --out of another captioner: before loading
+        captioner = choice.load()
         if w > 1:
             out.print(f"worker {r} of {w} ({source}) on {dev}: batches b ≡ {r} (mod {w})", highlight=False,
                       soft_wrap=True)
@@ -83,3 +72,23 @@ def caption(
     else:
         out.print(f"worker {r} of {w}: its {run.owned} images are captioned ({done}); worker 0 assembles {out_path}",
                   highlight=False, soft_wrap=True)
+
+
+def captioner_choice(model: str, *, prompt: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+                     device: str = "cpu", dtype: str = "auto"):
+    """`--model` of `caption` (and the captioner of `train --recipe`) as a `jobs.caption.CaptionerChoice`: the toy
+    oracle, or a VLM with `prompt` (None: the default instruction) on `device` in `dtype`."""
+    from ..jobs.caption import CaptionerChoice
+
+    if model == "oracle":
+        if prompt is not None:
+            fail("--prompt: the toy oracle takes no prompt (it reads the render's objects)", code=2)
+        from ..toy.captioner import OracleCaptioner
+
+        return CaptionerChoice(identity=OracleCaptioner.describe, load=lambda: OracleCaptioner.load(device=device))
+    from ..backbones.captioner import CAPTION_PROMPT, Captioner, describe
+
+    text = CAPTION_PROMPT if prompt is None else prompt
+    return CaptionerChoice(identity=lambda: describe(model, text, max_new_tokens),
+                           load=lambda: Captioner.load(model, device=device, dtype=torch_dtype(dtype, device),
+                                                       prompt=text, max_new_tokens=max_new_tokens))

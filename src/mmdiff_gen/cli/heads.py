@@ -133,9 +133,11 @@ def extract(
 
 
 def train(
-    task: Annotated[str, typer.Option(help="seg, saliency (sal) or depth; several (seg,sal,depth) train one "
-                                           "multi-task head sharing one aggregation.")],
-    out_path: Annotated[Path, typer.Option("--out", help="Head file to write (.safetensors).")],
+    ctx: typer.Context,
+    task: Annotated[str | None, typer.Option(help="seg, saliency (sal) or depth; several (seg,sal,depth) train one "
+                                                  "multi-task head sharing one aggregation.")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Head file to write (.safetensors); with --recipe, "
+                                                                "the heads folder.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Training feature cache (filled from --data first when "
                                                     "given).")] = None,
     eval_cache: Annotated[Path | None, typer.Option(help="Validation feature cache, scored at the end "
@@ -164,12 +166,32 @@ def train(
     timesteps: Annotated[str | None, typer.Option(help="Sigma indices to use, e.g. 3 (default: all).")] = None,
     fusion: Annotated[str, typer.Option(help="learned (paper) or mean (ablation).")] = "learned",
     decoder_channels: Annotated[int | None, typer.Option(help="Decoder width (default 256).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Run a whole recipe with the paper's settings: voc, duts, nyu "
+                                                    "or toy (caption → extract → train → eval → card, each stage "
+                                                    "resumable; its cost printed first). Options given explicitly "
+                                                    "override the recipe's.")] = None,
+    work: Annotated[Path | None, typer.Option(help="With --recipe: the folder of its captions and feature caches "
+                                                   "(re-run the command to resume).")] = None,
+    captioner: Annotated[str | None, typer.Option(help="With --recipe: the captioning model, as `caption --model` "
+                                                        "takes it, or none [the recipe's: google/gemma-3-4b-it; toy: "
+                                                        "oracle].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --recipe: print what the run will cost (images, "
+                                                            "GPU time, scratch disk) and exit.")] = False,
 ) -> None:
     """Train one head on a feature cache, or on --data directly with --no-cache (resumable): one task, or several
-    sharing one aggregation.
+    sharing one aggregation. With --recipe: caption, extract, train, score and card in one command.
 
     Many GPUs: one process group, a process per GPU (torchrun or accelerate launch); --data is extracted shard by
     shard across them, then every process trains on its share of each batch, all for the same number of steps."""
+    if recipe is not None:
+        from .recipe import train_recipe
+
+        return train_recipe(ctx)
+    misplaced = [o for o, v in (("--work", work), ("--captioner", captioner), ("--dry-run", dry_run)) if v]
+    if misplaced:
+        fail(f"{misplaced[0]} goes with --recipe", code=2)
+    if task is None or out_path is None:
+        fail("--task and --out are required (the head's tasks and its file), or --recipe", code=2)
     picked = parse_tasks(task, option="--task")
     zero_shot = [t for t in picked if not get_task(t).trained]
     if zero_shot:
@@ -199,9 +221,7 @@ def train(
     if side not in SIDES:
         raise typer.BadParameter(f"choose from {', '.join(SIDES)}, got {side!r}", param_hint="'--side'")
 
-    # Training ranks are those of its process group (torchrun, accelerate launch): SLURM task and job-array ids
-    # do not split the extraction, so array tasks training different heads each extract their whole data.
-    group = {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
+    group = group_env()
     what = dict(tasks=list(picked), size=size, captions=captions, cross_attention=reads_cross(side))
     with clean_errors():
         if no_cache:
@@ -280,7 +300,7 @@ def distill(
     from ..train.feature_cache import FeatureCache, open_live
     from ..train.trainer import TrainConfig
 
-    group = {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
+    group = group_env()
     head = (("decoder_channels", decoder_channels),) if decoder_channels else ()
     with clean_errors(usage=(SettingsError,)):  # an image size the backbone cannot take is a usage error
         cfg = TrainConfig(tasks=picked, epochs=epochs, batch_size=batch_size, lr=lr, head=head)
@@ -350,6 +370,13 @@ def evaluate(
     _print_metrics(by_task)
     if json_out is not None:  # a one-task head's metrics as they are; a multi-task head's by task
         json_out.write_text(json.dumps(by_task if len(by_task) > 1 else next(iter(by_task.values())), indent=1))
+
+
+def group_env() -> dict[str, str]:
+    """The environment that names this process's rank in its process group (torchrun, accelerate launch). Training
+    ranks are the group's: SLURM task and job-array ids do not split the extraction, so array tasks training
+    different heads each extract their whole data."""
+    return {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES")}
 
 
 def _one_head(source: Path) -> Path:

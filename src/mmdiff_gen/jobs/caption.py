@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,15 @@ class Captioner(Protocol):
     def identity(self) -> dict: ...
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class CaptionerChoice:
+    """A captioner named but not loaded yet: `identity()` is what its captions file will record (read without
+    loading it: an `--out` of another captioner is refused first), `load()` places it (a VLM: gigabytes)."""
+
+    identity: Callable[[], dict]
+    load: Callable[[], Captioner]
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,13 @@ def _present(out: Path, strict_parts: Sequence[Path] = ()) -> dict[str, str]:
         for key, caption in _scan(path, strict=path == out or path in strict_parts)[0]:
             found.setdefault(key, caption)
     return found
+
+
+def captioned(out: Path, keys: Sequence[str]) -> int:
+    """How many of `keys` have a line in the captions file `out` (part files not counted: `out` is what `--captions`
+    reads, and it holds every key once worker 0 has assembled it)."""
+    found = {k for k, _ in _scan(Path(out), strict=False)[0]}
+    return sum(k in found for k in keys)
 
 
 def check_output(out: Path, identity: dict, claim: bool = False) -> None:

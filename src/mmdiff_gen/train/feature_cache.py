@@ -104,6 +104,20 @@ def missing_shards(root: Path, manifest: dict) -> list[int]:
     return [s for s in range(n) if not (Path(root) / done_file(s)).is_file()]
 
 
+def finished_cache(root: Path, expect: dict) -> bool:
+    """Whether `root` holds a finished cache whose cache.json agrees with `expect` (JSON-shaped, any of backbone,
+    spec, codec, count, keys_sha256, image_size, …) on each key: a check cheap enough to make before a backbone
+    loads. `extract_dataset` makes the whole one, and refuses a cache of other inputs."""
+    path = Path(root) / "cache.json"
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    if missing_shards(root, manifest):
+        return False
+    have = _identity(manifest)
+    return all(have.get(k) == v for k, v in expect.items())
+
+
 def extract_dataset(backbone: Backbone, data: str, out: Path, tasks: Sequence[str], *, split: str | None = None,
                     size: int | None = None, captions: Path | None = None, cross_attention: bool = False,
                     blocks: str = "feature", **build) -> int:
@@ -114,7 +128,7 @@ def extract_dataset(backbone: Backbone, data: str, out: Path, tasks: Sequence[st
     from ..io.datasets import open_dataset
 
     ds = open_dataset(data, split=split, size=size, captions=captions)
-    build_cache(backbone, ds, _dataset_spec(tasks, cross_attention, blocks), out, source=_source(data, split), **build)
+    build_cache(backbone, ds, dataset_spec(tasks, cross_attention, blocks), out, source=_source(data, split), **build)
     return len(ds)
 
 
@@ -125,7 +139,7 @@ def open_live(backbone: Backbone, data: str, tasks: Sequence[str], *, split: str
     from ..io.datasets import open_dataset
 
     ds = open_dataset(data, split=split, size=size, captions=captions)
-    return LiveFeatures(backbone, ds, _dataset_spec(tasks, cross_attention, blocks),
+    return LiveFeatures(backbone, ds, dataset_spec(tasks, cross_attention, blocks),
                         source=_source(data, split), **live)
 
 
@@ -134,7 +148,7 @@ def _source(data: str, split: str | None) -> str:
     return data + (f" {split}" if split else "")
 
 
-def _dataset_spec(tasks: Sequence[str], cross_attention: bool, blocks: str) -> CaptureSpec:
+def dataset_spec(tasks: Sequence[str], cross_attention: bool, blocks: str) -> CaptureSpec:
     """What heads of `tasks` read: their paper concept sets, optionally the averaged cross-attention."""
     return CaptureSpec.for_tasks(tasks, cross_attention=cross_attention, store_device="cpu", blocks=blocks)
 
@@ -169,8 +183,12 @@ def _manifest(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, 
     return source_manifest(backbone, spec, first.image.shape[:2], count=len(samples),
                            labels=[t for t in first.labels if get_task(t).trained],
                            classes=getattr(samples, "classes", []), palette=getattr(samples, "palette", []), dino=dino,
-                           keys_sha256=hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16], seed=seed,
-                           codec=codec)
+                           keys_sha256=keys_digest(keys), seed=seed, codec=codec)
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+    """What a cache records of its samples' keys (cache.json "keys_sha256")."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,

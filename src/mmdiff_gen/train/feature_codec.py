@@ -11,6 +11,8 @@ BENCHMARKS.md "Compact feature caches" measures the codecs (and a scale per chan
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CODECS = ("bf16", "int8", "fp8")
@@ -25,6 +27,13 @@ def check_codec(codec: str) -> str:
     if codec not in CODECS:
         raise ValueError(f"feature codec must be one of {', '.join(CODECS)}, got {codec!r}")
     return codec
+
+
+def stored_bytes(shape: tuple[int, ...], codec: str, itemsize: int = 2) -> int:
+    """Bytes `encode` stores for features of `shape` (..., N, C) with a scale per token: `itemsize` bytes a value as
+    captured (bf16: 2), 1 in 8 bits plus a float32 scale per token. The disk arithmetic of a cost plan."""
+    n = math.prod(shape)
+    return n * itemsize if check_codec(codec) == "bf16" else n + n // shape[-1] * 4
 
 
 def encode(features: torch.Tensor, codec: str, per: str = "token") -> dict[str, torch.Tensor]:

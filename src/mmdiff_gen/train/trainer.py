@@ -85,19 +85,25 @@ class TrainConfig:
 def build_head(cache: FeatureSource, cfg: TrainConfig, num_classes: int) -> MMDiffHead:
     first = next(cache.batches(1))  # one sample: the shapes
     _, l, t, _, c = first["features"].shape
-    t_used = t if cfg.timesteps is None else len(cfg.timesteps)
     cm, ca = side_maps(cfg.side, first, "the cache")
     k = (0 if cm is None else cm.shape[2]) + (0 if ca is None else 1)
     extra = _dino(cfg.dino, first)
-    e = 0 if extra is None else extra.shape[1]
-    h = cache.grid[0]
-    rates = tuple(sorted({max(1, round(r * h / 32)) for r in (6, 12, 18)}))  # DeepLabV3's rates at a 32-token grid
-    head_cfg = HeadConfig(tasks=cfg.tasks, feature_dim=c, num_layers=l, num_timesteps=t_used, num_concepts=k,
-                          num_classes=num_classes, fusion=cfg.fusion if t_used > 1 else "mean", aspp_rates=rates,
-                          extra_channels=e)
-    head_cfg = replace(head_cfg, **dict(cfg.head))
+    head_cfg = head_config(cfg, feature_dim=c, num_layers=l, num_timesteps=t, num_side=k, num_classes=num_classes,
+                           grid=cache.grid, extra_channels=0 if extra is None else extra.shape[1])
     torch.manual_seed(cfg.seed)
     return MMDiffHead(head_cfg)
+
+
+def head_config(cfg: TrainConfig, *, feature_dim: int, num_layers: int, num_timesteps: int, num_side: int,
+                num_classes: int, grid: tuple[int, int], extra_channels: int = 0) -> HeadConfig:
+    """The head `train_head` builds for features (L = num_layers, T = num_timesteps captured, C = feature_dim) on a
+    token grid, `num_side` side maps (concepts, + 1 for cross-attention) and `extra_channels` (DINOv3)."""
+    t_used = num_timesteps if cfg.timesteps is None else len(cfg.timesteps)
+    rates = tuple(sorted({max(1, round(r * grid[0] / 32)) for r in (6, 12, 18)}))  # DeepLabV3's at a 32-token grid
+    head_cfg = HeadConfig(tasks=cfg.tasks, feature_dim=feature_dim, num_layers=num_layers, num_timesteps=t_used,
+                          num_concepts=num_side, num_classes=num_classes, fusion=cfg.fusion if t_used > 1 else "mean",
+                          aspp_rates=rates, extra_channels=extra_channels)
+    return replace(head_cfg, **dict(cfg.head))
 
 
 @torch.no_grad()
