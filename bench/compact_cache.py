@@ -13,6 +13,10 @@ One command, one run (resumable: renders and caches are kept in --work):
    from an 8-bit cache of the same renders (same seeds, same steps), each scored on the held-out cache of its codec.
 3. Disk per sample of each cache as written, and the epoch time of the same head read from the bf16 cache, from
    the 8-bit cache and with no cache (features extracted for each batch: `train --no-cache`).
+4. With --flux-geometry: the bytes per sample of a bf16 and an 8-bit cache of one 512² image extracted by a
+   random FLUX-architecture transformer of FLUX.1-dev's width (3 072) and token grid (32 × 32), its 4 single-stream
+   blocks standing for the paper's 4 captured layers (≈ 1 B parameters: minutes on a CPU; a cache's bytes depend
+   on its shapes only, not on the weights).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmdiff_gen.backbones import load_backbone
@@ -127,6 +132,32 @@ def feature_error_between(ref: FeatureCache, other: FeatureCache) -> float:
     return (num / den) ** 0.5
 
 
+def flux_geometry_bytes(work: Path, codec: str) -> dict:
+    """Bytes per sample of caches of one 512² render extracted at FLUX.1-dev's geometry (module docstring, 4.)."""
+    from PIL import Image
+
+    from mmdiff_gen.backbones import wrap_pipeline
+    from mmdiff_gen.backbones.tiny import build_tiny_flux
+    from mmdiff_gen.io.readers import Sample
+    from mmdiff_gen.toy.world import render_scene
+
+    # 24 heads × 128 = 3 072 wide; a VAE of 4 stages downsamples 8× and FLUX packs 2 × 2 latents: 512² → 32 × 32.
+    pipe = build_tiny_flux(dim_head=128, heads=24, double_blocks=1, single_blocks=4, vae_channels=(16, 32, 32, 32))
+    bb = wrap_pipeline(pipe.to(torch.bfloat16), name="flux-dev-geometry")
+    scene = render_scene(VAL_SEED)
+    image = np.asarray(Image.fromarray(scene.image).resize((512, 512), Image.NEAREST))
+    labels = {"seg": np.asarray(Image.fromarray(scene.seg).resize((512, 512), Image.NEAREST))}
+    sample = Sample(key="0", image=image, caption=scene.caption, labels=labels)
+    spec = CaptureSpec.for_tasks(["seg"], store_device="cpu")
+    out = {}
+    for c in ("bf16", codec):
+        cache = FeatureCache(build_cache(bb, [sample], spec, work / f"flux_geometry_{c}", codec=c))
+        shard = cache.root / "shard_00000.safetensors"
+        out[c] = {"bytes_per_sample": cache.manifest["bytes_per_sample"], "shard_file_bytes": shard.stat().st_size,
+                  "features_shape": list(next(cache.batches(1))["features"].shape[1:])}
+    return out
+
+
 def report(res: dict) -> str:
     lines = [f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}; backbone {res['model']}, {res['train']} train / {res['val']} held-out "
@@ -149,6 +180,9 @@ def report(res: dict) -> str:
     lines += ["", "bytes per sample: " + ", ".join(f"{c} {v:,}" for c, v in bps.items()),
               "one epoch: " + ", ".join(f"{k} {v:.1f} s ({v / res['epoch_s']['bf16']:.2f}×)"
                                         for k, v in res["epoch_s"].items())]
+    for c, g in res.get("flux_geometry", {}).items():
+        lines.append(f"FLUX.1-dev geometry, one 512² image, {c}: features {g['features_shape']}, "
+                     f"{g['bytes_per_sample'] / 2**20:.2f} MiB per sample ({g['shard_file_bytes']:,} bytes on disk)")
     return "\n".join(lines)
 
 
@@ -161,13 +195,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--codec", default="int8", help="the 8-bit codec whose caches are written and retrained on")
+    ap.add_argument("--flux-geometry", action="store_true", help="also measure a cache at FLUX.1-dev's geometry")
+    ap.add_argument("--only-flux-geometry", action="store_true", help="measure that alone")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     model = "toy"
     if args.smoke:
         model, args.train, args.val, args.epochs, args.batch = "tiny-random", 6, 4, 1, 3
-    res = measure(Path(args.work), model, args.train, args.val, args.epochs, args.batch, args.codec)
-    print(report(res))
+    work = Path(args.work)
+    if args.only_flux_geometry:
+        res = {"flux_geometry": flux_geometry_bytes(work, args.codec)}
+        print(json.dumps(res, indent=1))
+    else:
+        res = measure(work, model, args.train, args.val, args.epochs, args.batch, args.codec)
+        if args.flux_geometry:
+            res["flux_geometry"] = flux_geometry_bytes(work, args.codec)
+        print(report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return res

@@ -262,6 +262,45 @@ def downstream(
         report.write_text(json.dumps(result, indent=1))
 
 
+@app.command("first-heads")
+def first_heads(
+    part: Annotated[str, typer.Option(help="captions (exact vs oracle vs empty captions) or distill (heads from N "
+                                           "renders vs distilled from N generated images).")],
+    work: Annotated[Path | None, typer.Option(help="Renders, captions, caches and heads "
+                                              "[~/.cache/mmdiff-gen/toy-first-heads]; re-run to resume.")] = None,
+    train_scenes: Annotated[int, typer.Option(help="captions: training renders.")] = 2000,
+    ns: Annotated[str, typer.Option("--n", help="distill: numbers of renders / generated images.")] = "200,1000",
+    val_scenes: Annotated[int, typer.Option(help="Held-out renders every head is scored on.")] = 500,
+    epochs: Annotated[int, typer.Option(help="captions: epochs of each head.")] = 4,
+    steps: Annotated[int, typer.Option(help="distill: steps of each head (batch 16).")] = 200,
+    consistency_n: Annotated[int, typer.Option(help="distill: generated images of the consistency protocol.")] = 200,
+    report: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+) -> None:
+    """Heads without the paper's inputs: whether real images' captions matter, and heads distilled from generated
+    images labelled by the oracle against heads trained on labelled renders."""
+    from ..toy.first_heads import caption_study, distill_study
+
+    if part not in ("captions", "distill"):
+        raise typer.BadParameter(f"choose captions or distill, got {part!r}", param_hint="'--part'")
+    try:
+        sizes = tuple(int(x) for x in ns.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated integers expected, got {ns!r}", param_hint="'--n'") from None
+    if min(train_scenes, val_scenes, epochs, steps, consistency_n, *sizes) < 1:
+        fail("--train-scenes, --val-scenes, --epochs, --steps, --consistency-n and --n must be ≥ 1", code=2)
+    if report is not None:
+        output_file(report, "--report")
+    folder = work or Path.home() / ".cache" / "mmdiff-gen" / "toy-first-heads"
+    with clean_errors():
+        if part == "captions":
+            result = caption_study(folder, train_scenes=train_scenes, val_scenes=val_scenes, epochs=epochs)
+        else:
+            result = distill_study(folder, ns=sizes, val_scenes=val_scenes, steps=steps, consistency_n=consistency_n)
+    out.print(json.dumps(result, indent=1))
+    if report is not None:
+        report.write_text(json.dumps(result, indent=1))
+
+
 _DOWNSTREAM_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-downstream"
 _HEADS_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-heads"
 _ABLATION_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-ablation"

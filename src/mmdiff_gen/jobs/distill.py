@@ -69,7 +69,8 @@ class GeneratedFeatures(FeatureSource):
                                         labels=teacher.tasks, classes=classes,
                                         palette=getattr(teacher, "palette", None) or voc_palette(len(classes)))
         self.root = "generated"
-        self.record = {"distilled": {
+        self.record = {"data": f"generated: {len(prompts)} prompts × {images_per_prompt}, labelled by "
+                               f"{teacher.identity()['name']}", "distilled": {
             "teacher": teacher.identity(), "prompts": len(prompts), "images_per_prompt": images_per_prompt,
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16], "seed": seed,
             "sampling": {k: v for k, v in self.kw.items() if isinstance(v, (int, float, str, type(None)))}}}
@@ -97,7 +98,7 @@ class GeneratedFeatures(FeatureSource):
                 out[name] = getattr(cap, name)
         for task, labels in self.teacher(images).items():
             out[task] = torch.from_numpy(np.ascontiguousarray(labels).astype(get_task(task).label_dtype))
-        return {k: v.cpu() for k, v in out.items()}
+        return out  # features stay where the backbone made them (the training device)
 
 
 def distill(backbone: Backbone, prompts: Sequence[str], teacher: Labeller, cfg: TrainConfig, out: Path, *,

@@ -30,16 +30,17 @@ TASKS = ["seg", "saliency", "depth"]
 @torch.no_grad()
 def run_consistency(heads: Path | None, n: int = 200, batch_size: int = 25, model: str = "toy",
                     keep: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25), grounding: dict | None = None,
-                    tasks: tuple[str, ...] = tuple(TASKS), lora: Path | None = None, lora_scale: float = 1.0) -> dict:
+                    tasks: tuple[str, ...] = tuple(TASKS), lora: Path | None = None, lora_scale: float = 1.0,
+                    steps: int | None = None) -> dict:
     """Metrics of the heads of `tasks` (and openseg) against the oracle on n generated images (1–3 objects per
     caption), and the seg consistency of the best-scored `keep` fractions under each quality signal.
 
     `grounding` overrides openseg's layer / sigma / threshold (default: the backbone's); `lora` is loaded into the
-    backbone (`tasks=()`: openseg alone, no heads)."""
+    backbone (`tasks=()`: openseg alone, no heads); `steps`: sampling steps (default: the backbone's)."""
     bb = load_backbone(model, dtype=torch.float32, device="cpu", lora=lora, lora_scale=lora_scale)
     ann = build_annotator(bb, head_files(Path(heads), list(tasks)) if tasks else {}, list(CLASSES), grounding)
     oracle = Oracle.from_checkpoint()
-    kw = bb.sampling_kwargs()
+    kw = bb.sampling_kwargs(num_inference_steps=steps)
     size = (kw["height"], kw["width"])
     meters = {t: METRICS[get_task(t).kind](len(CLASSES)) for t in (*tasks, "openseg")}
     captions = [render_scene(CONSISTENCY_SEED + i).caption for i in range(n)]

@@ -203,6 +203,7 @@ def train_head(cache: FeatureSource, cfg: TrainConfig, out: Path, *, classes: li
     grid, size = cache.grid, cache.image_size
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = cache.num_batches(cfg.batch_size, acc.num_processes)  # the same on every rank
+
     def save(epoch: int, done: int) -> None:  # done: batches of `epoch` finished (0: the epoch is whole)
         if acc.is_main_process:
             out.parent.mkdir(parents=True, exist_ok=True)
