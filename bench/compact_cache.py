@@ -11,12 +11,11 @@ One command, one run (resumable: renders and caches are kept in --work):
    against bf16.
 2. Retrained: one head for segmentation, saliency and depth (a shared aggregation) trained from a bf16 cache and
    from an 8-bit cache of the same renders (same seeds, same steps), each scored on the held-out cache of its codec.
-3. Disk per sample of each cache as written, and the epoch time of the same head read from the bf16 cache, from
-   the 8-bit cache and with no cache (features extracted for each batch: `train --no-cache`).
-4. With --flux-geometry: the bytes per sample of a bf16 and an 8-bit cache of one 512² image extracted by a
-   random FLUX-architecture transformer of FLUX.1-dev's width (3 072) and token grid (32 × 32), its 4 single-stream
-   blocks standing for the paper's 4 captured layers (≈ 1 B parameters: minutes on a CPU; a cache's bytes depend
-   on its shapes only, not on the weights).
+3. Disk per sample of each cache as written, and the cost of a training step of the same head when its batch is
+   read from the bf16 cache, from the 8-bit cache, or extracted with no cache (`train --no-cache`).
+4. The bytes on disk of one 512² FLUX.1-dev sample as a bf16 and an 8-bit cache store it: the tensors a shard holds
+   per sample at FLUX.1-dev's shapes (4 layers × 4 sigmas × 1 024 tokens × 3 072 channels, the segmentation concept
+   maps and labels), written as a shard is (a cache's bytes depend on its shapes only, not on the values).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mmdiff_gen.backbones import load_backbone
@@ -41,7 +39,10 @@ from mmdiff_gen.toy.world import CLASSES
 from mmdiff_gen.train.evaluate import evaluate_head
 from mmdiff_gen.train.feature_cache import FeatureCache, LiveFeatures, build_cache
 from mmdiff_gen.train.feature_codec import decode, encode
-from mmdiff_gen.train.trainer import TrainConfig, train_head
+from mmdiff_gen.heads.inputs import run_head
+from mmdiff_gen.tasks import get as get_task
+from mmdiff_gen.train.losses import LOSSES
+from mmdiff_gen.train.trainer import TrainConfig, build_head, train_head
 
 VARIANTS = [("int8", "token"), ("int8", "channel"), ("fp8", "token"), ("fp8", "channel")]
 KEYS = {"seg": "miou", "saliency": "max_f", "depth": "abs_rel"}
@@ -98,7 +99,7 @@ def measure(work: Path, model: str, n_train: int, n_val: int, epochs: int, batch
                 bb, FilesDataset(scenes), spec, work / f"{split}_cache_{c}", batch_size=64, codec=c))
     val = caches["bf16"]["val"]
     heads = shipped_heads(model)
-    res: dict = {"model": model, "train": n_train, "val": n_val, "epochs": epochs, "codec": codec,
+    res: dict = {"model": model, "train": n_train, "val": n_val, "epochs": epochs, "batch": batch, "codec": codec,
                  "shipped_bf16": score(heads, val), "codecs": {}}
     for c, per in VARIANTS:
         res["codecs"][f"{c}/{per}"] = {"rel_l2": feature_error(val, c, per), "heads": score(heads, Recoded(val, c, per))}
@@ -108,20 +109,43 @@ def measure(work: Path, model: str, n_train: int, n_val: int, epochs: int, batch
 
     # Retrained on each cache, and an epoch from the bf16 cache, the 8-bit cache and no cache.
     cfg = TrainConfig(tasks=TASKS, epochs=epochs, batch_size=batch, lr=1e-3, head=TOY_HEAD)
-    res["retrained"], res["epoch_s"] = {}, {}
+    res["retrained"] = {}
     for c in ("bf16", codec):
-        t0 = time.perf_counter()
         m = train_head(caches[c]["train"], cfg, work / f"heads_{c}" / "all.safetensors", classes=list(CLASSES),
                        eval_cache=caches[c]["val"], depth_unit="metre")
-        res["retrained"][c] = {t: m[t][KEYS[t]] for t in TASKS} | {"seconds": time.perf_counter() - t0}
-    one = TrainConfig(tasks=TASKS, epochs=1, batch_size=batch, lr=1e-3, head=TOY_HEAD)
+        res["retrained"][c] = {t: m[t][KEYS[t]] for t in TASKS}
     sources = {c: caches[c]["train"] for c in caches} | {"no cache": LiveFeatures(
         bb, FilesDataset(work / "train_scenes"), spec, source="train_scenes", extract_batch_size=batch)}
-    for name, src in sources.items():
-        t0 = time.perf_counter()
-        train_head(src, one, work / "epoch" / f"{name.replace(' ', '_')}.safetensors", classes=list(CLASSES))
-        res["epoch_s"][name] = time.perf_counter() - t0
+    res["step_s"] = step_seconds(sources, cfg)
     return res
+
+
+def step_seconds(sources: dict, cfg: TrainConfig, batches: int = 8, rounds: int = 3) -> dict:
+    """Seconds per training step on each source: producing a batch (reading and decoding a cache's rows, or
+    extracting them) plus the head's step (forward, backward, AdamW: the same on every source). The sources take
+    turns, `batches` batches each per round, and each time is the minimum over `rounds`: load from other processes
+    hits every source alike."""
+    data = {name: float("inf") for name in sources}
+    for _ in range(rounds):
+        for name, src in sources.items():
+            it = src.batches(cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+            for _ in range(min(batches, src.num_batches(cfg.batch_size))):
+                t0 = time.perf_counter()
+                batch = next(it)
+                data[name] = min(data[name], time.perf_counter() - t0)
+    src = next(iter(sources.values()))
+    model = build_head(src, cfg, len(CLASSES))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    step = float("inf")
+    for _ in range(rounds * batches):
+        t0 = time.perf_counter()
+        pred = run_head(model, cfg.side, batch, src.grid, src.image_size)
+        loss = sum(LOSSES[get_task(t).kind](pred[t].float(), batch[t]) for t in cfg.tasks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step = min(step, time.perf_counter() - t0)
+    return {"head_step": step, "data": data, "total": {k: v + step for k, v in data.items()}}
 
 
 def feature_error_between(ref: FeatureCache, other: FeatureCache) -> float:
@@ -133,28 +157,24 @@ def feature_error_between(ref: FeatureCache, other: FeatureCache) -> float:
 
 
 def flux_geometry_bytes(work: Path, codec: str) -> dict:
-    """Bytes per sample of caches of one 512² render extracted at FLUX.1-dev's geometry (module docstring, 4.)."""
-    from PIL import Image
+    """Bytes on disk of one 512² FLUX.1-dev sample as a cache shard holds it (module docstring, 4.): the tensors
+    `feature_cache.extract_batch` stores, at FLUX.1-dev's shapes, written by the same safetensors call."""
+    from safetensors.torch import save_file
 
-    from mmdiff_gen.backbones import wrap_pipeline
-    from mmdiff_gen.backbones.tiny import build_tiny_flux
-    from mmdiff_gen.io.readers import Sample
-    from mmdiff_gen.toy.world import render_scene
+    from mmdiff_gen.tasks import get as get_task
 
-    # 24 heads × 128 = 3 072 wide; a VAE of 4 stages downsamples 8× and FLUX packs 2 × 2 latents: 512² → 32 × 32.
-    pipe = build_tiny_flux(dim_head=128, heads=24, double_blocks=1, single_blocks=4, vae_channels=(16, 32, 32, 32))
-    bb = wrap_pipeline(pipe.to(torch.bfloat16), name="flux-dev-geometry")
-    scene = render_scene(VAL_SEED)
-    image = np.asarray(Image.fromarray(scene.image).resize((512, 512), Image.NEAREST))
-    labels = {"seg": np.asarray(Image.fromarray(scene.seg).resize((512, 512), Image.NEAREST))}
-    sample = Sample(key="0", image=image, caption=scene.caption, labels=labels)
-    spec = CaptureSpec.for_tasks(["seg"], store_device="cpu")
+    l, t, n, c = 4, 4, 32 * 32, 3072  # the paper's layers × sigmas, 512² / 16 px per token, FLUX.1-dev's width
+    k = len(get_task("seg").concepts)
+    features = torch.randn(1, l, t, n, c).to(torch.bfloat16)  # values do not change the bytes
+    rest = {"concept_maps": torch.rand(1, t, k, n), "seg": torch.zeros(1, 512, 512, dtype=torch.uint8),
+            "index": torch.zeros(1, dtype=torch.int64)}
+    work.mkdir(parents=True, exist_ok=True)
     out = {}
-    for c in ("bf16", codec):
-        cache = FeatureCache(build_cache(bb, [sample], spec, work / f"flux_geometry_{c}", codec=c))
-        shard = cache.root / "shard_00000.safetensors"
-        out[c] = {"bytes_per_sample": cache.manifest["bytes_per_sample"], "shard_file_bytes": shard.stat().st_size,
-                  "features_shape": list(next(cache.batches(1))["features"].shape[1:])}
+    for cd in ("bf16", codec):
+        path = work / f"flux_sample_{cd}.safetensors"
+        save_file(encode(features, cd) | rest, str(path))
+        out[cd] = {"file_bytes": path.stat().st_size, "features_shape": [l, t, n, c]}
+        path.unlink()
     return out
 
 
@@ -175,14 +195,16 @@ def report(res: dict) -> str:
     lines += ["", f"retrained ({res['epochs']} epochs, one head for the three tasks):", ""]
     for c, r in res["retrained"].items():
         lines.append(f"- {c}: seg mIoU {r['seg']:.2f}, saliency max F {r['saliency']:.4f}, depth AbsRel "
-                     f"{r['depth']:.4f} ({r['seconds']:.0f} s)")
+                     f"{r['depth']:.4f}")
     bps = res["bytes_per_sample"]
+    st = res["step_s"]
     lines += ["", "bytes per sample: " + ", ".join(f"{c} {v:,}" for c, v in bps.items()),
-              "one epoch: " + ", ".join(f"{k} {v:.1f} s ({v / res['epoch_s']['bf16']:.2f}×)"
-                                        for k, v in res["epoch_s"].items())]
-    for c, g in res.get("flux_geometry", {}).items():
-        lines.append(f"FLUX.1-dev geometry, one 512² image, {c}: features {g['features_shape']}, "
-                     f"{g['bytes_per_sample'] / 2**20:.2f} MiB per sample ({g['shard_file_bytes']:,} bytes on disk)")
+              f"a training step (batch {res['batch']}): head {st['head_step'] * 1000:.0f} ms + producing the batch: "
+              + ", ".join(f"{k} {v * 1000:.1f} ms (step {st['total'][k] / st['total']['bf16']:.2f}× bf16's)"
+                          for k, v in st["data"].items())]
+    for c, g in res["flux_geometry"].items():
+        lines.append(f"one 512² FLUX.1-dev sample ({c}, features {g['features_shape']}): {g['file_bytes']:,} bytes "
+                     f"= {g['file_bytes'] / 2**20:.2f} MiB")
     return "\n".join(lines)
 
 
@@ -195,22 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--codec", default="int8", help="the 8-bit codec whose caches are written and retrained on")
-    ap.add_argument("--flux-geometry", action="store_true", help="also measure a cache at FLUX.1-dev's geometry")
-    ap.add_argument("--only-flux-geometry", action="store_true", help="measure that alone")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     model = "toy"
     if args.smoke:
         model, args.train, args.val, args.epochs, args.batch = "tiny-random", 6, 4, 1, 3
     work = Path(args.work)
-    if args.only_flux_geometry:
-        res = {"flux_geometry": flux_geometry_bytes(work, args.codec)}
-        print(json.dumps(res, indent=1))
-    else:
-        res = measure(work, model, args.train, args.val, args.epochs, args.batch, args.codec)
-        if args.flux_geometry:
-            res["flux_geometry"] = flux_geometry_bytes(work, args.codec)
-        print(report(res))
+    res = measure(work, model, args.train, args.val, args.epochs, args.batch, args.codec)
+    res["flux_geometry"] = flux_geometry_bytes(work, args.codec)
+    print(report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return res

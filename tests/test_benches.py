@@ -95,4 +95,7 @@ def test_compact_cache_smoke(tmp_path):
     res = bench("compact_cache").main(["--smoke", "--work", str(tmp_path)])
     assert res["bytes_per_sample"]["int8"] < res["bytes_per_sample"]["bf16"]
     assert all(0 < r["rel_l2"] < 0.05 for r in res["codecs"].values())
-    assert set(res["epoch_s"]) == {"bf16", "int8", "no cache"} and set(res["retrained"]) == {"bf16", "int8"}
+    assert set(res["step_s"]["total"]) == {"bf16", "int8", "no cache"} and set(res["retrained"]) == {"bf16", "int8"}
+    assert res["step_s"]["head_step"] > 0 and all(v > 0 for v in res["step_s"]["data"].values())
+    fg = res["flux_geometry"]  # one 512² FLUX.1-dev sample on disk: 96.3 MiB in bf16, half in 8 bits
+    assert 96 * 2**20 < fg["bf16"]["file_bytes"] < 97 * 2**20 and fg["int8"]["file_bytes"] < 0.51 * fg["bf16"]["file_bytes"]

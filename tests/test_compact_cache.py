@@ -101,6 +101,7 @@ def test_cli_train_no_cache_and_codec(scenes, tmp_path):
 
 def test_cli_codecs_are_the_library_codecs():
     from mmdiff_gen.cli import _options
-    from mmdiff_gen.train.feature_codec import CODECS
+    from mmdiff_gen.train.feature_codec import CODECS, DEFAULT
 
-    assert _options.FEATURE_CODECS == CODECS  # the CLI names them without importing torch (--help stays fast)
+    # the CLI names them without importing torch (--help stays fast)
+    assert (_options.FEATURE_CODECS, _options.DEFAULT_CODEC) == (CODECS, DEFAULT)

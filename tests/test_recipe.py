@@ -1,6 +1,7 @@
 """`train --recipe`: the recipes as data, their cost plan (FLOPs on the meta device, cache bytes), and one run end to
 end on toy renders — resumed with every stage skipped, and a failed stage leaving the earlier ones' outputs."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_recipes_are_the_papers():
     voc, duts, nyu, toy = (RECIPES[n] for n in ("voc", "duts", "nyu", "toy"))
     for r, task in ((voc, "seg"), (duts, "saliency"), (nyu, "depth")):
         assert (r.tasks, r.head, r.kinds) == ((task,), task, (r.name,))
-        assert (r.size, r.epochs, r.batch_size, r.lr, r.codec, r.captioner) == (512, 20, 16, 1e-4, "bf16", CAPTIONER)
+        assert (r.size, r.epochs, r.batch_size, r.lr, r.codec, r.captioner) == (512, 20, 16, 1e-4, "int8", CAPTIONER)
     assert CAPTIONER == "google/gemma-3-4b-it"
     assert voc.splits("voc:/d/VOC2012") == ("train_aug", "val")
     assert duts.splits("duts:/d/DUTS") == ("TR", "TE")
@@ -58,7 +59,7 @@ def test_cost_of_voc_at_flux_dev_numbers():
     voc = RECIPES["voc"]
     caption, ext_tr, ext_ev, train, ev = plan_cost(voc, per, train_images=10582, eval_images=1449, captioner="gemma")
     assert caption.flops is None and caption.images == 10582 + 1449
-    assert ext_tr.flops == 10582 * 86e12 and ext_tr.disk == 10582 * 96 * MiB
+    assert ext_tr.flops == 10582 * 86e12 and ext_tr.disk == 10582 * per.cache_bytes("int8")  # the recipe's codec
     assert ext_tr.flops / SUSTAINED_FLOPS / 3600 == pytest.approx(2.03, abs=0.01)  # "≈ 2 h" (README)
     assert train.flops == 20 * 10582 * TRAIN_FLOPS * 1e12 and train.reads == 20 * ext_tr.disk and train.disk == 0
     assert ev.flops == 1449 * 1e12 and ev.reads == ext_ev.disk
@@ -66,7 +67,8 @@ def test_cost_of_voc_at_flux_dev_numbers():
     lines = plan_cost(voc, per, train_images=10582, eval_images=1449, no_cache=True)
     assert [x.stage for x in lines] == ["train: 20 epochs, extracting each batch", "eval"]
     assert lines[0].flops == 20 * 10582 * (3e12 + 86e12) and sum(x.disk + x.reads for x in lines) == 0
-    text = _render(cost_table(plan_cost(voc, per, train_images=10582, eval_images=1449), title="voc"))
+    bf16 = dataclasses.replace(voc, codec="bf16")
+    text = _render(cost_table(plan_cost(bf16, per, train_images=10582, eval_images=1449), title="voc"))
     assert "2.03 h" in text and "992 GiB" in text and "19.5 TiB" in text  # 10 582 × 96 MiB; read 20 times + eval
 
 
@@ -172,7 +174,7 @@ def test_toy_recipe_end_to_end(toy_run, renders):
     cache = FeatureCache(root / "work" / "cache_train")
     sample = cache.manifest
     per = per_image(meta_backbone("toy"), get_recipe("toy"), labels=_labels(renders / "train"), num_classes=7)
-    assert per.cache_bytes("bf16") == sample["bytes_per_sample"]
+    assert sample["codec"] == "int8" and per.cache_bytes("int8") == sample["bytes_per_sample"]
 
 
 def _labels(folder):

@@ -66,9 +66,10 @@ def check_runtime(offload: str, storage: str, device: str) -> None:
 
 # As train.feature_codec.CODECS names them (a test keeps the two equal).
 FEATURE_CODECS = ("bf16", "int8", "fp8")
+DEFAULT_CODEC = "int8"  # train.feature_codec.DEFAULT
 Codec = Annotated[str, typer.Option(
-    help="How the feature cache stores features: bf16 (as captured), int8 or fp8 (8 bits with a scale per token: "
-         "half the disk; see BENCHMARKS.md for what it changes).",
+    help="How the feature cache stores features: int8 or fp8 (8 bits with a scale per token: half the disk; "
+         "BENCHMARKS.md measures what it changes) or bf16 (as captured).",
     callback=lambda v: _one_of(v, FEATURE_CODECS, "--codec"))]
 
 

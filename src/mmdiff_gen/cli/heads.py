@@ -17,9 +17,9 @@ from rich.table import Table
 from ..tasks import class_task
 from ..tasks import get as get_task
 from ._errors import clean_errors, err, fail
-from ._options import (Blocks, Codec, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
-                       check_runtime, output_file, parse_bytes, parse_tasks, read_prompts, resolve_device, torch_dtype,
-                       worker)
+from ._options import (DEFAULT_CODEC, Blocks, Codec, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model,
+                       Offload, Storage, check_runtime, output_file, parse_bytes, parse_tasks, read_prompts,
+                       resolve_device, torch_dtype, worker)
 
 out = Console()
 # Images per real-image forward when train / eval extract for themselves: × 4 sigmas = 16 rows, a modest
@@ -99,7 +99,7 @@ def extract(
     max_shard_bytes: Annotated[str, typer.Option(help="Tensor bytes per shard (2G = 2 GiB; K, M, G binary): bounds "
                                                       "the host memory of extraction.")] = "2G",
     seed: Annotated[int, typer.Option(help="Noise seed base; sample i uses seed + i.")] = 0,
-    codec: Codec = "bf16",
+    codec: Codec = DEFAULT_CODEC,
     dino: Dino = None,
     lora: Lora = None,
     lora_scale: LoraScale = 1.0,
@@ -148,7 +148,7 @@ def train(
                                                               "each batch inside the training loop instead of "
                                                               "caching them: no scratch disk, one backbone forward "
                                                               "per batch and epoch.")] = False,
-    codec: Codec = "bf16",
+    codec: Codec = DEFAULT_CODEC,
     eval_data: Annotated[str | None, typer.Option(help="Validation dataset, as --data.")] = None,
     eval_split: Annotated[str | None, typer.Option(help="Validation split, as --split.")] = None,
     size: Size = None,

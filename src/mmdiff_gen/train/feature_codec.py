@@ -16,6 +16,10 @@ import math
 import torch
 
 CODECS = ("bf16", "int8", "fp8")
+# What `extract`, `train` and the recipes store unless told otherwise: on the toy backbone the heads score the same
+# on int8 features, decoded or retrained (BENCHMARKS.md), at half the disk. `build_cache` itself keeps bf16, so
+# caches written before codecs resume as they are.
+DEFAULT = "int8"
 # The largest magnitude each 8-bit code represents: int8's symmetric range; float8_e4m3fn's largest finite value.
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 # Scales per token: the absmax over the last (channel) axis. "channel" (absmax over the tokens, axis -2) is kept

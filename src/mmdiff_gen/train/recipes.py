@@ -25,7 +25,7 @@ from ..heads.model import MMDiffHead
 from ..tasks import canonical, class_task
 from ..tasks import get as get_task
 from .feature_cache import dataset_spec
-from .feature_codec import check_codec, stored_bytes
+from .feature_codec import DEFAULT, check_codec, stored_bytes
 from .trainer import TrainConfig, head_config
 
 CAPTIONER = "google/gemma-3-4b-it"  # MMDiff §4.4: real images captioned with Gemma-3-4B
@@ -52,7 +52,7 @@ class Recipe:
         size: images resized and center-cropped to size × size.
         epochs, batch_size, lr: as `TrainConfig` (batch per process).
         decoder_channels: decoder width (None: the head's default, 256).
-        codec: how the feature cache stores features (`feature_codec`; bf16: the library default, as captured).
+        codec: how the feature cache stores features (`feature_codec`; default int8: half the disk of bf16).
         captioner: the model that captions each image (a VLM id, or the toy world's `oracle`).
     """
 
@@ -67,7 +67,7 @@ class Recipe:
     batch_size: int = 16
     lr: float = 1e-4
     decoder_channels: int | None = None
-    codec: str = "bf16"
+    codec: str = DEFAULT
     captioner: str = CAPTIONER
     mat_splits: tuple[str, str] | None = None
 
