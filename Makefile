@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_job.py
 	$(BIN)/python bench/compile_capture.py
 	$(BIN)/python bench/storage_agreement.py
+	$(BIN)/python bench/compact_cache.py
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(BIN)/python bench/gpu_check.py; else echo "bench/gpu_check.py: no CUDA device here, skipped"; fi
 

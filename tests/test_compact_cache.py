@@ -105,3 +105,19 @@ def test_cli_codecs_are_the_library_codecs():
 
     # the CLI names them without importing torch (--help stays fast)
     assert (_options.FEATURE_CODECS, _options.DEFAULT_CODEC) == (CODECS, DEFAULT)
+
+
+def test_captions_are_part_of_a_cache(tiny, scenes, tmp_path):
+    # Captions condition the features: a cache extracted with other captions is another cache, never reused.
+    from mmdiff_gen.train.feature_cache import extract_dataset
+
+    keys = FilesDataset(scenes / "scenes").keys
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(f'{{"key": "{k}", "caption": "a red circle"}}\n' for k in keys))
+    extract_dataset(tiny, str(scenes / "scenes"), tmp_path / "c", ["seg"], captions=caps, batch_size=6)
+    assert FeatureCache(tmp_path / "c").manifest["captions_sha256"]
+    extract_dataset(tiny, str(scenes / "scenes"), tmp_path / "c", ["seg"], captions=caps)  # the same: kept
+    caps.write_text(caps.read_text().replace("red", "blue"))
+    for other in (caps, None):
+        with pytest.raises(ValueError, match="other data or settings"):
+            extract_dataset(tiny, str(scenes / "scenes"), tmp_path / "c", ["seg"], captions=other)

@@ -37,8 +37,8 @@ from ..heads.card import write_card
 from ..heads.checkpoint import read_meta
 from ..io.datasets import open_dataset
 from ..tasks import get as get_task
-from ..train.feature_cache import (FeatureCache, dataset_spec, extract_dataset, finished_cache, keys_digest, open_live,
-                                   wait_for_cache)
+from ..train.feature_cache import (FeatureCache, captions_digest, dataset_spec, extract_dataset, finished_cache,
+                                   keys_digest, open_live, wait_for_cache)
 from ..train.recipes import CostLine, PerImage, Recipe, per_image, plan_cost
 from ..train.trainer import train_head
 from .caption import CaptionerChoice, caption_dataset, captioned, check_output
@@ -233,12 +233,13 @@ def _load(run: RecipeRun):
     return bb, DinoFeatures.load(run.dino, device=run.device, dtype=run.dtype)
 
 
-def _cache_expected(run: RecipeRun, backbone: dict, data: str, split: str | None) -> dict:
+def _cache_expected(run: RecipeRun, backbone: dict, data: str, split: str | None, captions: Path | None) -> dict:
     """What a finished cache of this split must record, known without loading the backbone (`backbone`: the
     identity of its meta twin)."""
     dataset = open_dataset(data, split=split)
     size = run.recipe.size
-    return {"backbone": backbone, "codec": run.recipe.codec, "count": len(dataset), "keys_sha256": keys_digest(
+    return {"backbone": backbone, "codec": run.recipe.codec, "captions_sha256": captions_digest(captions),
+            "count": len(dataset), "keys_sha256": keys_digest(
         dataset.keys), "image_size": [size, size], "seed": 0, "dino": {},
             "spec": json.loads(json.dumps(dataset_spec(run.recipe.tasks, False, "feature").to_dict()))}
 
@@ -249,7 +250,8 @@ def _extract(run: RecipeRun, sources: dict, note: Callable[[str, str], None]):
     if run.lora is None and run.dino is None:  # else only the loaded backbone can tell its identity: always load
         identity = meta_backbone(run.model).identity()
         todo = [which for which, (data, split) in sources.items()
-                if not finished_cache(Path(run.work) / f"cache_{which}", _cache_expected(run, identity, data, split))]
+                if not finished_cache(Path(run.work) / f"cache_{which}",
+                                      _cache_expected(run, identity, data, split, run.captions_path(which)))]
     if not todo:
         note("extract", "skipped: both caches are finished")
         return None

@@ -92,7 +92,8 @@ def _identity(manifest: dict) -> dict:
     (a cache written before a CaptureSpec field existed holds that field's default; before codecs, bf16)."""
     # "source" names a path: the same data read from another place is the same cache (keys_sha256 says so)
     return {k: v for k, v in manifest.items() if k not in LAYOUT and k != "source"} | {
-        "spec": json.loads(json.dumps(_spec(manifest).to_dict())), "codec": manifest.get("codec", "bf16")}
+        "spec": json.loads(json.dumps(_spec(manifest).to_dict())), "codec": manifest.get("codec", "bf16"),
+        "captions_sha256": manifest.get("captions_sha256", "")}
 
 
 def missing_shards(root: Path, manifest: dict) -> list[int]:
@@ -128,7 +129,8 @@ def extract_dataset(backbone: Backbone, data: str, out: Path, tasks: Sequence[st
     from ..io.datasets import open_dataset
 
     ds = open_dataset(data, split=split, size=size, captions=captions)
-    build_cache(backbone, ds, dataset_spec(tasks, cross_attention, blocks), out, source=_source(data, split), **build)
+    build_cache(backbone, ds, dataset_spec(tasks, cross_attention, blocks), out, source=_source(data, split),
+                captions=captions_digest(captions), **build)
     return len(ds)
 
 
@@ -141,6 +143,12 @@ def open_live(backbone: Backbone, data: str, tasks: Sequence[str], *, split: str
     ds = open_dataset(data, split=split, size=size, captions=captions)
     return LiveFeatures(backbone, ds, dataset_spec(tasks, cross_attention, blocks),
                         source=_source(data, split), **live)
+
+
+def captions_digest(path: Path | None) -> str:
+    """What a cache records of the captions its images were conditioned on (the file's sha256; "" for none): the
+    features depend on them, so a cache made with other captions is another cache."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path is not None else ""
 
 
 def _source(data: str, split: str | None) -> str:
@@ -194,7 +202,7 @@ def keys_digest(keys: Sequence[str]) -> str:
 def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec, out: Path, *,
                 shard_size: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, batch_size: int = 16,
                 seed: int = 0, on_batch: Callable[[int], None] | None = None, dino: DinoFeatures | None = None,
-                rank: int = 0, world_size: int = 1, codec: str = "bf16", source: str = "") -> Path:
+                rank: int = 0, world_size: int = 1, codec: str = "bf16", source: str = "", captions: str = "") -> Path:
     """Extract features of this worker's shards of `samples` into `out` (resumable: finished shards are kept).
 
     Args:
@@ -207,6 +215,8 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
         codec: how features are stored (`feature_codec`: "bf16" as captured, or "int8" / "fp8" with a scale per
             token, half the bytes); readers decode them.
         source: where the samples come from ("voc:/data/VOC2012 val"), recorded for the heads trained on it.
+        captions: `captions_digest` of the captions file the samples' captions come from ("": their own); another
+            one makes another cache.
 
     Noise seeds are seed + sample index and batches start at shard starts, so a cache is reproducible whatever
     the number of workers (byte for byte on one device type) and, within rounding, the batch size. With `dino`,
@@ -220,7 +230,8 @@ def build_cache(backbone: Backbone, samples: Sequence[Sample], spec: CaptureSpec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "cache.json"
-    manifest = _manifest(backbone, samples, spec, seed, dino, codec) | ({"source": source} if source else {})
+    manifest = (_manifest(backbone, samples, spec, seed, dino, codec) | ({"source": source} if source else {})
+                | ({"captions_sha256": captions} if captions else {}))
     first = samples[0]
     labels = manifest["labels"]
     if manifest_path.is_file():
