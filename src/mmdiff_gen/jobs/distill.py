@@ -22,7 +22,7 @@ from ..capture import CaptureSpec, generate
 from ..heads.inputs import reads_cross
 from ..io.datasets import voc_palette
 from ..tasks import get as get_task
-from ..train.feature_cache import FeatureCache, FeatureSource, LiveFeatures, batch_picks, source_manifest
+from ..train.feature_cache import FeatureSource, batch_picks, joined, source_manifest
 from ..train.trainer import TrainConfig, train_head
 from .dataset_job import check_size
 from .plan import plan_samples
@@ -82,9 +82,7 @@ class GeneratedFeatures(FeatureSource):
         step = self.generate_batch_size or batch_size
         for picks in batch_picks([range(len(self))], batch_size, shuffle, generator, rank, world_size, skip):
             idx = [i for _, i in picks]
-            parts = [self._generate(idx[a : a + step]) for a in range(0, len(idx), step)]
-            rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            yield {k: v.to(device) for k, v in rows.items()} if device is not None else rows
+            yield joined([self._generate(idx[a : a + step]) for a in range(0, len(idx), step)], device)
 
     def _generate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         samples = [self.samples[i] for i in idx]

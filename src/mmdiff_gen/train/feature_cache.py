@@ -364,6 +364,12 @@ class FeatureCache(FeatureSource):
             yield decode({k: v.to(device) for k, v in rows.items()} if device is not None else rows, dtype)
 
 
+def joined(parts: list[dict[str, torch.Tensor]], device: torch.device | str | None) -> dict[str, torch.Tensor]:
+    """One batch from the parts it was produced in (row-wise), on `device` (None: where they are)."""
+    rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {k: v.to(device) for k, v in rows.items()} if device is not None else rows
+
+
 def num_batches(count: int, batch_size: int, world_size: int = 1) -> int:
     """Batches each of `world_size` ranks gets from `batch_picks` over `count` samples (the same for every rank)."""
     full, rest = divmod(count, batch_size * world_size)
@@ -429,8 +435,7 @@ class LiveFeatures(FeatureSource):
                 batch = [self.samples[i] for i in chunk]
                 check_one_size(batch, self.shape)
                 parts.append(extract_batch(self.backbone, batch, chunk, spec, self.seed, labels, self.dino))
-            rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            yield {k: v.to(device) for k, v in rows.items()} if device is not None else rows
+            yield joined(parts, device)
 
 
 class _Rows:
