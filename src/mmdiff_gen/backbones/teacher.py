@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loading import BackboneNotFound, hub_snapshot
+from .loading import BackboneNotFound, _weights_id, hub_snapshot
 
 # Depth models whose output is relative inverse depth (disparity), by transformers model type; Depth Anything
 # says so itself (config.depth_estimation_type).
@@ -73,11 +73,8 @@ class Teacher:
             raise ValueError(f"{name} is not a {'semantic-segmentation' if task == 'seg' else 'depth-estimation'} "
                              f"model ({str(e).splitlines()[0][:120]})") from None
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        h = hashlib.sha256()
-        for f in sorted(folder.glob("*.safetensors")):
-            with open(f, "rb") as fh:  # size + the first MiB: cheap, and tells same-shape checkpoints apart
-                h.update(f"{f.name}:{f.stat().st_size};".encode() + fh.read(1 << 20))
-        return cls(model.to(device), processor, task, name=str(name), weights_id=h.hexdigest()[:16])
+        return cls(model.to(device), processor, task, name=str(name),
+                   weights_id=_weights_id(folder, files="*.safetensors"))
 
     def identity(self) -> dict:
         """What a distilled head records of its teacher."""
