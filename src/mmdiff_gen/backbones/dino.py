@@ -55,7 +55,8 @@ class DinoFeatures:
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no DINOv3 model at {folder} (expected a folder with config.json and weights)")
-        model = DINOv3ViTModel.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
+        model = DINOv3ViTModel.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                               use_safetensors=True).to(device)  # never a pickled .bin
         h = hashlib.sha256()
         for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
             with open(f, "rb") as fh:  # size + the first MiB: cheap, and tells same-shape checkpoints apart
