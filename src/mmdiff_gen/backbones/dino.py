@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .loading import config_digest
+
 # ImageNet statistics, which DINOv3's web-image (LVD) models are trained with; a model folder's
 # preprocessor_config.json overrides them (the satellite models use others).
 MEAN = (0.485, 0.456, 0.406)
@@ -73,10 +75,7 @@ class DinoFeatures:
 
     def identity(self) -> dict:
         """What a head trained on these features records and later checks."""
-        cfg = {k: v for k, v in sorted(self.model.config.to_dict().items())
-               if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
-        blob = json.dumps({**cfg, "mean": self.mean, "std": self.std}, sort_keys=True, default=str)
-        return {"name": self.name, "config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        return {"name": self.name, "config_sha256": config_digest(self.model.config, mean=self.mean, std=self.std),
                 "layers": list(self.layers), "weights": self.weights_id}
 
     @torch.no_grad()

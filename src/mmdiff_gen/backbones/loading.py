@@ -116,6 +116,14 @@ DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # 1 MiB read per weight file, whatever its size
 
 
+def config_digest(config, **extra) -> str:
+    """A transformers model's architecture as a short hash: its config's public fields (not its dtype or the
+    transformers version that wrote it) and `extra` (e.g. DINOv3's normalisation). Heads record and check it."""
+    fields = {k: v for k, v in config.to_dict().items()
+              if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
+    return hashlib.sha256(json.dumps({**fields, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _weights_id(folder: Path, files: str = "transformer/*") -> str:
     """A cheap fingerprint of the weights: the Hub commit of a cached snapshot (content-addressed), else
     the weight files (`files`, a glob in `folder`: a pipeline's transformer, a VLM's `*.safetensors`) — names,

@@ -10,14 +10,12 @@ records (`depth_unit`). Metric models (Depth Anything V2 Metric, ZoeDepth, GLPN,
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .loading import BackboneNotFound, _weights_id, hub_snapshot
+from .loading import BackboneNotFound, _weights_id, config_digest, hub_snapshot
 
 # Depth models whose output is relative inverse depth (disparity), by transformers model type; Depth Anything
 # says so itself (config.depth_estimation_type).
@@ -78,11 +76,8 @@ class Teacher:
 
     def identity(self) -> dict:
         """What a distilled head records of its teacher."""
-        cfg = {k: v for k, v in sorted(self.model.config.to_dict().items())
-               if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
-        blob = json.dumps(cfg, sort_keys=True, default=str)
         return {"name": self.name, "task": self.tasks[0], "weights": self.weights_id, "depth_unit": self.depth_unit,
-                "config_sha256": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+                "config_sha256": config_digest(self.model.config)}
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:

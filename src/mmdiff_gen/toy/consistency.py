@@ -20,7 +20,7 @@ from ..jobs.annotate import build_annotator, head_files
 from ..tasks import get as get_task
 from ..train.evaluate import METRICS
 from ..train.metrics import SegMetrics
-from .oracle import Oracle
+from .oracle import OracleTeacher
 from .world import CLASSES, render_scene
 
 CONSISTENCY_SEED = 7_500_000  # caption scenes; disjoint from training, held-out and fidelity seeds
@@ -39,7 +39,7 @@ def run_consistency(heads: Path | None, n: int = 200, batch_size: int = 25, mode
     backbone (`tasks=()`: openseg alone, no heads); `steps`: sampling steps (default: the backbone's)."""
     bb = load_backbone(model, dtype=torch.float32, device="cpu", lora=lora, lora_scale=lora_scale)
     ann = build_annotator(bb, head_files(Path(heads), list(tasks)) if tasks else {}, list(CLASSES), grounding)
-    oracle = Oracle.from_checkpoint()
+    oracle = OracleTeacher()  # the oracle's labels as renders hold them (saliency: its 0 / 255 mask)
     kw = bb.sampling_kwargs(num_inference_steps=steps)
     size = (kw["height"], kw["width"])
     meters = {t: METRICS[get_task(t).kind](len(CLASSES)) for t in (*tasks, "openseg")}
@@ -52,9 +52,8 @@ def run_consistency(heads: Path | None, n: int = 200, batch_size: int = 25, mode
         images = (gen.images * 255).round().astype(np.uint8)  # (B, H, W, 3), what a dataset would store
         a = ann(gen.capture, size, prompts=batch)
         ours = {k: v.numpy() for k, v in a.labels.items()}
-        ref = oracle.predict(images)
+        ref = oracle(images)
         ref["openseg"] = ref["seg"]
-        ref["saliency"] = np.where(ref["saliency"] >= 128, 255, 0).astype(np.uint8)  # the oracle's mask
         for t, m in meters.items():
             for j in range(len(batch)):
                 m.update(ours[t][j], ref[t][j])
