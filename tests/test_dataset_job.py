@@ -263,8 +263,10 @@ def test_each_worker_makes_its_gpu_current_before_loading(monkeypatch, tmp_path,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", made_current)
     (tmp_path / "p.txt").write_text("a red circle\n")
+    # generate checks its heads before choosing the GPU: openseg needs none
+    extra = ["--tasks", "openseg", "--classes", "background,circle"] if command == "generate" else []
     res = CliRunner().invoke(app, [command, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
-                                   "--device", "cuda", "--model", "tiny-random"],
+                                   "--device", "cuda", "--model", "tiny-random", *extra],
                              env={"LOCAL_RANK": "1", "WORLD_SIZE": "2", "RANK": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert isinstance(res.exception, _MadeCurrent) and res.exception.args == ("cuda:1",), res.output
 
@@ -311,11 +313,13 @@ def test_done_marker_vouches_for_bytes_and_damage_is_caught_and_redone(tiny, ann
     from mmdiff_gen.cli import app
     from mmdiff_gen.io.dataset import IncompleteDataset, check_shards
     from mmdiff_gen.io.shards import file_digest
+    from mmdiff_gen.io.store import LocalStore
 
     ref, _ = reference
     out = _copy(ref, tmp_path / "ds")
     st = json.loads((out / "00001_stats.json").read_text())
-    assert st["files"] == {"00001.tar": dict(zip(("bytes", "sha256"), file_digest(out / "00001.tar")))}
+    vouched = {name: {k: f[k] for k in ("bytes", "sha256")} for name, f in st["files"].items()}
+    assert vouched == {"00001.tar": dict(zip(("bytes", "sha256"), file_digest(LocalStore(out), "00001.tar")))}
     assert st["written"] == 2
     with open(out / "00001.tar", "r+b") as f:  # truncated: `truncate -s`, a copy cut short
         f.truncate(5000)
@@ -340,6 +344,19 @@ def test_done_marker_vouches_for_bytes_and_damage_is_caught_and_redone(tiny, ann
     assert res.exit_code == 1, res.output
     assert "damaged     00000: 00000.tar: sha256 differs" in res.output and "unfinished  00001" in res.output
     assert CliRunner().invoke(app, ["verify", str(ref)]).exit_code == 0
+    # A re-run repairs it: the tar was written after its marker (its mtime moved), so its sha256 is checked.
+    rep = run_generate(tiny, annotator, PROMPTS, job(out), progress=False)
+    assert (rep.shards_damaged, rep.shards_written, rep.shards_skipped) == (1, 2, 0)
+    assert shard_bytes(out) == shard_bytes(ref) and CliRunner().invoke(app, ["verify", str(out)]).exit_code == 0
+    # A copy moves every mtime: shards whose bytes still match are kept (their markers record the new versions).
+    import os
+
+    copy = _copy(out, tmp_path / "copy")
+    for p in copy.glob("*.tar"):
+        os.utime(p, ns=(1, 1))
+    rep = run_generate(tiny, annotator, PROMPTS, job(copy), progress=False)
+    assert (rep.shards_damaged, rep.shards_written, rep.shards_skipped) == (0, 0, 2)
+    assert json.loads((copy / "00000_stats.json").read_text())["files"]["00000.tar"]["version"] == "1"
 
 
 def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, tmp_path, monkeypatch):
@@ -371,7 +388,7 @@ def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, 
         assert all(s.prompt in new_prompts for s in GeneratedDataset(out, allow_partial=True))
         return "new"
 
-    real_rename, real_write, real_writer, real_indexes = (os.rename, dataset_job.write_json_atomic,
+    real_rename, real_write, real_writer, real_indexes = (os.rename, dataset_job.write_json,
                                                           shards.ShardWriter.write, dataset_job._write_indexes)
 
     def rename_then_die(a, b):
@@ -381,8 +398,8 @@ def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, 
     def die(*_):
         raise Killed
 
-    def dataset_json_then_die(path, obj):
-        real_write(path, obj)
+    def dataset_json_then_die(store, name, obj):
+        real_write(store, name, obj)
         raise Killed
 
     def die_in_second_sample(self, key, members):
@@ -395,7 +412,7 @@ def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, 
         raise Killed
 
     moments = [(os, "rename", rename_then_die), (shards, "_move_back", die),
-               (dataset_job, "write_json_atomic", dataset_json_then_die),
+               (dataset_job, "write_json", dataset_json_then_die),
                (shards.ShardWriter, "write", die_in_second_sample), (dataset_job, "_write_indexes", first_shard_then_die)]
     seen = []
     for i, (owner, name, fake) in enumerate(moments):
@@ -440,11 +457,11 @@ def test_claims_keep_two_writers_apart(tiny, annotator, reference, tmp_path):
     live_tmp.unlink()
     # Shard 0 is held by a live process: this worker leaves it alone and writes the rest.
     busy = ShardClaim(out, 0)
-    busy.path.write_text(json.dumps({"host": host, "pid": os.getppid(), "token": "other", "since": 0}))
+    (out / busy.name).write_text(json.dumps({"host": host, "pid": os.getppid(), "token": "other", "since": 0}))
     rep = run_generate(tiny, annotator, PROMPTS, job(out), progress=False)
     assert (rep.shards_busy, rep.shards_written) == (1, 1) and not (out / "00000.tar").exists()
     # Its holder died: the claim is stale and taken over.
-    busy.path.write_text(json.dumps({"host": host, "pid": dead_pid, "token": "other", "since": 0}))
+    (out / busy.name).write_text(json.dumps({"host": host, "pid": dead_pid, "token": "other", "since": 0}))
     rep = run_generate(tiny, annotator, PROMPTS, job(out), progress=False)
     assert (rep.shards_busy, rep.shards_written, rep.shards_skipped) == (0, 1, 1)
     assert shard_bytes(out) == shard_bytes(ref) and not list(out.glob(".*"))

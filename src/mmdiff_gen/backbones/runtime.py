@@ -28,6 +28,38 @@ def check_runtime(offload: str, storage: str, *, device: str | torch.device) -> 
         _torchao()
 
 
+#: dtype names accepted by `torch_dtype` (the CLI's --dtype), aliases included.
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+
+def resolve_device(name: str) -> str:
+    """"auto" → cuda when a GPU is visible, else cpu; a device this machine lacks is a ValueError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a torch device (auto, cpu, cuda, cuda:1, mps…)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine (use --device auto or cpu)")
+    return name
+
+
+def torch_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name; "auto" is bfloat16 on accelerators (FLUX's native dtype) and float32 on the CPU."""
+    if name == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
 def check_compilable(offload: str) -> None:
     """Refuse torch.compile under sequential offload (the CLI's --compile before loading, compile_backbone after)."""
     if offload == "sequential":

@@ -114,35 +114,20 @@ Dino = Annotated[Path | None, typer.Option(help="Local DINOv3 ViT folder (e.g. d
 
 def resolve_device(name: str) -> str:
     """"auto" → cuda when a GPU is visible, else cpu; a device this machine lacks is a usage error (exit 2)."""
-    import torch
+    from ..backbones.runtime import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        fail(f"--device {name}: not a torch device (auto, cpu, cuda, cuda:1, mps…)", code=2)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            fail(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)", code=2)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)", code=2)
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        fail(f"--device {name}: MPS is not available on this machine (use --device auto or cpu)", code=2)
-    return name
+    with clean_errors(usage=(ValueError,)):
+        return resolve(name)
 
 
 def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
     """A dtype name; "auto" is bfloat16 on accelerators (FLUX's native dtype) and float32 on the CPU."""
-    import torch
+    from ..backbones.runtime import torch_dtype as dtype
 
-    if name == "auto":
-        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
     try:
-        return getattr(torch, DTYPES[name])
-    except KeyError:
-        raise typer.BadParameter(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}",
-                                 param_hint="'--dtype'") from None
+        return dtype(name, device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--dtype'") from None
 
 
 def parse_tasks(text: str, option: str = "--tasks") -> tuple[str, ...]:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from ..tasks import quality_tasks
 from ._errors import clean_errors, err, fail
 from ._options import (Compile, Device, Dino, Dtype, HeadsPrecision, Lora, LoraScale, Model, Offload, Storage,
-                       check_compile, check_runtime, compile_if, parse_tasks, read_prompts, this_device, torch_dtype)
+                       check_compile, check_runtime, parse_tasks, read_prompts, resolve_device)
 
 out = Console(stderr=True)
 AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an unfinished or damaged dataset "
@@ -22,13 +20,15 @@ AllowPartial = Annotated[bool, typer.Option(help="Read the whole shards of an un
 def generate(
     prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line (blank lines and lines starting "
                                                "with # are skipped).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder (re-run the same command to resume).")],
+    out_dir: Annotated[str, typer.Option("--out", help="Dataset folder, or a URL: s3://bucket/prefix, gs://…, "
+                                              "file://… (credentials from the environment / profiles). Re-run "
+                                              "the same command to resume.")],
     tasks: Annotated[str, typer.Option(help="Any of seg, saliency (sal), depth, openseg (zero-shot, no head), "
                                             "comma-separated.")] = "seg,saliency,depth",
     model: Model = "toy",
-    heads: Annotated[Path | None, typer.Option(help="Heads folder (seg/saliency/depth.safetensors), one head file, "
-                                                     "or a Hub repo id org/name (local HF cache, else downloaded) "
-                                                     "[the backbone's shipped heads].")] = None,
+    heads: Annotated[str | None, typer.Option(help="Heads folder (seg/saliency/depth.safetensors), one head file, "
+                                                    "or a Hub repo id org/name (local HF cache, else downloaded) "
+                                                    "[the backbone's shipped heads].")] = None,
     images_per_prompt: Annotated[int, typer.Option("--images-per-prompt", "-n", help="Samples per prompt.")] = 1,
     seed: Annotated[int, typer.Option(help="Global seed; each sample's seed derives from (seed, prompt, repeat).")] = 0,
     steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation, else 28].")] = None,
@@ -45,6 +45,13 @@ def generate(
                                                            "a CPU].")] = None,
     rank: Annotated[int | None, typer.Option(help="This worker's rank [RANK, SLURM_PROCID, …, else 0].")] = None,
     world_size: Annotated[int | None, typer.Option(help="Number of workers [WORLD_SIZE, SLURM_NTASKS, …, else 1].")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process; torchrun / SLURM start one per GPU) or ray "
+                                             "(Ray schedules shards onto workers that load the model once).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="--engine ray: the cluster to join [RAY_ADDRESS, the "
+                                                         "running cluster, else a local one].")] = None,
+    workers: Annotated[int | None, typer.Option(help="--engine ray: workers to start, one GPU each (CPU workers "
+                                                     "with --device cpu); more than fit wait for nodes to join "
+                                                     "[the cluster's GPUs, or CPUs, now].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset made from other inputs.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Also redo finished shards that recorded failed samples.")] = False,
     dino: Dino = None,
@@ -66,71 +73,46 @@ def generate(
     storage: Storage = "full",
 ) -> None:
     """Generate images with their segmentation, saliency and depth in one pass per batch, as shards."""
-    from ..jobs.plan import default_shard_size, worker_identity
-
     task_list = parse_tasks(tasks)
     check_compile(compile, offload)
     texts = read_prompts(prompts)
     if write_workers is not None and write_workers < 0:
         fail("--write-workers must be ≥ 0", code=2)
-    if min(images_per_prompt, batch_size, shard_size or 1, steps or 1, size or 1) < 1:
-        fail("--images-per-prompt, --batch-size, --shard-size, --steps and --size must be ≥ 1", code=2)
+    if min(images_per_prompt, batch_size, shard_size or 1, steps or 1, size or 1, workers or 1) < 1:
+        fail("--images-per-prompt, --batch-size, --shard-size, --steps, --size and --workers must be ≥ 1", code=2)
     if seed < 0:
         fail("--seed must be ≥ 0", code=2)
     if image_format not in ("jpg", "png"):
         fail(f"--image-format must be jpg or png, got {image_format!r}", code=2)
     if fmt not in ("webdataset", "files"):
         fail(f"--format must be webdataset or files, got {fmt!r}", code=2)
-    dev = this_device(device)  # --rank / --world-size may override the environment's: not worker()
-    torch_dt = torch_dtype(dtype, dev)
-    check_runtime(offload, storage, dev)
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}", code=2)
+    if engine == "ray" and (rank is not None or world_size is not None):
+        fail("--engine ray schedules every shard itself: drop --rank / --world-size", code=2)
+    check_runtime(offload, storage, resolve_device(device))
     from ..heads.checkpoint import HeadMismatch
-    from ..jobs.dataset_job import FingerprintMismatch, Interrupted, SettingsError, check_sampling
+    from ..jobs.dataset_job import FingerprintMismatch, GenerateJob, Interrupted, SettingsError
+    from ..jobs.generator import GenerateConfig, generate_dataset
 
-    # Before loading a backbone (minutes for FLUX), and without creating anything: bad settings and an
-    # unwritable folder are usage errors.
-    with clean_errors(usage=(ValueError,)):
-        r, w, source = worker_identity(rank, world_size)
-        check_sampling(num_inference_steps=steps, height=size, width=size, guidance_scale=guidance,
-                       true_cfg_scale=true_cfg, min_quality=min_quality)
-    _check_writable(out_dir)
+    # Settings (and the output location) are checked before the backbone loads (minutes for FLUX).
     with clean_errors(usage=(HeadMismatch, FingerprintMismatch, SettingsError)):
-        from ..backbones import load_backbone
-        from ..jobs.annotate import build_annotator, plan_annotator
-        from ..jobs.dataset_job import GenerateJob, run_generate
-
-        with clean_errors(usage=(ValueError,)):  # before loading the backbone: fail fast
-            files, names = plan_annotator(model, task_list, heads,
-                                          [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
-        if min_quality is not None and not set(quality_tasks()) & set(task_list):
-            fail(f"--min-quality needs a task with a quality signal: {', '.join(quality_tasks())}", code=2)
-        bb = load_backbone(model, dtype=torch_dt, device=dev, offload=offload, storage=storage, lora=lora,
-                           lora_scale=lora_scale)
-        compile_if(bb, compile)
-        dino_features = None
-        if dino is not None:
-            from ..backbones.dino import DinoFeatures
-
-            dino_features = DinoFeatures.load(dino, device=dev, dtype=torch_dt)
-        annotator = build_annotator(bb, files, names, {"layer": openseg_layer, "sigma": openseg_sigma,
-                                                       "threshold": openseg_threshold},
-                                    dino=dino_features, device=dev, precision=precision)
-        kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                                true_cfg_scale=true_cfg)
-        job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
-                          batch_size=batch_size, image_format=image_format, format=fmt,
-                          shard_size=shard_size or default_shard_size(kw["height"], kw["width"]),
-                          overwrite=overwrite, retry_failed=retry_failed, min_quality=min_quality,
-                          write_workers=write_workers, **kw)
-        long = bb.overlong_prompts(texts, job.max_sequence_length)
-        if long:
-            i, n = long[0]
-            err.print(f"[yellow]warning:[/] {len(long)} prompt(s) exceed {job.max_sequence_length} text tokens and will be truncated "
-                      f"(first: prompt {i + 1}, {n} tokens)", highlight=False, soft_wrap=True)
-        if w > 1:
-            out.print(f"worker {r} of {w} ({source}) on {dev}", highlight=False, soft_wrap=True)
+        with clean_errors(usage=(ValueError,)):
+            job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
+                              batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,
+                              height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                              true_cfg_scale=true_cfg, overwrite=overwrite, retry_failed=retry_failed,
+                              min_quality=min_quality, write_workers=write_workers)
+            config = GenerateConfig(
+                prompts=texts, job=job, model=model, heads=heads, lora=lora, lora_scale=lora_scale, dino=dino,
+                classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
+                openseg_layer=openseg_layer, openseg_sigma=openseg_sigma, openseg_threshold=openseg_threshold,
+                compile=compile, precision=precision, device=device, dtype=dtype, offload=offload, storage=storage,
+                engine=engine, rank=rank, world_size=world_size, ray_address=ray_address, workers=workers)
+            config.check()
         try:
-            rep = run_generate(bb, annotator, texts, job, rank=r, world_size=w, dtype=str(torch_dt).removeprefix("torch."))
+            rep = generate_dataset(config, say=lambda line: err.print(line, highlight=False, soft_wrap=True,
+                                                                      markup=False))
         except Interrupted as e:
             err.print(f"[bold red]interrupted[/] by {e}: the open shard was discarded, finished shards are kept; "
                       "re-run the same command to resume", highlight=False, soft_wrap=True)
@@ -146,6 +128,7 @@ def generate(
               + (f", {rep.shards_damaged} damaged shard(s) redone" if rep.shards_damaged else "")
               + (f", {rep.shards_busy} shard(s) left to another live worker" if rep.shards_busy else "")
               + (f", {rep.shards_taken_over} taken over from other workers" if rep.shards_taken_over else "")
+              + (f", {rep.workers_lost} worker(s) lost and their shards redone" if rep.workers_lost else "")
               + (f" ({stages})" if stages else ""),
               highlight=False, soft_wrap=True)
     if rep.samples_failed:
@@ -157,18 +140,8 @@ def generate(
         raise typer.Exit(1)  # the dataset is not finished: a batch job must see it
 
 
-def _check_writable(folder: Path) -> None:
-    """A usage error (exit 2) unless `folder` is, or can be created as, a writable folder; creates nothing."""
-    folder = folder.absolute()
-    if folder.exists() and not folder.is_dir():
-        fail(f"--out {folder} is a file, not a folder", code=2)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"cannot create output folder {folder}: {existing} is not a writable folder", code=2)
-
-
 def export(
-    src: Annotated[Path, typer.Option("--in", help="A `generate` output folder.")],
+    src: Annotated[str, typer.Option("--in", help="A `generate` output folder or URL (s3://…, gs://…).")],
     dest: Annotated[Path, typer.Option("--out", help="Export folder.")],
     fmt: Annotated[str, typer.Option("--format", help="coco.")] = "coco",
     include_background: Annotated[bool, typer.Option(help="Annotate class 0 too.")] = False,
@@ -202,7 +175,7 @@ def export(
 
 
 def preview(
-    src: Annotated[Path, typer.Argument(help="A `generate` output folder.")],
+    src: Annotated[str, typer.Argument(help="A `generate` output folder or URL (s3://…, gs://…).")],
     sheet: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", "-n", help="Samples (rows).")] = 16,
     allow_partial: AllowPartial = False,
@@ -219,7 +192,7 @@ def preview(
 
 
 
-def _say_missing(src: Path, allow_partial: bool) -> None:
+def _say_missing(src: str, allow_partial: bool) -> None:
     """Under --allow-partial, one warning line naming what an incomplete dataset is missing."""
     if allow_partial:
         from ..io.dataset import check_shards, read_info
@@ -231,7 +204,7 @@ def _say_missing(src: Path, allow_partial: bool) -> None:
 
 
 def verify(
-    src: Annotated[Path, typer.Argument(help="A `generate` output folder.")],
+    src: Annotated[str, typer.Argument(help="A `generate` output folder or URL (s3://…, gs://…).")],
 ) -> None:
     """Check every shard's files against its done marker (sizes and sha256): lists unfinished, damaged and stray
     shards; exit 1 unless the dataset is whole."""

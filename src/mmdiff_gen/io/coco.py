@@ -85,13 +85,13 @@ def components(seg: np.ndarray, category_ids: set[int]) -> Iterator[tuple[int, i
             yield int(cid), int(areas[k]), comp == k
 
 
-def export_coco(src: Path, out: Path, include_background: bool = False, min_quality: float | None = None,
+def export_coco(src: "Path | str", out: Path, include_background: bool = False, min_quality: float | None = None,
                 min_area: int = 0, allow_partial: bool = False, mask_format: str = "rle") -> dict:
     """Write OUT/images/, OUT/annotations.json, OUT/labels/ and a folder per other task the dataset has (saliency/,
     depth/, openseg/: each task's folder name, encoded as in the dataset).
 
     Args:
-        src: a `generate` output folder.
+        src: a `generate` output folder or URL.
         out: export folder (created; an existing annotations.json is replaced atomically).
         include_background: also annotate class 0 (off by default: COCO categories are things).
         min_quality: export only samples whose quality score is at least this.

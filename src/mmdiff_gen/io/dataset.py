@@ -12,7 +12,8 @@ import numpy as np
 
 from ..tasks import get as get_task
 from .members import DEPTH_SCALE, decode_image, decode_label
-from .shards import DATASET_FILE, files_layout, read_stats, shard_name, shard_problem
+from .shards import DATASET_FILE, files_layout, read_json, read_stats, shard_name, shard_problem
+from .store import Store, open_store
 
 
 class IncompleteDataset(ValueError):
@@ -59,10 +60,10 @@ class ShardCheck:
         return f"{len(self.finished)} of {self.num_shards} shards whole; " + "; ".join(parts) if parts else ""
 
 
-def check_shards(root: Path, info: dict, full: bool = False) -> ShardCheck:
+def check_shards(root: "Path | str | Store", info: dict, full: bool = False) -> ShardCheck:
     """Compare every shard of the dataset described by `info` (dataset.json) with its done marker:
     sizes always, sha256 too when `full`."""
-    root = Path(root)
+    root = open_store(root)
     n, fp = int(info["num_shards"]), info["fingerprint"]
     check = ShardCheck(num_shards=n)
     for s in range(n):
@@ -74,16 +75,19 @@ def check_shards(root: Path, info: dict, full: bool = False) -> ShardCheck:
         else:
             check.finished[s] = st
     if info.get("format") == "webdataset":
-        check.stray = sorted(p.name for p in root.glob("*.tar") if not (p.stem.isdigit() and int(p.stem) < n))
+        tars = (name.removesuffix(".tar") for name in root.names("*.tar"))
+        check.stray = sorted(f"{t}.tar" for t in tars if not (t.isdigit() and int(t) < n))
     return check
 
 
-def read_info(root: Path) -> dict:
-    """A dataset folder's dataset.json; one clear error when there is none."""
-    p = Path(root) / DATASET_FILE
-    if not p.is_file():
+def read_info(root: "Path | str | Store") -> dict:
+    """A dataset's dataset.json (a folder or a URL); one clear error when there is none."""
+    info = read_json(open_store(root), DATASET_FILE)
+    if info is None:
         raise FileNotFoundError(f"{root} has no {DATASET_FILE}: not an mmdiff-gen dataset")
-    return json.loads(p.read_text(encoding="utf-8"))
+    if not info:
+        raise ValueError(f"{root}: {DATASET_FILE} is not readable JSON")
+    return info
 
 
 @dataclass
@@ -112,13 +116,14 @@ class GeneratedDataset:
         allow_partial: read what is whole instead of refusing an incomplete dataset.
     """
 
-    def __init__(self, root: Path, min_quality: float | None = None, allow_partial: bool = False):
-        self.root = Path(root)
+    def __init__(self, root: "Path | str | Store", min_quality: float | None = None, allow_partial: bool = False):
+        self.store = open_store(root)
+        self.root = self.store.url()
         self.min_quality = min_quality
-        self.info = read_info(self.root)
+        self.info = read_info(self.store)
         self.format = self.info["format"]
         self.tasks = list(self.info["tasks"])
-        self.check = check_shards(self.root, self.info)
+        self.check = check_shards(self.store, self.info)
         if not self.check.whole and not allow_partial:
             raise IncompleteDataset(f"{self.root}: {self.check.problems()}; re-run the same generate command to "
                                     "finish it, or pass --allow-partial to read the whole shards only")
@@ -149,7 +154,7 @@ class GeneratedDataset:
             if not keep:
                 continue  # e.g. every sample filtered: no tar was published
             if self.format == "webdataset":
-                yield from (x for x in self._tar_samples(self.root / f"{shard:05d}.tar") if x.key in keep)
+                yield from (x for x in self._tar_samples(f"{shard_name(shard)}.tar") if x.key in keep)
             else:
                 for rec in self.stats[shard]["samples"]:
                     if rec["key"] in keep:
@@ -163,9 +168,10 @@ class GeneratedDataset:
         return GeneratedSample(key=key, image=decode_image(img), image_bytes=img, prompt=members["txt"].decode("utf-8"),
                                meta=json.loads(members["json"]), labels=labels)
 
-    def _tar_samples(self, path: Path) -> Iterator[GeneratedSample]:
+    def _tar_samples(self, name: str) -> Iterator[GeneratedSample]:
         key, members = None, {}
-        with tarfile.open(path) as tar:
+        # A stream (mode "r|"): one sequential read, what an object store serves best.
+        with self.store.open(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 k, _, suffix = info.name.partition(".")
                 if k != key and key is not None:
@@ -180,9 +186,10 @@ class GeneratedDataset:
         members = {}
         image = self.info["image_format"]
         for suffix, (folder, ext) in files_layout().items():
-            p = self.root / folder / f"{key}.{ext}"
             if suffix in ("jpg", "png") and suffix != image:
                 continue
-            if p.is_file():
-                members[suffix] = p.read_bytes()
+            try:
+                members[suffix] = self.store.read_bytes(f"{folder}/{key}.{ext}")
+            except FileNotFoundError:
+                pass
         return self._decode(key, members)

@@ -44,7 +44,7 @@ def overlay_seg(image: np.ndarray, seg: np.ndarray, palette: list[list[int]], al
     return (image * (1 - blend) + colour * blend).round().astype(np.uint8)
 
 
-def contact_sheet(src: Path, out: Path, n: int = 16, cell: int = 128, allow_partial: bool = False) -> int:
+def contact_sheet(src: "Path | str", out: Path, n: int = 16, cell: int = 128, allow_partial: bool = False) -> int:
     """Write a PNG sheet of the first `n` samples of a `generate` folder; returns the rows drawn.
     An incomplete dataset is refused unless `allow_partial` (see GeneratedDataset)."""
     ds = GeneratedDataset(src, allow_partial=allow_partial)

@@ -1,14 +1,16 @@
-"""Shards on disk: one writer per shard, visible only when complete, with its stats file written last.
+"""Shards in a store (io.store: a folder, or a prefix on an object store): one writer per shard, visible only
+when complete, with its stats file written last.
 
-WebDataset: the tar is written to a hidden temporary file and renamed into place, so a reader (or a
-resumed job) never sees a truncated tar, whatever moment the process dies. Files layout: every file
-is written then renamed; a shard's samples count only once its stats file exists. Either way
-`NNNNN_stats.json` is the shard's done marker (the img2dataset convention); it records the byte size
-and sha256 of every file of the shard, so a damaged or replaced file is caught.
+WebDataset: the tar is written to a temporary file (hidden beside it on a file system, on the local disk for
+an object store) and renamed or uploaded into place, so a reader (or a resumed job) never sees a truncated tar,
+whatever moment the process dies. Files layout: every file is written whole; a shard's samples count only once
+its stats file exists. Either way `NNNNN_stats.json` is the shard's done marker (the img2dataset convention); it
+records the byte size and sha256 of every file of the shard, so a damaged or replaced file is caught.
 
-Several processes may work on one folder (a duplicated rank, overlapping SLURM steps): a shard is
-written only by the holder of its claim (`.NNNNN.claim`, created exclusively; a dead holder's claim is
-taken over), and each process deletes only its own temporary files or those of dead processes.
+Several processes may work on one dataset (a duplicated rank, overlapping SLURM steps, plain processes on one
+bucket): a shard is written only by the holder of its claim (`.NNNNN.claim`, created exclusively: O_EXCL, or a
+conditional create on S3 / GCS; a dead holder's claim is taken over), and each process deletes only its own
+temporary files or those of dead processes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .._atomic import HOST as _HOST
 from .._atomic import atomic_path
 from .._atomic import tmp_tag as _tmp_tag
 from ..tasks import TASKS
+from .store import LocalStore, Store, open_store, staging_dir
 
 DATASET_FILE = "dataset.json"
 SIZES_FILE = "sizes.json"  # {shard file: samples}, what open_clip-style loaders read
@@ -52,8 +55,8 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
-def stats_path(root: Path, shard: int) -> Path:
-    return Path(root) / f"{shard_name(shard)}_stats.json"
+def stats_name(shard: int) -> str:
+    return f"{shard_name(shard)}_stats.json"
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -69,48 +72,71 @@ def write_json_atomic(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-def read_stats(root: Path, shard: int, fingerprint: str | None = None) -> dict | None:
+def write_json(store: Store, name: str, obj) -> None:
+    """JSON to `name` in a store, whole or not at all (durable before it is visible)."""
+    store.write_bytes(name, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
+def read_json(store: Store, name: str) -> dict | None:
+    """A JSON file of a store; None when absent, {} when unreadable (made by nobody we know)."""
+    try:
+        return json.loads(store.read_bytes(name))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def read_stats(root: "Path | str | Store", shard: int, fingerprint: str | None = None) -> dict | None:
     """A finished shard's stats, or None if the shard is not finished (or, given `fingerprint`, was
     made from other inputs: such a shard is not part of this dataset)."""
-    p = stats_path(root, shard)
-    if not p.is_file():
-        return None
-    try:
-        st = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # a damaged marker means: redo the shard
+    st = read_json(open_store(root), stats_name(shard))
+    if not st:
+        return None  # absent, or a damaged marker: redo the shard
     if fingerprint is not None and st.get("fingerprint") != fingerprint:
         return None
     return st
 
 
-def file_digest(path: Path) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a file, read in 1 MiB blocks."""
+def file_digest(store: Store, name: str) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file of a store, read in 1 MiB blocks."""
     h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    with store.open(name) as f:
         while block := f.read(1 << 20):
             h.update(block)
             n += len(block)
     return n, h.hexdigest()
 
 
-def shard_problem(root: Path, stats: dict, full: bool = False) -> str | None:
+def shard_problem(root: "Path | str | Store", stats: dict, full: bool = False) -> str | None:
     """Why a finished shard's files do not match its done marker (None: they do).
 
     Sizes are always checked (cheap: what a resumed job and every reader do); `full` also checks the
     sha256 of every byte (`mmdiff-gen verify`). A marker without file records predates them: not checked.
     """
+    store = open_store(root)
     for rel, want in stats.get("files", {}).items():
-        p = Path(root) / rel
-        try:
-            size = p.stat().st_size
-        except FileNotFoundError:
+        found = store.stat(rel)
+        if found is None:
             return f"{rel} is missing"
-        if size != want["bytes"]:
-            return f"{rel} has {size} bytes, its done marker says {want['bytes']}"
-        if full and file_digest(p)[1] != want["sha256"]:
+        if found[0] != want["bytes"]:
+            return f"{rel} has {found[0]} bytes, its done marker says {want['bytes']}"
+        if full and file_digest(store, rel)[1] != want["sha256"]:
             return f"{rel}: sha256 differs from its done marker"
     return None
+
+
+def changed_files(root: "Path | str | Store", stats: dict) -> list[str]:
+    """The files of a finished shard written again since its done marker recorded them: their version (mtime in
+    ns; an object's ETag / generation) differs. A copy of the dataset changes them too, so a change says where to
+    look (`file_digest`), not that a file is damaged. Markers without versions: none."""
+    store = open_store(root)
+    changed = []
+    for rel, want in stats.get("files", {}).items():
+        found = store.stat(rel)
+        if "version" in want and found is not None and found.version != want["version"]:
+            changed.append(rel)
+    return changed
 
 
 class _HashingFile(io.RawIOBase):
@@ -135,20 +161,20 @@ class ShardWriter:
     """Writes one shard; `commit(stats)` publishes it, leaving by an exception discards it.
 
     Args:
-        root: dataset folder.
+        root: dataset folder, URL or store.
         shard: shard number.
         fmt: "webdataset" (NNNNN.tar) or "files" (images/, seg/, saliency/, depth/, meta/, prompts/).
     """
 
-    def __init__(self, root: Path, shard: int, fmt: str):
+    def __init__(self, root: "Path | str | Store", shard: int, fmt: str):
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        self.root, self.shard, self.fmt = Path(root), shard, fmt
+        self.store, self.shard, self.fmt = open_store(root), shard, fmt
         self.count = 0
         self.files: dict[str, dict] = {}  # path relative to root → {"bytes", "sha256"}: the done marker's record
         if fmt == "webdataset":
-            self.path = self.root / f"{shard_name(shard)}.tar"
-            self._tmp = self.root / f".{self.path.name}.{_tmp_tag()}.tmp"
+            self.name = f"{shard_name(shard)}.tar"
+            self._tmp = self.store.temp_path(self.name)
             self._file = open(self._tmp, "wb")
             self._hashed = _HashingFile(self._file)
             self._tar = tarfile.open(fileobj=self._hashed, mode="w", format=tarfile.USTAR_FORMAT)
@@ -165,32 +191,35 @@ class ShardWriter:
                 self._tar.addfile(info, io.BytesIO(members[suffix]))
         else:
             if self.count == 0:  # files are rewritten in place: the old done marker no longer holds
-                stats_path(self.root, self.shard).unlink(missing_ok=True)
+                self.store.delete(stats_name(self.shard))
             for suffix, data in members.items():
                 folder, ext = files_layout()[suffix]
-                (self.root / folder).mkdir(exist_ok=True)
                 rel = f"{folder}/{key}.{ext}"
-                write_bytes_atomic(self.root / rel, data)
-                self.files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                self.store.write_bytes(rel, data, durable=False)  # the marker, written after them, is durable
+                self.files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                   "version": self.store.stat(rel).version}
         self.count += 1
 
     def commit(self, stats: dict) -> None:
-        """Publish the shard: the tar by atomic rename, then its stats file (the done marker) with the
-        size and sha256 of every file it vouches for. A shard without samples (all filtered) publishes no tar,
-        only its marker: an empty tar breaks readers that infer a schema from the first shard (HF datasets)."""
+        """Publish the shard: the tar by atomic rename (or a whole upload), then its stats file (the done
+        marker) with the size and sha256 of every file it vouches for. A shard without samples (all filtered)
+        publishes no tar, only its marker: an empty tar breaks readers that infer a schema from the first shard
+        (HF datasets)."""
+        marker = stats_name(self.shard)
         if self.fmt == "webdataset" and self.count == 0:
             self.abort()
-            stats_path(self.root, self.shard).unlink(missing_ok=True)  # then an older version's tar, if any
-            self.path.unlink(missing_ok=True)
+            self.store.delete(marker)  # then an older version's tar, if any
+            self.store.delete(self.name)
         elif self.fmt == "webdataset":
             self._tar.close()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self.files = {self.path.name: {"bytes": self._hashed.size, "sha256": self._hashed.sha.hexdigest()}}
-            stats_path(self.root, self.shard).unlink(missing_ok=True)  # an older marker must not vouch for the new tar
-            os.replace(self._tmp, self.path)
-        write_json_atomic(stats_path(self.root, self.shard), {**stats, "files": self.files})
+            self.files = {self.name: {"bytes": self._hashed.size, "sha256": self._hashed.sha.hexdigest()}}
+            self.store.delete(marker)  # an older marker must not vouch for the new tar
+            self.store.publish(self._tmp, self.name)
+            self.files[self.name]["version"] = self.store.stat(self.name).version
+        write_json(self.store, marker, {**stats, "files": self.files})
 
     def abort(self) -> None:
         """Discard the unfinished shard; an older finished version of it (if any) stays as it was."""
@@ -324,18 +353,20 @@ def _holder_gone(host: str, pid: int, age_s: float) -> bool:
 
 
 class ShardClaim:
-    """The right to write one shard: `.NNNNN.claim` in the dataset folder, created exclusively.
+    """The right to write one shard: `.NNNNN.claim` in the dataset's store, created exclusively.
 
     A claim held by a dead process (same host: its pid is gone; another host: not refreshed for
     CLAIM_TIMEOUT_S) is taken over. Two processes that take over the same stale claim at once both
     believe they hold it for a moment; `held()` (checked before every batch and before the commit)
-    sees which one the file names, and the other abandons the shard.
+    sees which one the file names, and the other abandons the shard. `token` names the claim: a scheduler
+    that hands a shard to a worker (the Ray engine) chooses it, so that it can `break_claim` a dead worker's.
     """
 
-    def __init__(self, root: Path, shard: int):
-        self.path = Path(root) / f".{shard_name(shard)}.claim"
+    def __init__(self, root: "Path | str | Store", shard: int, token: str | None = None):
+        self.store = open_store(root)
+        self.name = claim_name(shard)
         self.shard = shard
-        self.token = uuid.uuid4().hex
+        self.token = token or uuid.uuid4().hex
         self.took_over = False
 
     def _record(self) -> bytes:
@@ -343,22 +374,21 @@ class ShardClaim:
 
     def acquire(self) -> bool:
         """Take the claim; False when a live process holds it."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not self._stale():
-                return False
-            write_bytes_atomic(self.path, self._record())  # take over: replace the dead holder's record
-            self.took_over = True
-            return self.held()
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._record())
-        return True
+        if self.store.create(self.name, self._record()):
+            return True
+        if not self._stale():
+            return False
+        self.store.write_bytes(self.name, self._record(), durable=False)  # take over: replace the dead holder's
+        self.took_over = True
+        return self.held()
 
     def _stale(self) -> bool:
+        found = self.store.stat(self.name)
+        if found is None:
+            return True
+        age = time.time() - found[1]
         try:
-            age = time.time() - self.path.stat().st_mtime
-            rec = json.loads(self.path.read_bytes())
+            rec = json.loads(self.store.read_bytes(self.name))
         except FileNotFoundError:
             return True
         except (OSError, ValueError):  # being written right now, or garbage: judge by age alone
@@ -368,16 +398,34 @@ class ShardClaim:
     def held(self) -> bool:
         """Whether the claim file still names this claim (and refresh it: holders prove they are alive)."""
         try:
-            if json.loads(self.path.read_bytes()).get("token") != self.token:
+            if json.loads(self.store.read_bytes(self.name)).get("token") != self.token:
                 return False
-            os.utime(self.path)
+            if isinstance(self.store, LocalStore):
+                os.utime(self.store.path(self.name))
+            else:  # an object's time is its last upload
+                self.store.write_bytes(self.name, self._record(), durable=False)
             return True
         except (OSError, ValueError):
             return False
 
     def release(self) -> None:
         if self.held():
-            self.path.unlink(missing_ok=True)
+            self.store.delete(self.name)
+
+
+def claim_name(shard: int) -> str:
+    return f".{shard_name(shard)}.claim"
+
+
+def break_claim(root: "Path | str | Store", shard: int, token: str) -> None:
+    """Delete a shard's claim if it still names `token`: its holder is known to be dead (a scheduler saw its
+    worker die), so the shard need not wait CLAIM_TIMEOUT_S for another host to take it over."""
+    store = open_store(root)
+    try:
+        if json.loads(store.read_bytes(claim_name(shard))).get("token") == token:
+            store.delete(claim_name(shard))
+    except (OSError, ValueError):
+        pass
 
 
 def _tagged_by_dead_process(name: str, before: str = ".") -> bool:
@@ -389,20 +437,26 @@ def _tagged_by_dead_process(name: str, before: str = ".") -> bool:
     return pid.isdigit() and not _pid_alive(int(pid))
 
 
-def remove_dead_temporaries(root: Path) -> None:
-    """Delete the hidden temporary files (`.NAME.HOST.PID.tmp`) of this host's dead processes; readers
-    never look at temporaries, so another node's stay until a run there removes them."""
-    for p in Path(root).glob(".*.tmp"):
+def remove_dead_temporaries(root: "Path | str | Store") -> None:
+    """Delete the hidden temporary files (`.NAME.HOST.PID.tmp`) of this host's dead processes (beside the
+    dataset's files, or in the staging folder of an object store); readers never look at temporaries, so
+    another node's stay until a run there removes them."""
+    store = open_store(root)
+    folder = store.root if isinstance(store, LocalStore) else staging_dir()
+    for p in Path(folder).glob(".*.tmp"):
         if _tagged_by_dead_process(p.name[: -len(".tmp")]):
             p.unlink(missing_ok=True)
 
 
-def remove_shard_temporaries(root: Path, shard: int) -> None:
+def remove_shard_temporaries(root: "Path | str | Store", shard: int) -> None:
     """Delete every temporary of one shard but this process's: called by the holder of its claim, so
-    any other writer of that shard is gone."""
+    any other writer of that shard is gone. (An object store's are on each writer's own disk.)"""
+    store = open_store(root)
+    if not isinstance(store, LocalStore):
+        return
     mine = f".{_tmp_tag()}.tmp"
     for pattern in (f".{shard_name(shard)}.tar.*.tmp", f".{shard_name(shard)}_stats.json.*.tmp"):
-        for p in Path(root).glob(pattern):
+        for p in store.root.glob(pattern):
             if not p.name.endswith(mine):
                 p.unlink(missing_ok=True)
 
@@ -425,9 +479,12 @@ def _move_back(root: Path, old: Path) -> None:
             os.replace(p, root / p.name)
 
 
-def recover_replacements(root: Path) -> None:
+def recover_replacements(root: "Path | str | Store") -> None:
     """Finish the replacements of `root` that a dead process left half done (see `clear_dataset`)."""
-    root = Path(root)
+    store = open_store(root)
+    if not isinstance(store, LocalStore):
+        return  # an object store's dataset is cleared in place, never renamed away
+    root = store.root
     for old in root.parent.glob(f".{root.name}{_REPLACED}*"):
         if _tagged_by_dead_process(old.name, before="-"):  # `.DIR.replaced-HOST.PID`
             root.mkdir(exist_ok=True)  # it died between renaming the folder away and making the new one
@@ -435,7 +492,7 @@ def recover_replacements(root: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def clear_dataset(root: Path) -> Path | None:
+def clear_dataset(root: "Path | str | Store") -> Path | None:
     """Remove a dataset's files so that no moment shows a mix of it and the dataset that replaces it.
 
     The folder is renamed away in one step (so `root/*.tar` goes from the old shards, all of them, to
@@ -446,26 +503,29 @@ def clear_dataset(root: Path) -> Path | None:
     `.NAME.replaced-HOST.PID` beside the folder; the next run on that host finishes the job
     (`recover_replacements`). Where the folder cannot be renamed (a mount point, a read-only parent),
     files are deleted one by one, done markers and indexes first, so our readers never take a lone old tar
-    for part of the new dataset; None is returned.
+    for part of the new dataset; None is returned. An object store has no rename: it is always cleared so.
     """
-    root = Path(root)
-    old = root.parent / f".{root.name}{_REPLACED}{_tmp_tag()}"
-    try:
-        os.rename(root, old)
-    except OSError as e:
-        if e.errno not in (errno.EBUSY, errno.EACCES, errno.EPERM, errno.EXDEV, errno.EROFS, errno.EINVAL):
-            raise
-        names = sorted((p for p in root.iterdir() if is_dataset_file(p.name)),
-                       key=lambda p: (p.name != DATASET_FILE, not p.name.endswith(".json"), p.name))
-        for p in names:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-        return None
-    root.mkdir(exist_ok=True)
-    _move_back(root, old)
-    return old
+    store = open_store(root)
+    if isinstance(store, LocalStore):
+        root = store.root
+        old = root.parent / f".{root.name}{_REPLACED}{_tmp_tag()}"
+        try:
+            os.rename(root, old)
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.EACCES, errno.EPERM, errno.EXDEV, errno.EROFS, errno.EINVAL):
+                raise
+        else:
+            root.mkdir(exist_ok=True)
+            _move_back(root, old)
+            return old
+    names = sorted((n for n in store.names("*") + store.names(".*") if is_dataset_file(n)),
+                   key=lambda n: (n != DATASET_FILE, not n.endswith(".json"), n))
+    for n in dict.fromkeys(names):
+        store.delete(n)
+    return None
 
 
-def write_indexes(root: Path, finished: Callable[[], dict[str, tuple[int, int]]], wids: bool = True) -> None:
+def write_indexes(root: "Path | str | Store", finished: Callable[[], dict[str, tuple[int, int]]], wids: bool = True) -> None:
     """sizes.json ({shard file: samples}, open_clip's) and, for tars, shardindex.json (wids': `wids_version`
     and a `shardlist` of `url` relative to the folder + `nsamples` + `filesize`), so wids.ShardListDataset
     reads the folder.
@@ -474,18 +534,13 @@ def write_indexes(root: Path, finished: Callable[[], dict[str, tuple[int, int]]]
     and the files written under an exclusive lock where the file system offers one, so the last writer's
     view includes every earlier commit.
     """
-    import fcntl
-
-    root = Path(root)
-    with open(root / DATASET_FILE, "rb") as lock:  # the one file every worker of this dataset shares
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no flock here (some Lustre mounts): a rare stale index, rebuilt by the next commit or run
+    store = open_store(root)
+    with store.lock(DATASET_FILE):  # the one file every worker of this dataset shares
         found = dict(sorted(finished().items()))
         sizes = {name: n for name, (n, _) in found.items()}
-        write_json_atomic(root / SIZES_FILE, sizes)
+        write_json(store, SIZES_FILE, sizes)
         if wids:
             shardlist = [{"url": name, "nsamples": n, "filesize": size} for name, (n, size) in found.items()]
-            write_json_atomic(root / WIDS_INDEX, {"__kind__": "wids-shard-index-v1", "wids_version": 1,
-                                                  "name": root.resolve().name, "shardlist": shardlist})
+            name = store.root.resolve().name if isinstance(store, LocalStore) else store.url().rsplit("/", 1)[-1]
+            write_json(store, WIDS_INDEX, {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name,
+                                           "shardlist": shardlist})

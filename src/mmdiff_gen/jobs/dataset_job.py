@@ -27,16 +27,17 @@ from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
 from ..io.members import IGNORE_INDEX, encode_sample, label_info
-from ..io.shards import (DATASET_FILE, PipelinedWriter, ShardClaim, ShardWriter, clear_dataset, files_layout,
-                         read_stats, stats_path,
-                         recover_replacements, remove_dead_temporaries, remove_shard_temporaries, shard_name,
-                         shard_problem, write_indexes, write_json_atomic)
+from ..io.shards import (DATASET_FILE, PipelinedWriter, ShardClaim, ShardWriter, changed_files, clear_dataset,
+                         file_digest, files_layout,
+                         read_json, read_stats, recover_replacements, remove_dead_temporaries,
+                         remove_shard_temporaries, shard_name, shard_problem, stats_name, write_indexes, write_json)
+from ..io.store import Store, is_remote, open_store
 from ..tasks import TASKS, quality_tasks
 from ..tasks import get as get_task
 from ._progress import JobProgress
 from .annotate import Annotator
 from .._workers import owned_shards, shard_order, shard_ranges
-from .plan import SEED_POLICY, PlannedSample, plan_samples
+from .plan import SEED_POLICY, PlannedSample, default_shard_size, plan_samples
 
 FORMAT_VERSION = 1
 MAX_FAILED_SHARDS = 3  # consecutive shards in which every sample failed: stop the job
@@ -87,7 +88,7 @@ class GenerateJob:
     """Everything that defines a dataset run besides the backbone and the heads.
 
     Args:
-        out: output folder.
+        out: output folder, or a URL fsspec reaches (s3://bucket/prefix, gs://…; io.store).
         tasks: registered tasks (tasks.py: "seg", "saliency", "depth", "openseg" — zero-shot, from the grounding
             attention).
         images_per_prompt: samples per prompt (repeat r of prompt p has seed sample_seed(seed, p, r)).
@@ -98,7 +99,7 @@ class GenerateJob:
             fills them in from `Backbone.sampling_kwargs` before anything is written).
         image_format: "jpg" (quality 95, 4:4:4) or "png".
         format: "webdataset" (NNNNN.tar shards) or "files" (images/, seg/, saliency/, depth/, meta/).
-        shard_size: samples per shard (the CLI's default: plan.default_shard_size, minutes of GPU time).
+        shard_size: samples per shard; None: plan.default_shard_size at the image size (minutes of GPU time).
         store_dtype: dtype of the captured features (bfloat16 keeps FLUX's large activations).
         min_quality: samples whose quality score is below it are not written (status "filtered").
         overwrite: replace a dataset made from other inputs instead of refusing.
@@ -108,7 +109,7 @@ class GenerateJob:
             (BENCHMARKS.md: writer threads slowed CPU generation on a 2-core machine).
     """
 
-    out: Path
+    out: Path | str
     tasks: tuple[str, ...]
     images_per_prompt: int = 1
     seed: int = 0
@@ -122,7 +123,7 @@ class GenerateJob:
     max_sequence_length: int | None = None
     image_format: str = "jpg"
     format: str = "webdataset"
-    shard_size: int = 1000
+    shard_size: int | None = 1000
     store_dtype: str = "bfloat16"
     min_quality: float | None = None
     overwrite: bool = False
@@ -130,7 +131,9 @@ class GenerateJob:
     write_workers: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "out", Path(self.out))
+        # A URL stays a string (Path would fold its "//"); a local location is a Path.
+        object.__setattr__(self, "out", str(self.out) if is_remote(self.out) else Path(str(self.out).removeprefix("file://")))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise SettingsError(f"unknown tasks {bad}; choose from {', '.join(TASKS)}")
@@ -146,7 +149,8 @@ class GenerateJob:
         """This job with its unset sampling settings (None) filled in by the backbone (`sampling_kwargs`)."""
         keys = ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
                 "max_sequence_length")
-        return replace(self, **backbone.sampling_kwargs(**{k: getattr(self, k) for k in keys}))
+        job = replace(self, **backbone.sampling_kwargs(**{k: getattr(self, k) for k in keys}))
+        return job if job.shard_size else replace(job, shard_size=default_shard_size(job.height, job.width))
 
     def sampling(self) -> dict:
         """The settings that change the pixels (part of the fingerprint)."""
@@ -171,7 +175,17 @@ class JobReport:
     samples_written: int = 0
     samples_failed: int = 0
     samples_filtered: int = 0
+    workers_lost: int = 0  # Ray: workers that died (killed, preempted, out of memory); their shards were redone
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: "JobReport") -> None:
+        """Count another report's shards, samples and seconds into this one (a scheduler's sum over workers)."""
+        for k, v in asdict(other).items():
+            if k == "seconds":
+                for stage, t in v.items():
+                    self.seconds[stage] = self.seconds.get(stage, 0.0) + t
+            elif k.startswith(("shards_", "samples_")) and k != "shards_owned":
+                setattr(self, k, getattr(self, k) + v)
 
 
 def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annotator: Annotator, dtype: str) -> dict:
@@ -221,51 +235,41 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
 
 
 def prepare_output(job: GenerateJob, info: dict, rank: int = 0, wait_s: float = 600.0) -> None:
-    """Create the folder and dataset.json, or check that an existing one was made from the same inputs.
+    """Create the folder (or check the bucket) and dataset.json, or check that an existing one was made from the
+    same inputs.
 
     `--overwrite` of a dataset made from other inputs replaces it as a whole (`io.shards.clear_dataset`):
     `out/*.tar` shows the old shards, all of them, until the new dataset takes the folder. Only rank 0
     replaces; the other workers wait for its dataset.json, so none of them writes into the old dataset.
     """
-    out = job.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(f"cannot create output folder {out}: a file is in the way") from None
-    recover_replacements(out)
-    path = out / DATASET_FILE
-    ours = [p.name for p in out.iterdir() if p.name.endswith(".tar") or p.name in {f for f, _ in files_layout().values()}]
-    old = _read_json(path)  # after listing: a worker that started a moment earlier wrote it before any shard
+    store = open_store(job.out)
+    store.prepare()
+    recover_replacements(store)
+    folders = {f for f, _ in files_layout().values()}
+    ours = [n for n in store.names("*") if n.endswith(".tar") or n in folders]
+    old = read_json(store, DATASET_FILE)  # after listing: a worker that started a moment earlier wrote it first
     if old is not None and old.get("fingerprint") == info["fingerprint"]:
         return
     if old is None and not ours:
-        write_json_atomic(path, info)
+        # Two workers starting at once write the same bytes; on an object store, the first upload wins.
+        write_json(store, DATASET_FILE, info)
         return
     if not job.overwrite:
         what = "a dataset made from other inputs (prompts, settings, backbone or heads)" if old is not None else \
             f"shards without a {DATASET_FILE} ({', '.join(sorted(ours)[:3])})"
-        raise FingerprintMismatch(f"{out} holds {what}; use another --out, or --overwrite to replace it")
+        raise FingerprintMismatch(f"{job.out} holds {what}; use another --out, or --overwrite to replace it")
     if rank == 0:
-        old_tree = clear_dataset(out)
-        write_json_atomic(path, info)  # first: the other workers wait for it
+        old_tree = clear_dataset(store)
+        write_json(store, DATASET_FILE, info)  # first: the other workers wait for it
         if old_tree is not None:
             shutil.rmtree(old_tree, ignore_errors=True)
         return
     deadline = time.monotonic() + wait_s
-    while (_read_json(path) or {}).get("fingerprint") != info["fingerprint"]:
+    while (read_json(store, DATASET_FILE) or {}).get("fingerprint") != info["fingerprint"]:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{out}: worker 0 has not replaced the old dataset after {wait_s:.0f} s "
+            raise RuntimeError(f"{job.out}: worker 0 has not replaced the old dataset after {wait_s:.0f} s "
                                "(only worker 0 replaces it under --overwrite; is it running?)")
         time.sleep(1.0)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError):
-        return {}  # unreadable: made by nobody we know
 
 
 @contextmanager
@@ -352,51 +356,97 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class ShardProducer:
+    """One process's side of a dataset job: the job resolved for its backbone, dataset.json, the plan, and
+    `write(shard)`. `run_generate` loops over a worker's shards with it; a Ray worker (jobs.ray_engine) is
+    handed shards one at a time.
+
+    Args:
+        backbone, annotator: loaded once; every shard this process writes uses them.
+        prompts: the dataset's prompts, in order (keys follow it).
+        job: the dataset's settings (unset sampling values are the backbone's).
+        dtype: the compute dtype's name (recorded in dataset.json and its fingerprint).
+    """
+
+    def __init__(self, backbone: Backbone, annotator: Annotator, prompts: list[str], job: GenerateJob,
+                 dtype: str = "float32"):
+        job = job.resolved(backbone)
+        missing = [t for t in job.tasks if t not in annotator.tasks]
+        if missing:
+            raise ValueError(f"the heads have no {', '.join(missing)} head")
+        _check_settings(backbone, annotator, job)
+        self.job, self.store = job, open_store(job.out)
+        self.info = dataset_info(job, prompts, backbone, annotator, dtype)
+        self.plan = plan_samples(prompts, job.images_per_prompt, job.seed)
+        self.ranges = shard_ranges(len(self.plan), job.shard_size)
+        self.runner = _Runner(backbone, annotator, job, JobProgress(0, enabled=False))
+
+    def prepare(self, rank: int = 0) -> None:
+        """dataset.json written or checked (see `prepare_output`); this host's dead temporaries removed."""
+        prepare_output(self.job, self.info, rank)
+        remove_dead_temporaries(self.store)  # of killed runs on this host; live writers' files are theirs
+
+    def finished(self, shard: int, report: "JobReport | None" = None) -> bool:
+        """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
+        return _finished(self.job, self.info, shard, report)
+
+    def write(self, shard: int, report: "JobReport", bar: JobProgress, *, mine: bool = True,
+              token: str | None = None) -> list[str] | None:
+        """Claim, generate and publish one shard. Returns the errors of its failed samples, or None when the shard
+        was not written here (another live process holds its claim, or finished it meanwhile). `token` names the
+        claim (a scheduler that may have to break a dead worker's chooses it)."""
+        claim = ShardClaim(self.store, shard, token)
+        if not claim.acquire():
+            report.shards_busy += mine  # a duplicate worker writes it; it is not ours to redo
+            return None
+        try:
+            if _finished(self.job, self.info, shard, None):  # finished by another process since we looked
+                report.shards_skipped += mine
+                return None
+            remove_shard_temporaries(self.store, shard)  # we hold the claim: other writers of it are gone
+            if not mine:
+                report.shards_taken_over += 1
+                bar.total += len(self.ranges[shard])
+            self.runner.progress = bar
+            return _write_shard(shard, [self.plan[i] for i in self.ranges[shard]], self.runner, self.job, self.info,
+                                report, bar, claim)
+        except _LostClaim:
+            report.shards_busy += mine
+            return None
+        finally:
+            claim.release()
+
+    def write_indexes(self) -> None:
+        _write_indexes(self.store, self.info)
+
+
 def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], job: GenerateJob, *,
                  rank: int = 0, world_size: int = 1, dtype: str = "float32", progress: bool = True) -> JobReport:
     """Produce (or finish) this worker's shards of the dataset. Re-running it resumes."""
-    job = job.resolved(backbone)
-    missing = [t for t in job.tasks if t not in annotator.tasks]
-    if missing:
-        raise ValueError(f"the heads have no {', '.join(missing)} head")
-    _check_settings(backbone, annotator, job)
+    return run_shards(ShardProducer(backbone, annotator, prompts, job, dtype), rank=rank, world_size=world_size,
+                      progress=progress)
+
+
+def run_shards(producer: ShardProducer, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> JobReport:
+    """Worker `rank` of `world_size`: its own shards first, then unclaimed unfinished ones of others."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise SettingsError(f"worker rank {rank} is not in 0…{world_size - 1}")
-    info = dataset_info(job, prompts, backbone, annotator, dtype)
-    prepare_output(job, info, rank)
-    plan = plan_samples(prompts, job.images_per_prompt, job.seed)
-    ranges = shard_ranges(len(plan), job.shard_size)
+    producer.prepare(rank)
+    ranges = producer.ranges
     mine = set(owned_shards(len(ranges), rank, world_size))
-    remove_dead_temporaries(job.out)  # of killed runs on this host; live writers' files are theirs
     report = JobReport(rank=rank, world_size=world_size, shards_owned=len(mine))
     # Own shards first, then unclaimed unfinished ones of others (plan.shard_order): balanced to the end.
     todo = [s for s in shard_order(len(ranges), rank, world_size)
-            if not _finished(job, info, s, report if s in mine else None)]
+            if not producer.finished(s, report if s in mine else None)]
     bar = JobProgress(sum(len(ranges[s]) for s in todo if s in mine),
                       f"worker {rank}/{world_size}" if world_size > 1 else "generate", enabled=progress)
     failed_in_a_row = 0
     try:
-        runner = _Runner(backbone, annotator, job, bar)
         with _signals_raise():
             for s in todo:
-                claim = ShardClaim(job.out, s)
-                if not claim.acquire():
-                    report.shards_busy += s in mine  # a duplicate worker writes it; it is not ours to redo
+                errors = producer.write(s, report, bar, mine=s in mine)
+                if errors is None:
                     continue
-                try:
-                    if _finished(job, info, s, None):  # finished by another process since we looked
-                        report.shards_skipped += s in mine
-                        continue
-                    remove_shard_temporaries(job.out, s)  # we hold the claim: other writers of it are gone
-                    if s not in mine:
-                        report.shards_taken_over += 1
-                        bar.total += len(ranges[s])
-                    errors = _write_shard(s, [plan[i] for i in ranges[s]], runner, job, info, report, bar, claim)
-                except _LostClaim:
-                    report.shards_busy += s in mine
-                    continue
-                finally:
-                    claim.release()
                 failed_in_a_row = failed_in_a_row + 1 if errors and len(errors) == len(ranges[s]) else 0
                 if failed_in_a_row == MAX_FAILED_SHARDS:  # not bad luck: something is broken; stop burning GPU time
                     raise RuntimeError(f"every sample of the last {MAX_FAILED_SHARDS} shards failed; last error: "
@@ -405,7 +455,7 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
         bar.close()
         report.seconds = dict(bar.stages)
         try:
-            _write_indexes(job.out, info)
+            producer.write_indexes()
         except OSError:
             pass  # best effort: never hide the error that brought us here
     return report
@@ -413,10 +463,11 @@ def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], j
 
 def _finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None) -> bool:
     """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
-    st = _marker(job.out, shard, info["fingerprint"])
+    store = open_store(job.out)
+    st = _marker(store, shard, info["fingerprint"])
     if st is None:
         return False
-    if shard_problem(job.out, st) is not None:
+    if shard_problem(store, st) is not None or not _unchanged(store, shard, st):
         if report is not None:
             report.shards_damaged += 1
         return False
@@ -424,6 +475,21 @@ def _finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None
         return False
     if report is not None:
         report.shards_skipped += 1
+    return True
+
+
+def _unchanged(store: Store, shard: int, stats: dict) -> bool:
+    """Whether the files of a finished shard that were written again since its marker (a copy, a repair, an
+    edit: io.shards.changed_files) still hold the bytes it vouches for; then the marker records their new
+    versions, so the next run checks them by their metadata alone again."""
+    changed = changed_files(store, stats)
+    if not changed:
+        return True
+    if any(file_digest(store, rel)[1] != stats["files"][rel]["sha256"] for rel in changed):
+        return False
+    for rel in changed:
+        stats["files"][rel]["version"] = store.stat(rel).version
+    write_json(store, stats_name(shard), stats)
     return True
 
 
@@ -466,7 +532,7 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
     records = []
     encode = partial(_encode, image_format=job.image_format, classes=info["classes"])
     workers = job.write_workers if job.write_workers is not None else (0 if runner.bb.device.type == "cpu" else 2)
-    with ShardWriter(job.out, shard, job.format) as writer, \
+    with ShardWriter(open_store(job.out), shard, job.format) as writer, \
             PipelinedWriter(writer, encode, workers=workers, max_pending=2 * job.batch_size) as pipe:
         for b in range(0, len(samples), job.batch_size):
             if not claim.held():
@@ -510,7 +576,9 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
     report.shards_written += 1
     report.samples_written += len(records) - len(errors) - filtered
     report.samples_filtered += filtered
-    _write_indexes(job.out, info)
+    store = open_store(job.out)
+    if not store.remote:  # cheap on a file system; on an object store, a run's end (or the Ray driver) writes them
+        _write_indexes(store, info)
     return errors
 
 
@@ -523,35 +591,36 @@ def _failed(record: dict, error: str) -> None:
     record["status"], record["error"] = "error", error
 
 
-def _write_indexes(out: Path, info: dict) -> None:
+def _write_indexes(out: "Path | str | Store", info: dict) -> None:
     """sizes.json and the wids index over every whole shard of this dataset (a damaged one, waiting to be
     redone, is left out). Markers are parsed once per version (`_MARKERS`): a run commits many shards."""
+    store = open_store(out)
+
     def finished() -> dict[str, tuple[int, int]]:
         found = {}
         for s in range(info["num_shards"]):
-            st = _marker(out, s, info["fingerprint"])
-            if st is not None and st["written"] and shard_problem(out, st) is None:  # no samples: no tar
+            st = _marker(store, s, info["fingerprint"])
+            if st is not None and st["written"] and shard_problem(store, st) is None:  # no samples: no tar
                 size = sum(f["bytes"] for f in st.get("files", {}).values())
                 found[f"{shard_name(s)}.tar"] = (st["written"], size)
         return found
 
-    write_indexes(out, finished, wids=info["format"] == "webdataset")
+    write_indexes(store, finished, wids=info["format"] == "webdataset")
 
 
-_MARKERS: dict[Path, tuple[tuple[int, int], dict | None]] = {}  # marker → ((mtime ns, size), its stats)
+_MARKERS: dict[str, tuple[tuple[int, float], dict | None]] = {}  # marker URL → ((size, mtime), its stats)
 
 
-def _marker(out: Path, shard: int, fingerprint: str) -> dict | None:
+def _marker(store: Store, shard: int, fingerprint: str) -> dict | None:
     """read_stats, parsed again only when the marker file changed."""
-    path = stats_path(out, shard)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    name = stats_name(shard)
+    key = store.stat(name)
+    if key is None:
         return None
-    key = (st.st_mtime_ns, st.st_size)
-    cached = _MARKERS.get(path)
+    url = store.url(name)
+    cached = _MARKERS.get(url)
     if cached is None or cached[0] != key:
-        cached = _MARKERS[path] = (key, read_stats(out, shard))
+        cached = _MARKERS[url] = (key, read_stats(store, shard))
     stats = cached[1]
     return stats if stats is not None and stats.get("fingerprint") == fingerprint else None
 
