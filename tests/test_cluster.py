@@ -87,11 +87,12 @@ def test_ray_job_writes_a_bucket_equal_to_a_local_run_that_every_reader_reads(s3
     assert [s["url"] for s in index["shardlist"]] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
     assert bucket.names(".*") == []  # no claim or temporary left in the bucket
 
-    # Resume: everything finished, nothing scheduled.
-    rep = generate_dataset(config(url), progress=False)
-    assert (rep.samples_written, rep.shards_skipped) == (0, 4)
-
+    # Resume through the CLI: everything finished, nothing scheduled; the same summary as a local run.
     runner = CliRunner()
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    res = runner.invoke(app, ["generate", "--prompts", str(tmp_path / "prompts.txt"), "--out", url, "--engine", "ray",
+                              "--device", "cpu", "-n", "2", "--shard-size", "2", "--batch-size", "2"])
+    assert res.exit_code == 0 and f"{url}: 0 samples written in 0 shard(s), 4 already finished" in res.output, res.output
     res = runner.invoke(app, ["verify", url])
     assert res.exit_code == 0 and "all 4 shards whole" in res.output, res.output
     res = runner.invoke(app, ["export", "--in", url, "--out", str(tmp_path / "coco")])

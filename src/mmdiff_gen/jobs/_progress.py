@@ -40,13 +40,13 @@ class JobProgress:
 
     def advance(self, n: int) -> None:
         self.done += n
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, stages=self.stage_text())
-            return
         now = time.perf_counter()
+        rate = self.done / max(now - self._t0, 1e-9)  # samples (images) per second since the start
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, stages=f"{rate:.2f} img/s · {self.stage_text()}")
+            return
         if self.enabled and (now - self._last >= self.interval or self.done >= self.total):
             self._last = now
-            rate = self.done / max(now - self._t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             print(f"[{self.label}] {self.done}/{self.total} samples, {rate:.2f}/s, eta {eta / 60:.1f} min"
                   f" ({self.stage_text()})", file=sys.stderr, flush=True)

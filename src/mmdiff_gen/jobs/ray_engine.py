@@ -52,6 +52,7 @@ class _Worker:
         from .generator import DatasetGenerator
 
         self.gen = DatasetGenerator(config)
+        self.seen = False
         remove_dead_temporaries(config.job.out)  # a killed worker's staged shard on this host
 
     def identity(self) -> str:
@@ -62,6 +63,15 @@ class _Worker:
         return self.gen.prepare(0), self.gen.job
 
     def write(self, shard: int, token: str) -> JobReport:
+        if not self.seen:  # once: this worker writes into the dataset the first one prepared
+            from ..io.shards import DATASET_FILE, read_json
+
+            out = self.gen.job.out
+            if (read_json(open_store(out), DATASET_FILE) or {}).get("fingerprint") != self.gen.producer.info["fingerprint"]:
+                raise RuntimeError(f"the worker on {socket.gethostname()} does not see this job's {DATASET_FILE} in "
+                                   f"{out} (or made it from other inputs: other heads or weights there?): a local "
+                                   "--out must be one folder every node shares (NFS, Lustre); or use s3://… / gs://…")
+            self.seen = True
         return self.gen.write_shard(shard, token)
 
 
@@ -93,6 +103,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
     busy: dict = {}  # write ref → (actor, shard, token)
     names: dict = {}  # actor → identity
     attempts: dict[int, int] = {}
+    wrote: dict[str, int] = {}  # worker → shards it finished
 
     def start(k: int) -> None:
         for _ in range(k):
@@ -148,6 +159,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
                         start(1)
                         continue
                     report.add(rep)
+                    wrote[names.get(a, "?")] = wrote.get(names.get(a, "?"), 0) + 1
                     bar.advance(ranges[shard])
                     for stage, t in rep.seconds.items():
                         bar.add_time(stage, t)
@@ -170,6 +182,8 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
         if info is not None:
             _write_indexes(store, info)
     report.seconds = dict(bar.stages) if bar is not None else {}
+    if wrote:
+        say("ray: shards per worker: " + "; ".join(f"{w}: {k}" for w, k in wrote.items()))
     return report
 
 
