@@ -94,7 +94,7 @@ def test_ray_job_writes_a_bucket_equal_to_a_local_run_that_every_reader_reads(s3
                               "--device", "cpu", "-n", "2", "--shard-size", "2", "--batch-size", "2"])
     assert res.exit_code == 0 and f"{url}: 0 samples written in 0 shard(s), 4 already finished" in res.output, res.output
     res = runner.invoke(app, ["verify", url])
-    assert res.exit_code == 0 and "all 4 shards whole" in res.output, res.output
+    assert res.exit_code == 0 and "all 4 shard(s) whole" in res.output, res.output
     res = runner.invoke(app, ["export", "--in", url, "--out", str(tmp_path / "coco")])
     assert res.exit_code == 0, res.output
     coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,3 +34,34 @@ def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def folder_in_use(path: Path) -> bool:
+    """Whether `path` is a file, or a folder holding anything."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+@contextmanager
+def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A folder that appears whole: yields a hidden temporary folder beside `path` (`.NAME.HOST.PID.tmp`) to fill;
+    when the block ends it takes `path`'s place, an existing one moved aside first and then deleted; if the block
+    raises, it is deleted and `path` is as it was. A `path` that holds anything is refused (FileExistsError, before
+    the block runs) unless `overwrite`."""
+    path = Path(path)
+    if folder_in_use(path) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty: choose another folder, or overwrite it")
+    tmp = path.with_name(f".{path.name}.{tmp_tag()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.replaced-{tmp_tag()}") if path.exists() else None
+        if old is not None:
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -153,20 +153,13 @@ def output_file(path: Path, option: str) -> None:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Non-blank lines, stripped; lines whose first non-blank character is `#` are comments. An unreadable file or
-    one without prompts is a usage error (exit 2)."""
+    """jobs.plan.read_prompts; an unreadable file or one without prompts is a usage error (exit 2)."""
+    from ..jobs.plan import read_prompts as read
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except IsADirectoryError:
-        fail(f"prompts file {path} is a folder", code=2)
-    except FileNotFoundError:
-        fail(f"prompts file {path} does not exist", code=2)
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read prompts file {path}: {type(e).__name__}: {e}", code=2)
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        fail(f"prompts file {path} has no prompts", code=2)
-    return prompts
+        return read(path)
+    except ValueError as e:
+        fail(str(e), code=2)
 
 
 def worker(device: str, env: dict[str, str] | None = None) -> tuple[str, int, int, str]:

@@ -154,6 +154,8 @@ def export(
     mask_format: Annotated[str, typer.Option(help="rle (exact, holes kept: pycocotools, mmdet, detectron2 with "
                                                   "MASK_FORMAT=bitmask) or polygon (for polygon-only loaders; "
                                                   "holes filled).")] = "rle",
+    overwrite: Annotated[bool, typer.Option(help="Replace an export folder that holds anything (the new export "
+                                                 "takes its place whole).")] = False,
 ) -> None:
     """Export a generated dataset: COCO annotations.json (one mask per instance) + images, labels, saliency, depth."""
     from ..io.coco import MASK_FORMATS, export_coco
@@ -164,10 +166,15 @@ def export(
         fail(f"--mask-format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}", code=2)
     if min_area < 0:
         fail(f"--min-area must be ≥ 0 pixels, got {min_area}", code=2)
+    from .._atomic import folder_in_use
+
+    if folder_in_use(dest) and not overwrite:
+        fail(f"--out {dest} is not empty: choose another folder, or --overwrite to replace it", code=2)
     with clean_errors():
         _say_missing(src, allow_partial)
         counts = export_coco(src, dest, include_background=include_background, min_quality=min_quality,
-                             min_area=min_area, allow_partial=allow_partial, mask_format=mask_format)
+                             min_area=min_area, allow_partial=allow_partial, mask_format=mask_format,
+                             overwrite=overwrite)
     out.print(f"{dest}: {counts['images']} images, {counts['annotations']} annotations, "
               f"{counts['categories']} categories (annotations.json)"
               + (f"; {counts['dropped']} instance(s) under --min-area left out" if counts["dropped"] else ""),
@@ -205,20 +212,38 @@ def _say_missing(src: str, allow_partial: bool) -> None:
 
 def verify(
     src: Annotated[str, typer.Argument(help="A `generate` output folder or URL (s3://…, gs://…).")],
+    repair: Annotated[bool, typer.Option(help="Delete the damaged shards and the stray tars and rewrite the indexes, "
+                                              "so that re-running the same generate command writes them again.")] = False,
 ) -> None:
-    """Check every shard's files against its done marker (sizes and sha256): lists unfinished, damaged and stray
-    shards; exit 1 unless the dataset is whole."""
-    from ..io.dataset import check_shards, read_info
-
-    with clean_errors():
-        check = check_shards(src, read_info(src), full=True)
-    samples = sum(st.get("written", 0) for st in check.finished.values())
-    if check.whole:
-        out.print(f"{src}: all {check.num_shards} shards whole ({samples} samples; sizes and sha256 match their done "
-                  "markers)", highlight=False, soft_wrap=True)
-        return
+    """Check every shard's files against its done marker (sizes and sha256) and the indexes against the shards:
+    lists unfinished, damaged and stray shards and stale indexes; exit 1 unless the dataset is whole."""
+    from ..io.dataset import check_shards, index_problems, read_info
+    from ..io.dataset import repair as repair_dataset
     from ..io.shards import shard_name
 
+    with clean_errors():
+        if repair:
+            done = repair_dataset(src)
+            check = done["check"]
+            removed = done["removed"]
+            if removed:
+                err.print(f"{src}: removed {len(removed)} damaged or stray shard(s) ({', '.join(removed[:8])}"
+                          + (", …" if len(removed) > 8 else "") + "); indexes rewritten", highlight=False, soft_wrap=True)
+            todo = len(check.damaged) + len(check.unfinished)
+            if todo:
+                err.print(f"re-run the same generate command to write the {todo} missing shard(s)", highlight=False,
+                          soft_wrap=True)
+                raise typer.Exit(1)
+            out.print(f"{src}: all {check.num_shards} shards whole; indexes rewritten", highlight=False, soft_wrap=True)
+            return
+        info = read_info(src)
+        check = check_shards(src, info, full=True)
+        stale = index_problems(src, info, check)
+    samples = sum(st.get("written", 0) for st in check.finished.values())
+    if check.whole and not stale:
+        out.print(f"{src}: all {check.num_shards} shard(s) whole ({samples} samples; sizes and sha256 match their done "
+                  "markers, indexes match the shards)", highlight=False, soft_wrap=True)
+        return
     err.print(f"{src}: {len(check.finished)} of {check.num_shards} shards whole ({samples} samples)", highlight=False,
               soft_wrap=True)
     for s, why in sorted(check.damaged.items()):
@@ -227,6 +252,12 @@ def verify(
         err.print(f"unfinished  {shard_name(s)}", highlight=False, soft_wrap=True)
     for name in check.stray:
         err.print(f"stray       {name}: not a shard of this dataset", highlight=False, soft_wrap=True)
-    err.print("re-run the same generate command to redo unfinished and damaged shards", highlight=False,
-              soft_wrap=True)
+    for why in stale:
+        err.print(f"index       {why}", highlight=False, soft_wrap=True)
+    if check.damaged or check.stray:
+        err.print(f"mmdiff-gen verify --repair {src} removes the damaged and stray shards and rewrites the indexes; "
+                  "then re-run the same generate command to write the missing shards", highlight=False, soft_wrap=True)
+    else:
+        err.print("re-run the same generate command to write the missing shards and rewrite the indexes",
+                  highlight=False, soft_wrap=True)
     raise typer.Exit(1)

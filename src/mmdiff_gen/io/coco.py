@@ -20,6 +20,7 @@ outline would be drawn filled).
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +32,7 @@ from .dataset import GeneratedDataset
 from ..tasks import class_task
 from ..tasks import get as get_task
 from .members import IGNORE_INDEX, encode_gray, encode_label
-from .shards import write_bytes_atomic, write_json_atomic
+from .._atomic import atomic_folder
 
 
 # 8-connectivity (pixels touching at a corner belong together), the default of OpenCV's
@@ -86,19 +87,21 @@ def components(seg: np.ndarray, category_ids: set[int]) -> Iterator[tuple[int, i
 
 
 def export_coco(src: "Path | str", out: Path, include_background: bool = False, min_quality: float | None = None,
-                min_area: int = 0, allow_partial: bool = False, mask_format: str = "rle") -> dict:
+                min_area: int = 0, allow_partial: bool = False, mask_format: str = "rle", overwrite: bool = False) -> dict:
     """Write OUT/images/, OUT/annotations.json, OUT/labels/ and a folder per other task the dataset has (saliency/,
     depth/, openseg/: each task's folder name, encoded as in the dataset).
 
     Args:
         src: a `generate` output folder or URL.
-        out: export folder (created; an existing annotations.json is replaced atomically).
+        out: export folder: filled beside it and renamed into place whole (_atomic.atomic_folder), so a failed
+            export leaves nothing and two exports never mix; one that holds anything is refused unless `overwrite`.
         include_background: also annotate class 0 (off by default: COCO categories are things).
         min_quality: export only samples whose quality score is at least this.
         min_area: leave out of annotations.json the components of fewer pixels than this (specks a
             detector should not learn as objects); 0 keeps every component. labels/ is not touched.
         allow_partial: export the whole shards of an incomplete dataset instead of refusing it.
         mask_format: "rle" (exact) or "polygon" (for polygon-only readers; holes filled: module docstring).
+        overwrite: replace an export folder that holds anything.
     Returns:
         counts: images, annotations, categories, and dropped (components under `min_area`).
     """
@@ -106,12 +109,18 @@ def export_coco(src: "Path | str", out: Path, include_background: bool = False, 
         raise ValueError(f"min_area must be ≥ 0 pixels, got {min_area}")
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
-    annotate = _ANNOTATION[mask_format]
     ds = GeneratedDataset(src, min_quality=min_quality, allow_partial=allow_partial)
     named = class_task(ds.tasks)  # the task whose ids are COCO's categories
     if named is None:
         raise ValueError(f"{src} has no segmentation: generate it with --tasks seg to export COCO")
-    out = Path(out)
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        return _write_export(ds, tmp, named, include_background, min_area, mask_format)
+
+
+def _write_export(ds: GeneratedDataset, out: Path, named: str, include_background: bool, min_area: int,
+                  mask_format: str) -> dict:
+    """Fill an empty (temporary) export folder; the counts `export_coco` returns."""
+    annotate = _ANNOTATION[mask_format]
     others = {t: get_task(t).folder for t in ds.tasks if t != named}
     for name in ["images", "labels", *others.values()]:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -123,20 +132,20 @@ def export_coco(src: "Path | str", out: Path, include_background: bool = False, 
     for image_id, sample in enumerate(ds, start=1):
         h, w = sample.image.shape[:2]
         name = f"{sample.key}.{ext}"
-        write_bytes_atomic(out / "images" / name, sample.image_bytes)  # the stored bytes: no second JPEG pass
+        (out / "images" / name).write_bytes(sample.image_bytes)  # the stored bytes: no second JPEG pass
         images.append({"id": image_id, "file_name": name, "height": h, "width": w, "caption": sample.prompt,
                        "seed": sample.meta.get("seed")})
         seg = sample.labels[named]
-        write_bytes_atomic(out / "labels" / f"{sample.key}.png", encode_gray(seg))
+        (out / "labels" / f"{sample.key}.png").write_bytes(encode_gray(seg))
         for cid, area, mask in components(seg, known - {IGNORE_INDEX}):
             if area < min_area:
                 dropped += 1  # from annotations.json only: labels/ keeps every pixel
             else:
                 annotations.append(annotate(mask, len(annotations) + 1, image_id, cid))
         for task, folder in others.items():
-            write_bytes_atomic(out / folder / f"{sample.key}.png", encode_label(task, sample.labels[task], ds.scale(task)))
+            (out / folder / f"{sample.key}.png").write_bytes(encode_label(task, sample.labels[task], ds.scale(task)))
     coco = {
-        "info": {"description": f"mmdiff-gen synthetic dataset from {Path(src).resolve().name}",
+        "info": {"description": f"mmdiff-gen synthetic dataset from {ds.root.rstrip('/').rsplit('/', 1)[-1]}",
                  "version": str(ds.info.get("format_version")), "date_created": datetime.date.today().isoformat(),
                  "mmdiff_gen": {"fingerprint": ds.info["fingerprint"], "backbone": ds.info["backbone"].get("name"),
                                 **{t: ds.info.get(t) for t in others}, "ignore_index": ds.info.get("ignore_index"),
@@ -147,5 +156,5 @@ def export_coco(src: "Path | str", out: Path, include_background: bool = False, 
         "annotations": annotations,
         "categories": categories,
     }
-    write_json_atomic(out / "annotations.json", coco)
+    (out / "annotations.json").write_text(json.dumps(coco, indent=1, ensure_ascii=False), encoding="utf-8")
     return {"images": len(images), "annotations": len(annotations), "categories": len(categories), "dropped": dropped}

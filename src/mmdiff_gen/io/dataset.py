@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -12,12 +14,20 @@ import numpy as np
 
 from ..tasks import get as get_task
 from .members import DEPTH_SCALE, decode_image, decode_label
-from .shards import DATASET_FILE, files_layout, read_json, read_stats, shard_name, shard_problem
+from .shards import (DATASET_FILE, SIZES_FILE, WIDS_INDEX, files_layout, read_json, read_stats, shard_name,
+                     shard_problem, stats_name, write_indexes)
 from .store import Store, open_store
 
 
 class IncompleteDataset(ValueError):
     """Some shards of the dataset are unfinished or damaged (and the reader was not told to allow it)."""
+
+
+class DamagedShard(ValueError):
+    """A shard's bytes do not match its done marker, or a member of it cannot be decoded: found while reading."""
+
+
+REPAIR = "mmdiff-gen verify --repair DATASET, then re-run the same generate command"
 
 
 @dataclass
@@ -80,6 +90,53 @@ def check_shards(root: "Path | str | Store", info: dict, full: bool = False) -> 
     return check
 
 
+def index_entries(finished: dict[int, dict]) -> dict[str, tuple[int, int]]:
+    """What sizes.json and the wids index list: each whole shard with samples (an all-filtered one has no tar) as
+    {shard file: (samples, bytes)}, in shard order. The files layout is keyed the same way."""
+    return {f"{shard_name(s)}.tar": (st["written"], sum(f["bytes"] for f in st.get("files", {}).values()))
+            for s, st in sorted(finished.items()) if st["written"]}
+
+
+def index_problems(root: "Path | str | Store", info: dict, check: ShardCheck) -> list[str]:
+    """How sizes.json and (tars) shardindex.json differ from the whole shards `check` found ([] when they agree)."""
+    store = open_store(root)
+    want = index_entries(check.finished)
+    problems = []
+    sizes = read_json(store, SIZES_FILE)
+    if sizes is None:
+        problems.append(f"{SIZES_FILE} is missing")
+    elif sizes != {name: n for name, (n, _) in want.items()}:
+        problems.append(f"{SIZES_FILE} lists {len(sizes)} shard(s) / {sum(v for v in sizes.values() if isinstance(v, int))} "
+                        f"samples, the whole shards are {len(want)} / {sum(n for n, _ in want.values())}")
+    if info.get("format") == "webdataset":
+        index = read_json(store, WIDS_INDEX)
+        listed = [(e.get("url"), e.get("nsamples"), e.get("filesize")) for e in (index or {}).get("shardlist", [])
+                  if isinstance(e, dict)]
+        if index is None:
+            problems.append(f"{WIDS_INDEX} is missing")
+        elif listed != [(name, n, size) for name, (n, size) in want.items()]:
+            problems.append(f"{WIDS_INDEX} lists {len(listed)} shard(s), not the {len(want)} whole ones")
+    return problems
+
+
+def repair(root: "Path | str | Store") -> dict:
+    """What `verify --repair` does: delete the damaged shards (marker first, then their tar: a re-run of the same
+    generate writes them again) and the stray tars, and rewrite the indexes over the whole shards. Returns the
+    check it acted on and what it removed."""
+    store = open_store(root)
+    info = read_info(store)
+    check = check_shards(store, info, full=True)
+    for s in sorted(check.damaged):
+        store.delete(stats_name(s))
+        if info.get("format") == "webdataset":
+            store.delete(f"{shard_name(s)}.tar")
+    for name in check.stray:
+        store.delete(name)
+    entries = index_entries(check.finished)
+    write_indexes(store, lambda: entries, wids=info.get("format") == "webdataset")
+    return {"check": check, "removed": [shard_name(s) for s in sorted(check.damaged)] + list(check.stray)}
+
+
 def read_info(root: "Path | str | Store") -> dict:
     """A dataset's dataset.json (a folder or a URL); one clear error when there is none."""
     info = read_json(open_store(root), DATASET_FILE)
@@ -108,6 +165,9 @@ class GeneratedDataset:
 
     A dataset with unfinished or damaged shards (sizes checked against the done markers) is refused in
     one line unless `allow_partial`, which reads the whole shards only; `check` says what is missing.
+    Every shard is checked against its marker's sha256 before any of its samples is handed out (a tar is read
+    once, into a spooled buffer; a files-layout member, file by file): damage raises DamagedShard naming the
+    shard (and the key, for a member that does not decode).
 
     Args:
         root: the folder holding dataset.json.
@@ -154,42 +214,75 @@ class GeneratedDataset:
             if not keep:
                 continue  # e.g. every sample filtered: no tar was published
             if self.format == "webdataset":
-                yield from (x for x in self._tar_samples(f"{shard_name(shard)}.tar") if x.key in keep)
+                yield from (x for x in self._tar_samples(shard) if x.key in keep)
             else:
                 for rec in self.stats[shard]["samples"]:
                     if rec["key"] in keep:
-                        yield self._files_sample(rec["key"])
+                        yield self._files_sample(shard, rec["key"])
 
-    def _decode(self, key: str, members: dict[str, bytes]) -> GeneratedSample:
-        img = members.get("jpg", members.get("png"))
-        labels = {}
-        for task in self.tasks:
-            labels[task] = decode_label(task, members[get_task(task).member], self.scale(task))
-        return GeneratedSample(key=key, image=decode_image(img), image_bytes=img, prompt=members["txt"].decode("utf-8"),
-                               meta=json.loads(members["json"]), labels=labels)
+    def _damaged(self, shard: int, why: str) -> DamagedShard:
+        return DamagedShard(f"{self.root}: shard {shard_name(shard)} is damaged ({why}); "
+                            + REPAIR.replace("DATASET", self.root))
 
-    def _tar_samples(self, name: str) -> Iterator[GeneratedSample]:
-        key, members = None, {}
-        # A stream (mode "r|"): one sequential read, what an object store serves best.
-        with self.store.open(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                k, _, suffix = info.name.partition(".")
-                if k != key and key is not None:
-                    yield self._decode(key, members)
-                    members = {}
-                key = k
-                members[suffix] = tar.extractfile(info).read()
-        if key is not None:
-            yield self._decode(key, members)
+    def _decode(self, shard: int, key: str, members: dict[str, bytes]) -> GeneratedSample:
+        try:
+            img = members.get("jpg", members.get("png"))
+            labels = {}
+            for task in self.tasks:
+                labels[task] = decode_label(task, members[get_task(task).member], self.scale(task))
+            return GeneratedSample(key=key, image=decode_image(img), image_bytes=img,
+                                   prompt=members["txt"].decode("utf-8"), meta=json.loads(members["json"]),
+                                   labels=labels)
+        except Exception as e:  # noqa: BLE001 — any member that does not decode: name where
+            what = f"missing member {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise self._damaged(shard, f"sample {key}: {what}") from None
 
-    def _files_sample(self, key: str) -> GeneratedSample:
+    def _tar_samples(self, shard: int) -> Iterator[GeneratedSample]:
+        name = f"{shard_name(shard)}.tar"
+        want = self.stats[shard].get("files", {}).get(name)
+        # One sequential read (what an object store serves best) into a buffer that spills to disk past 256 MB,
+        # hashed on the way: no sample of a shard is handed out before its bytes are known to be the marker's.
+        with tempfile.SpooledTemporaryFile(max_size=256 << 20) as buf:
+            h, n = hashlib.sha256(), 0
+            with self.store.open(name) as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+                    buf.write(block)
+                    n += len(block)
+            if want is not None and (n, h.hexdigest()) != (want["bytes"], want["sha256"]):
+                raise self._damaged(shard, f"{name}: " + (f"{n} bytes, its done marker says {want['bytes']}"
+                                                          if n != want["bytes"] else "sha256 differs from its done marker"))
+            buf.seek(0)
+            key, members = None, {}
+            try:
+                with tarfile.open(fileobj=buf, mode="r|") as tar:
+                    for info in tar:
+                        k, _, suffix = info.name.partition(".")
+                        if k != key and key is not None:
+                            yield self._decode(shard, key, members)
+                            members = {}
+                        key = k
+                        members[suffix] = tar.extractfile(info).read()
+            except tarfile.TarError as e:
+                raise self._damaged(shard, f"{name}: {e}") from None
+            if key is not None:
+                yield self._decode(shard, key, members)
+
+    def _files_sample(self, shard: int, key: str) -> GeneratedSample:
         members = {}
         image = self.info["image_format"]
+        files = self.stats[shard].get("files", {})
         for suffix, (folder, ext) in files_layout().items():
             if suffix in ("jpg", "png") and suffix != image:
                 continue
+            rel = f"{folder}/{key}.{ext}"
             try:
-                members[suffix] = self.store.read_bytes(f"{folder}/{key}.{ext}")
+                data = self.store.read_bytes(rel)
             except FileNotFoundError:
-                pass
-        return self._decode(key, members)
+                if rel in files:
+                    raise self._damaged(shard, f"{rel} is missing") from None
+                continue
+            if rel in files and hashlib.sha256(data).hexdigest() != files[rel]["sha256"]:
+                raise self._damaged(shard, f"{rel}: sha256 differs from its done marker")
+            members[suffix] = data
+        return self._decode(shard, key, members)

@@ -26,6 +26,7 @@ import torch
 from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
+from ..io.dataset import index_entries
 from ..io.members import IGNORE_INDEX, encode_sample, label_info
 from ..io.shards import (DATASET_FILE, PipelinedWriter, ShardClaim, ShardWriter, changed_files, clear_dataset,
                          file_digest, files_layout,
@@ -388,7 +389,7 @@ class ShardProducer:
 
     def finished(self, shard: int, report: "JobReport | None" = None) -> bool:
         """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
-        return _finished(self.job, self.info, shard, report)
+        return shard_finished(self.job, self.info, shard, report)
 
     def write(self, shard: int, report: "JobReport", bar: JobProgress, *, mine: bool = True,
               token: str | None = None) -> list[str] | None:
@@ -400,7 +401,7 @@ class ShardProducer:
             report.shards_busy += mine  # a duplicate worker writes it; it is not ours to redo
             return None
         try:
-            if _finished(self.job, self.info, shard, None):  # finished by another process since we looked
+            if shard_finished(self.job, self.info, shard, None):  # finished by another process since we looked
                 report.shards_skipped += mine
                 return None
             remove_shard_temporaries(self.store, shard)  # we hold the claim: other writers of it are gone
@@ -417,7 +418,7 @@ class ShardProducer:
             claim.release()
 
     def write_indexes(self) -> None:
-        _write_indexes(self.store, self.info)
+        write_dataset_indexes(self.store, self.info)
 
 
 def run_generate(backbone: Backbone, annotator: Annotator, prompts: list[str], job: GenerateJob, *,
@@ -461,7 +462,7 @@ def run_shards(producer: ShardProducer, *, rank: int = 0, world_size: int = 1, p
     return report
 
 
-def _finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None) -> bool:
+def shard_finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None) -> bool:
     """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
     store = open_store(job.out)
     st = _marker(store, shard, info["fingerprint"])
@@ -578,7 +579,7 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
     report.samples_filtered += filtered
     store = open_store(job.out)
     if not store.remote:  # cheap on a file system; on an object store, a run's end (or the Ray driver) writes them
-        _write_indexes(store, info)
+        write_dataset_indexes(store, info)
     return errors
 
 
@@ -591,19 +592,18 @@ def _failed(record: dict, error: str) -> None:
     record["status"], record["error"] = "error", error
 
 
-def _write_indexes(out: "Path | str | Store", info: dict) -> None:
+def write_dataset_indexes(out: "Path | str | Store", info: dict) -> None:
     """sizes.json and the wids index over every whole shard of this dataset (a damaged one, waiting to be
     redone, is left out). Markers are parsed once per version (`_MARKERS`): a run commits many shards."""
     store = open_store(out)
 
     def finished() -> dict[str, tuple[int, int]]:
-        found = {}
+        whole = {}
         for s in range(info["num_shards"]):
             st = _marker(store, s, info["fingerprint"])
-            if st is not None and st["written"] and shard_problem(store, st) is None:  # no samples: no tar
-                size = sum(f["bytes"] for f in st.get("files", {}).values())
-                found[f"{shard_name(s)}.tar"] = (st["written"], size)
-        return found
+            if st is not None and shard_problem(store, st) is None:
+                whole[s] = st
+        return index_entries(whole)
 
     write_indexes(store, finished, wids=info["format"] == "webdataset")
 
@@ -629,3 +629,6 @@ def job_config(job: GenerateJob) -> dict:
     d = asdict(job)
     d["out"] = str(job.out)
     return d
+
+
+_finished, _write_indexes = shard_finished, write_dataset_indexes  # TEMP: until bench/ray_engine.py is updated

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,24 @@ class PlannedSample:
 
 
 SEED_POLICY = "seed of sample = numpy SeedSequence([seed, prompt_index, repeat]).generate_state(1, uint64)[0] mod 2^63"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompts file: non-blank lines, stripped; lines whose first non-blank character is `#` are comments.
+    ValueError (one line) when it cannot be read or holds no prompt."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except IsADirectoryError:
+        raise ValueError(f"prompts file {path} is a folder") from None
+    except FileNotFoundError:
+        raise ValueError(f"prompts file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts file {path}: {type(e).__name__}: {e}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts")
+    return prompts
 
 
 def sample_seed(seed: int, prompt_index: int, repeat: int) -> int:
