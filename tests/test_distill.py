@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mmdiff_gen.backbones.loading import BackboneNotFound
+from mmdiff_gen.backbones.loading import BackboneNotFound, PickledWeights
 from mmdiff_gen.backbones.teacher import Teacher
 from mmdiff_gen.cli import app
 from mmdiff_gen.heads.checkpoint import read_meta
@@ -68,7 +68,7 @@ def test_teacher_refusals(teachers, tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text((teachers / "seg" / "config.json").read_text())
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(BackboneNotFound, match="no .safetensors"):
+    with pytest.raises(PickledWeights, match="pytorch_model.bin is a pickle"):
         Teacher.load(str(pickled), "seg")
     with pytest.raises(BackboneNotFound, match="hf download"):
         Teacher.load("nobody/no-such-teacher", "seg")

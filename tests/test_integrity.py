@@ -114,3 +114,19 @@ def test_export_writes_a_new_folder_whole(ds, tmp_path):
     coco = json.loads((dest / "annotations.json").read_text())
     assert sorted(p.name for p in (dest / "images").iterdir()) == sorted(i["file_name"] for i in coco["images"])
     assert len(coco["images"]) == 6 and not list(tmp_path.glob(".coco*"))
+
+
+def test_options_that_would_do_nothing_or_cannot_work_are_refused_up_front(dataset, tmp_path):
+    """--dino with heads trained without DINOv3 would change no byte; float16 FLUX saturates its features: both exit
+    2 before a backbone loads, nothing created."""
+    _, args = dataset
+    out = tmp_path / "new"
+    base = [a for a in args]
+    base[base.index("--out") + 1] = str(out)
+    res = run(app, [*base, "--dino", str(tmp_path / "dinov3")])
+    assert res.exit_code == 2 and "--dino: none of these heads was trained with DINOv3" in res.output, res.output
+    fp16 = [*base]
+    fp16[fp16.index("--dtype") + 1] = "float16"
+    res = run(app, fp16)
+    assert res.exit_code == 2 and "--dtype float16: FLUX overflows float16" in res.output, res.output
+    assert not out.exists()

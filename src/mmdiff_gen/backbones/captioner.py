@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loading import _REPO_ID, BackboneNotFound, _weights_id, hub_cache, hub_snapshot
+from .loading import _REPO_ID, BackboneNotFound, _weights_id, hub_cache, hub_snapshot, safetensors_only
 
 DEFAULT_MODEL = "google/gemma-3-4b-it"  # MMDiff §4.4: "captioning each image with Gemma-3-4B"
 # The caption stands in for the prompt the image could have been generated from, so it should read like a
@@ -89,6 +89,7 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         folder = resolve(model)
+        safetensors_only(folder, f"captioner {model}")
         try:
             processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             vlm = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, use_safetensors=True,

@@ -54,13 +54,16 @@ class DinoFeatures:
         """From a local folder (e.g. `hf download facebook/dinov3-vitb16-pretrain-lvd1689m --local-dir …`)."""
         from transformers import DINOv3ViTModel
 
+        from .loading import safetensors_only
+
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no DINOv3 model at {folder} (expected a folder with config.json and weights)")
+        safetensors_only(folder, "DINOv3")
         model = DINOv3ViTModel.from_pretrained(folder, dtype=dtype, local_files_only=True,
                                                use_safetensors=True).to(device)  # never a pickled .bin
         h = hashlib.sha256()
-        for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        for f in sorted(folder.glob("*.safetensors")):
             with open(f, "rb") as fh:  # size + the first MiB: cheap, and tells same-shape checkpoints apart
                 h.update(f"{f.name}:{f.stat().st_size};".encode() + fh.read(1 << 20))
         prep = folder / "preprocessor_config.json"

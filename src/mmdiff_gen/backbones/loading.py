@@ -47,6 +47,23 @@ def _pipeline_class(name: str):
     return getattr(diffusers, name)
 
 
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that torch.load would unpickle
+
+
+class PickledWeights(ValueError):
+    """A weights folder that holds only pickles: never handed to the unpickler."""
+
+
+def safetensors_only(folder: str | Path, what: str) -> None:
+    """Refuse a folder whose weights are pickles only (no .safetensors beside them), naming the file: loaders
+    fall back to them through torch.load, and nothing this tool reads is unpickled."""
+    folder = Path(folder)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLES) if folder.is_dir() else []
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise PickledWeights(f"{what}: {folder / pickles[0]} is a pickle; only safetensors weights are read (convert "
+                             "it once on a trusted machine: load it and save_pretrained(..., safe_serialization=True))")
+
+
 def _read_model_index(model: str) -> tuple[str, dict]:
     """Resolve `model` to a local folder holding model_index.json, from a path or the HF cache."""
     path = Path(model).expanduser()
@@ -193,8 +210,11 @@ def load_backbone(
 
             pipeline_kwargs["quantization_config"] = PipelineQuantizationConfig(
                 quant_mapping={"transformer": TorchAoConfig(int8_config())})
+        for sub in sorted(Path(folder).iterdir()):
+            safetensors_only(sub, f"{model} ({sub.name})")
         try:
-            pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **pipeline_kwargs)
+            pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                       **pipeline_kwargs)
         except OSError as err:
             raise BackboneNotFound(f"could not load {model!r} from {folder}: {str(err).splitlines()[0]}") from None
         name, weights_id, settings = model, _weights_id(Path(folder)), _settings(Path(folder))
@@ -219,6 +239,17 @@ def _pipeline_folder(model: str) -> tuple[str, dict]:
     folder, index = _read_model_index(source)
     _adapter_for(index.get("_class_name", "?"))
     return folder, index
+
+
+def adapter_class(model: str) -> type[Backbone]:
+    """The family adapter `load_backbone(model)` will use, read from the pipeline's model_index.json (nothing
+    loads): lets settings a family cannot run be refused before minutes of loading."""
+    if model in BUILTIN:
+        from .sd3 import SD3Backbone
+        from .flux import FluxBackbone
+
+        return SD3Backbone if model.endswith("sd3") else FluxBackbone
+    return _adapter_for(_pipeline_folder(model)[1].get("_class_name", "?"))
 
 
 def _settings(folder: Path) -> dict:

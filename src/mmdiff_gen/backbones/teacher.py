@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loading import BackboneNotFound, _weights_id, config_digest, hub_snapshot
+from .loading import BackboneNotFound, _weights_id, config_digest, hub_snapshot, safetensors_only
 
 # Depth models whose output is relative inverse depth (disparity), by transformers model type; Depth Anything
 # says so itself (config.depth_estimation_type).
@@ -62,8 +62,9 @@ class Teacher:
             if folder is None:
                 raise BackboneNotFound(f"teacher {name!r} is neither a folder nor in the local Hugging Face cache; "
                                        f"on a machine with internet run `hf download {name}`")
+        safetensors_only(folder, f"teacher {name}")
         if not any(folder.glob("*.safetensors")):
-            raise BackboneNotFound(f"teacher {name!r} has no .safetensors weights (pickled weights are not loaded)")
+            raise BackboneNotFound(f"teacher {name!r} has no .safetensors weights")
         auto = AutoModelForSemanticSegmentation if task == "seg" else AutoModelForDepthEstimation
         try:
             model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)

@@ -100,13 +100,29 @@ class GenerateConfig:
         from ..backbones.runtime import check_compilable, check_runtime
         from .annotate import plan_annotator
 
+        import torch
+
+        from ..backbones.loading import adapter_class
+        from ..backbones.runtime import torch_dtype
+        from ..heads.checkpoint import read_meta
+
         check_location(self.job.out)
         if self.compile != "off":
             check_compilable(self.offload)
-        check_runtime(self.offload, self.storage, device=self.resolved_device())
+        device = self.resolved_device()
+        check_runtime(self.offload, self.storage, device=device)
+        adapter = adapter_class(self.model)
+        if torch_dtype(self.dtype, device) == torch.float16 and not adapter.FLOAT16_OK:
+            raise SettingsError(f"--dtype float16: {adapter.family.upper()} overflows float16 (its activations saturate "
+                                "the features); use bfloat16 or float32")
         if self.job.min_quality is not None and not any(get_task(t).confidence for t in self.job.tasks):
-            raise SettingsError(f"min_quality needs a task with a quality signal: {', '.join(quality_tasks())}")
-        return plan_annotator(self.model, list(self.job.tasks), self.heads, list(self.classes) if self.classes else None)
+            raise SettingsError(f"--min-quality needs a task with a quality signal: {', '.join(quality_tasks())}")
+        files, names = plan_annotator(self.model, list(self.job.tasks), self.heads,
+                                      list(self.classes) if self.classes else None)
+        if self.dino is not None and not any(read_meta(f).dino for f in files.values()):
+            raise SettingsError("--dino: none of these heads was trained with DINOv3 features, so it would change "
+                                "nothing; drop it (or use heads trained with --dino)")
+        return files, names
 
     def resolved_device(self) -> str:
         """`device` for this process: auto → cuda if visible, else cpu; `cuda` → this worker's GPU."""
