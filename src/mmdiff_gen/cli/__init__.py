@@ -8,6 +8,7 @@ from . import backbone as _backbone
 from . import caption as _caption
 from . import dataset as _dataset
 from . import heads as _heads
+from . import look as _look
 from . import toy as _toy
 from ._root import root as _root
 
@@ -24,6 +25,8 @@ app.command("generate")(_dataset.generate)
 app.command("export")(_dataset.export)
 app.command("preview")(_dataset.preview)
 app.command("verify")(_dataset.verify)
+app.command("info")(_look.info)
+app.command("report")(_look.report)
 app.command("inspect")(_backbone.inspect)
 app.command("capture")(_backbone.capture)
 app.command("probe-layers")(_backbone.probe_layers)
