@@ -17,6 +17,7 @@ from mmdiff_gen.io.dataset import DATASET_FILE
 from mmdiff_gen.io.members import (IGNORE_INDEX, decode_depth, encode_depth, encode_gray, encode_image, encode_json,
                                    label_info)
 from mmdiff_gen.io.preview import ELLIPSIS, class_colours, contact_sheet, ellipsize
+from mmdiff_gen.io.report import CSP
 from mmdiff_gen.io.shards import ShardWriter, write_json_atomic
 
 run = CliRunner().invoke
@@ -33,8 +34,11 @@ FATE = {0: 0.91, 1: 0.83, 2: 0.77, 3: 0.2, 4: 0.95, 5: 0.64, 6: "RuntimeError: C
 INSTANCES = {k: (k % 3 + 1, 1 - k % 2) for k in range(N)}
 
 
+MARKUP = 'a "ring" </script><u>underlined</u> & co'  # a prompt the page must show as text, not run as markup
+
+
 def prompt(k: int) -> str:
-    return LONG if k // PER_PROMPT == 0 else f"prompt {k // PER_PROMPT}"
+    return {0: LONG, 2: MARKUP}.get(k // PER_PROMPT, f"prompt {k // PER_PROMPT}")
 
 
 def labels(k: int) -> dict[str, np.ndarray]:
@@ -142,7 +146,8 @@ def test_info_json_counts_equal_what_the_shards_hold(dataset):
     scores = [f for f in FATE.values() if not isinstance(f, str)]
     q = s["quality"]
     assert (q["scored"], q["filtered"], q["failed"], q["min_quality"]) == (len(scores), 2, 1, MIN_QUALITY)
-    assert [q[k] for k in ("min", "q1", "median", "q3", "max")] == pytest.approx(np.percentile(scores, [0, 25, 50, 75, 100]))
+    quartiles = np.percentile(scores, [0, 25, 50, 75, 100])
+    assert [q[k] for k in ("min", "q1", "median", "q3", "max")] == pytest.approx(quartiles)
     assert sum(q["histogram"]["counts"]) == len(scores) and q["histogram"]["edges"][0] <= MIN_QUALITY
     rejected = {r["key"]: r for r in s["rejected"]}
     assert sorted(rejected) == ["000000003", "000000006", "000000007"]
@@ -220,24 +225,26 @@ def test_contact_sheet_legend_colour_bar_and_ellipsis(dataset, tmp_path):
 
 
 class _Tags(HTMLParser):
-    """Every start tag of a document as (tag, attrs), and the text of each <td>."""
+    """Every start tag of a document as (tag, attrs), and the text of each <td> and <figcaption>."""
+
+    TEXT = ("td", "figcaption")
 
     def __init__(self, html: str):
         super().__init__()
-        self.tags, self.cells, self._in_td = [], [], False
+        self.tags, self.cells, self._in = [], [], False
         self.feed(html)
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
-        self._in_td = tag == "td"
-        if self._in_td:
+        self._in = tag in self.TEXT
+        if self._in:
             self.cells.append("")
 
     def handle_endtag(self, tag):
-        self._in_td = self._in_td and tag != "td"
+        self._in = self._in and tag not in self.TEXT
 
     def handle_data(self, data):
-        if self._in_td:
+        if self._in:
             self.cells[-1] += data
 
     def find(self, tag, **attrs):
@@ -263,7 +270,7 @@ def test_report_in_a_headless_browser(dataset, tmp_path):
     res = run(app, ["report", str(dataset), "--out", str(page), "-n", "4"])
     assert res.exit_code == 0, res.output
     html = page.read_text()
-    assert "default-src 'none'" in html  # the page may fetch nothing, whatever it holds
+    assert f'content="{CSP}"' in html  # the page may fetch nothing, whatever it holds
     dom = _browser(exe, tmp_path / "profile", "--dump-dom", page.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     tags = _Tags(dom.stdout)
@@ -272,6 +279,8 @@ def test_report_in_a_headless_browser(dataset, tmp_path):
     # 4 thumbnails evenly spread over the 5 written samples (indices 0, 1, 3, 4), each with a layer per task.
     samples = tags.find("figure", **{"class": "sample"})
     assert [s["data-key"] for s in samples] == [f"{WRITTEN[i]:09d}" for i in (0, 1, 3, 4)]
+    assert any(c.endswith(MARKUP) for c in tags.cells)  # keys 4 and 5's captions, as text
+    assert not tags.find("u")
     images = [a for t, a in tags.tags if t == "img"]
     assert images and all(a["src"].startswith("data:image/") for a in images)
     for task in ("seg", "saliency", "depth", "openseg"):

@@ -87,8 +87,9 @@ def _lines(s: dict) -> list[str]:
     lines.append(f"image     {im['width']}×{im['height']} {im['format']}")
     lines.append("sampling  " + ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
                                           for k, v in s["sampling"].items()))
-    lines.append(f"quality   {q['scored']} scored: min {_num(q['min'])}, q1 {_num(q['q1'])}, median {_num(q['median'])}, "
-                 f"q3 {_num(q['q3'])}, max {_num(q['max'])}; {q['filtered']} filtered, {q['failed']} failed"
+    lines.append(f"quality   {q['scored']} scored: min {_num(q['min'])}, q1 {_num(q['q1'])}, "
+                 f"median {_num(q['median'])}, q3 {_num(q['q3'])}, max {_num(q['max'])}; "
+                 f"{q['filtered']} filtered, {q['failed']} failed"
                  + (f" (min_quality {q['min_quality']})" if q["min_quality"] is not None else ""))
     for task, v in s["values"].items():
         unit = unit_suffix(v["unit"])

@@ -28,6 +28,8 @@ from .summary import spread, summarize
 THUMB = 192  # longest side of a thumbnail, pixels
 MAX_ROWS = 1000  # rows of the filtered / failed table; the rest are counted, and listed in the shards' stats
 COLOUR_BAR = (256, 12)  # (width, height) of a positive task's colour bar image
+# The browser may load nothing but the page's own data URIs, inline styles and inline script.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
 def _data_uri(array: np.ndarray, fmt: str) -> str:
@@ -115,13 +117,13 @@ def write_report(root: "Path | str | Store", out: "Path | str", n: int = 48, sid
         "thumbnails": thumbs,
         "tasks": [{"name": t, "kind": get_task(t).kind} for t in ds.tasks],
         "legend": legend,
-        "colour_bars": {t: {"uri": _colour_bar(lo, hi), "lo": lo, "hi": hi, "unit": unit_suffix(task_unit(ds.info, t)).strip()}
-                        for t, (lo, hi) in ranges.items()},
+        "colour_bars": {t: {"uri": _colour_bar(lo, hi), "lo": lo, "hi": hi,
+                            "unit": unit_suffix(task_unit(ds.info, t)).strip()} for t, (lo, hi) in ranges.items()},
         "rejected": rejected[:MAX_ROWS],
         "rejected_total": len(rejected),
     }
-    # "<" escaped: a prompt holding "</script>" must not end the data block.
-    page = _PAGE.replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("<", "\\u003c"))
+    blob = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")  # a prompt's "</script>" must not end it
+    page = _PAGE.replace("__CSP__", CSP).replace("__DATA__", blob)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
@@ -138,7 +140,7 @@ _PAGE = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
 <title>mmdiff-gen dataset report</title>
 <style>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 16px 24px; color: #111; background: #fff; }
