@@ -41,9 +41,9 @@ def test_bad_inputs_get_one_line_and_a_nonzero_exit(tmp_path):
     good.write_text("a red circle\n")
     res = runner.invoke(app, ["capture", "--prompts", str(good), "--out", str(tmp_path / "o"), "--sigmas", "0.5,2",
                               *TINY])
-    assert res.exit_code == 1 and "sigmas must lie in (0, 1]" in res.output
+    assert res.exit_code == 2 and "sigmas must lie in (0, 1]" in res.output
     res = runner.invoke(app, ["inspect", "--model", str(tmp_path / "nowhere")])
-    assert res.exit_code == 1 and "no pipeline folder" in res.output
+    assert res.exit_code == 2 and "no pipeline folder" in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
 
 

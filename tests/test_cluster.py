@@ -72,6 +72,18 @@ def local_run(tmp_path_factory):
     return out
 
 
+def _started_by_us(pid: int) -> bool:
+    """Whether a process descends from this test process (our local Ray's raylet spawned it): only ours is killed."""
+    for _ in range(4):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # field 4: the parent
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def objects(store, pattern="*") -> dict[str, bytes]:
     return {n: store.read_bytes(n) for n in store.names(pattern)}
 
@@ -132,7 +144,7 @@ def test_a_killed_worker_costs_only_its_shard(s3, cluster, local_run):
                     title = (proc / "cmdline").read_bytes()
                 except OSError:
                     continue
-                if title.startswith(b"ray::_Worker.write"):
+                if title.startswith(b"ray::_Worker.write") and _started_by_us(int(proc.name)):
                     time.sleep(0.3)  # into its generation pass
                     os.kill(int(proc.name), signal.SIGKILL)
                     killed.append(int(proc.name))

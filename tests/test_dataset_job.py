@@ -389,7 +389,7 @@ def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, 
         return "new"
 
     real_rename, real_write, real_writer, real_indexes = (os.rename, dataset_job.write_json,
-                                                          shards.ShardWriter.write, dataset_job._write_indexes)
+                                                          shards.ShardWriter.write, dataset_job.write_dataset_indexes)
 
     def rename_then_die(a, b):
         real_rename(a, b)
@@ -413,7 +413,7 @@ def test_overwrite_killed_at_any_moment_never_mixes(tiny, annotator, reference, 
 
     moments = [(os, "rename", rename_then_die), (shards, "_move_back", die),
                (dataset_job, "write_json", dataset_json_then_die),
-               (shards.ShardWriter, "write", die_in_second_sample), (dataset_job, "_write_indexes", first_shard_then_die)]
+               (shards.ShardWriter, "write", die_in_second_sample), (dataset_job, "write_dataset_indexes", first_shard_then_die)]
     seen = []
     for i, (owner, name, fake) in enumerate(moments):
         out = _copy(ref, tmp_path / str(i) / "ds")

@@ -355,7 +355,7 @@ def test_cli_trains_and_evaluates_straight_from_a_dataset(duts, tmp_path):
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "m.json").read_text())) >= {"max_f", "mae"}
     res = CliRunner().invoke(app, ["extract", "--data", f"nope:{root}", "--out", str(tmp_path / "x"), *common])
-    assert res.exit_code == 1 and "unknown dataset kind" in res.output
+    assert res.exit_code == 2 and "unknown dataset kind" in res.output
 
 
 def test_shipped_prompt_files():

@@ -142,7 +142,7 @@ def test_cli_distill(teachers, tmp_path):
     assert r.exit_code == 0, r.output
     meta = read_meta(tmp_path / "heads" / "seg.safetensors")
     assert meta.classes == ["background", "cat", "dog"] and (tmp_path / "heads" / "README.md").is_file()
-    for bad, code in (([*args[:6], "seg,depth", *args[7:]], 2), ([*args[:8], str(tmp_path / "none"), *args[9:]], 1),
+    for bad, code in (([*args[:6], "seg,depth", *args[7:]], 2), ([*args[:8], str(tmp_path / "none"), *args[9:]], 2),
                       ([*args, "--size", "60"], 2)):
         r = runner.invoke(app, bad)
         assert r.exit_code == code and len(r.output.strip().splitlines()) == 1, r.output

@@ -224,10 +224,10 @@ def test_a_missing_repo_says_how_to_get_it(hub, tmp_path):
     prompts.write_text("a red circle\n")
     res = run(app, ["generate", "--prompts", str(prompts), "--out", str(tmp_path / "ds"), "--model", "toy",
                     "--heads", "org/missing", "--tasks", "seg", "--device", "cpu"])
-    assert res.exit_code == 1 and "hf download org/missing" in res.output, res.output
+    assert res.exit_code == 2 and "hf download org/missing" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "ds").exists()
     res = run(app, ["eval", "--head", "org/missing", "--cache", str(tmp_path / "c")])
-    assert res.exit_code == 1 and "hf download org/missing" in res.output, res.output
+    assert res.exit_code == 2 and "hf download org/missing" in res.output, res.output
 
 
 def test_eval_takes_one_head_of_a_folder(heads, tmp_path):

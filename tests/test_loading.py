@@ -53,7 +53,7 @@ def test_pickled_weights_are_refused_naming_the_file(tmp_path):
     res = CliRunner().invoke(app, ["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
                                    "--model", str(tmp_path / "pipe"), "--tasks", "openseg", "--classes", "bg,circle",
                                    "--device", "cpu"])
-    assert res.exit_code == 1 and "diffusion_pytorch_model.bin is a pickle" in res.output, res.output
+    assert res.exit_code == 2 and "diffusion_pytorch_model.bin is a pickle" in res.output, res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
     dino = tmp_path / "dino"
     dino.mkdir()

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SettingsError
 from .base import Backbone
 from .flux import FluxBackbone
 from .sd3 import SD3Backbone
@@ -28,7 +29,7 @@ _ADAPTERS: dict[str, type[Backbone]] = {
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class BackboneNotFound(RuntimeError):
+class BackboneNotFound(SettingsError):
     """The weights are not on this machine; the message says how to get them."""
 
 
@@ -50,7 +51,7 @@ def _pipeline_class(name: str):
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that torch.load would unpickle
 
 
-class PickledWeights(ValueError):
+class PickledWeights(SettingsError):
     """A weights folder that holds only pickles: never handed to the unpickler."""
 
 
@@ -245,9 +246,6 @@ def adapter_class(model: str) -> type[Backbone]:
     """The family adapter `load_backbone(model)` will use, read from the pipeline's model_index.json (nothing
     loads): lets settings a family cannot run be refused before minutes of loading."""
     if model in BUILTIN:
-        from .sd3 import SD3Backbone
-        from .flux import FluxBackbone
-
         return SD3Backbone if model.endswith("sd3") else FluxBackbone
     return _adapter_for(_pipeline_folder(model)[1].get("_class_name", "?"))
 
@@ -287,17 +285,27 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA fil
 def load_lora(pipe: Any, path: Path | str, scale: float = 1.0, name: str = "lora") -> None:
     """A diffusers LoRA file into the pipeline's transformer as adapter `name` at `scale`. Only safetensors
     files are read (a `.bin` / `.pth` LoRA is a pickle: refused); ValueError names what is wrong."""
-    path = Path(path)
-    file = path / LORA_WEIGHTS if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"LoRA not found: {file}")
-    if file.suffix != ".safetensors":
-        raise ValueError(f"{file}: LoRA files are read as .safetensors only (other formats are pickles)")
+    file = lora_file(path)
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except ImportError:
         raise ImportError("loading a LoRA needs peft: pip install 'mmdiff-gen[lora]'") from None
+    except (ValueError, KeyError, RuntimeError, OSError) as e:  # diffusers / peft / safetensors, in their words
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"--lora {file}: not a LoRA this transformer can load ({first})") from None
     pipe.set_adapters([name], adapter_weights=[float(scale)])
+
+
+def lora_file(path: Path | str) -> Path:
+    """The .safetensors file a --lora names (a file, or a folder holding pytorch_lora_weights.safetensors); a
+    SettingsError when there is none or it is another format (a pickle): checked before anything loads."""
+    path = Path(path)
+    file = path / LORA_WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise SettingsError(f"--lora {path}: no LoRA file there" + (f" (expected {LORA_WEIGHTS})" if path.is_dir() else ""))
+    if file.suffix != ".safetensors":
+        raise SettingsError(f"--lora {file}: LoRA files are read as .safetensors only (other formats are pickles)")
+    return file
 
 
 def wrap_pipeline(pipe: Any, name: str = "custom", settings: dict | None = None, weights_id: str = "") -> Backbone:

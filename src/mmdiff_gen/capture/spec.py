@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import SettingsError
 from ..tasks import get as get_task
 
 # MMDiff §3.1: t = 1 is noise, 0 is clean.
@@ -51,7 +52,7 @@ class CaptureSpec:
     def __post_init__(self):
         sig = tuple(sorted({float(s) for s in self.sigmas}, reverse=True))
         if not sig or any(not (0.0 < s <= 1.0) for s in sig):
-            raise ValueError(f"sigmas must lie in (0, 1], got {self.sigmas}")
+            raise SettingsError(f"sigmas must lie in (0, 1], got {self.sigmas}")
         if len(sig) != len(self.sigmas):
             raise ValueError(f"sigmas must be distinct, got {self.sigmas}")
         object.__setattr__(self, "sigmas", sig)

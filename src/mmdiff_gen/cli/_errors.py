@@ -22,7 +22,11 @@ def fail(message: str, code: int = 1) -> None:
 
 @contextmanager
 def clean_errors(usage: tuple[type[Exception], ...] = ()):
-    """Turn library errors into one line on stderr and exit code 1 (2 for the `usage` error types)."""
+    """Turn library errors into one line on stderr and exit code 1; 2 for the caller's errors in every command
+    (errors.SettingsError, a missing input file) and for the `usage` error types."""
+    from ..errors import SettingsError
+
+    usage = (SettingsError, FileNotFoundError, *usage)
     try:
         yield
     except typer.Exit:  # click's Exit is a RuntimeError: let a deliberate exit code through

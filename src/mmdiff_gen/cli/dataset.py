@@ -77,9 +77,11 @@ def generate(
     check_compile(compile, offload)
     texts = read_prompts(prompts)
     if write_workers is not None and write_workers < 0:
-        fail("--write-workers must be ≥ 0", code=2)
-    if min(images_per_prompt, batch_size, shard_size or 1, steps or 1, size or 1, workers or 1) < 1:
-        fail("--images-per-prompt, --batch-size, --shard-size, --steps, --size and --workers must be ≥ 1", code=2)
+        fail(f"--write-workers must be ≥ 0, got {write_workers}", code=2)
+    for option, value in (("--images-per-prompt", images_per_prompt), ("--batch-size", batch_size),
+                          ("--shard-size", shard_size), ("--steps", steps), ("--size", size), ("--workers", workers)):
+        if value is not None and value < 1:
+            fail(f"{option} must be ≥ 1, got {value}", code=2)
     if seed < 0:
         fail("--seed must be ≥ 0", code=2)
     if image_format not in ("jpg", "png"):
@@ -91,12 +93,11 @@ def generate(
     if engine == "ray" and (rank is not None or world_size is not None):
         fail("--engine ray schedules every shard itself: drop --rank / --world-size", code=2)
     check_runtime(offload, storage, resolve_device(device))
-    from ..heads.checkpoint import HeadMismatch
-    from ..jobs.dataset_job import FingerprintMismatch, GenerateJob, Interrupted, SettingsError
+    from ..jobs.dataset_job import GenerateJob, Interrupted
     from ..jobs.generator import GenerateConfig, generate_dataset
 
     # Settings (and the output location) are checked before the backbone loads (minutes for FLUX).
-    with clean_errors(usage=(HeadMismatch, FingerprintMismatch, SettingsError)):
+    with clean_errors():
         with clean_errors(usage=(ValueError,)):
             job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
                               batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,

@@ -12,12 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .._atomic import atomic_path
+from ..errors import SettingsError
 from .model import HeadConfig, MMDiffHead
 
 FORMAT_VERSION = 1
 
 
-class HeadMismatch(ValueError):
+class HeadMismatch(SettingsError):
     """A head is being used with a backbone or capture setting it was not trained for."""
 
 

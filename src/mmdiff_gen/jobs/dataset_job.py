@@ -26,6 +26,7 @@ import torch
 from .. import __version__
 from ..backbones.base import Backbone
 from ..capture import generate
+from ..errors import SettingsError
 from ..io.dataset import index_entries
 from ..io.members import IGNORE_INDEX, encode_sample, label_info
 from ..io.shards import (DATASET_FILE, PipelinedWriter, ShardClaim, ShardWriter, changed_files, clear_dataset,
@@ -55,16 +56,18 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(SettingsError):
     """The output folder holds a dataset made from other inputs."""
-
-
-class SettingsError(ValueError):
-    """A setting no sample could be generated with: refused before anything is written."""
 
 
 class _LostClaim(Exception):
     """Another process now holds the claim of the shard being written (it took over a claim judged stale)."""
+
+
+# A setting's name where the user gave it: the CLI's option (the library's keyword beside it in the docs).
+OPTIONS = {"num_inference_steps": "--steps", "height": "--size", "width": "--size", "guidance_scale": "--guidance",
+           "true_cfg_scale": "--true-cfg", "min_quality": "--min-quality", "images_per_prompt": "--images-per-prompt",
+           "batch_size": "--batch-size", "shard_size": "--shard-size"}
 
 
 def check_sampling(**values) -> None:
@@ -73,15 +76,16 @@ def check_sampling(**values) -> None:
     for name, v in values.items():
         if v is None:
             continue
+        option = OPTIONS.get(name, name)
         if name in ("num_inference_steps", "height", "width", "images_per_prompt", "batch_size", "shard_size"):
             if v < 1:
-                raise SettingsError(f"{name} must be ≥ 1, got {v}")
+                raise SettingsError(f"{option} must be ≥ 1, got {v}")
         elif not math.isfinite(v):
-            raise SettingsError(f"{name} must be a finite number, got {v}")
+            raise SettingsError(f"{option} must be a finite number, got {v}")
         elif name == "min_quality" and not 0.0 <= v <= 1.0:
-            raise SettingsError(f"min_quality must be in [0, 1] (quality scores are), got {v}")
+            raise SettingsError(f"{option} must be in [0, 1] (quality scores are), got {v}")
         elif v < 0:
-            raise SettingsError(f"{name} must be ≥ 0, got {v}")
+            raise SettingsError(f"{option} must be ≥ 0, got {v}")
 
 
 @dataclass(frozen=True)
@@ -516,8 +520,8 @@ def check_size(backbone: Backbone, height: int, width: int) -> None:
     p = backbone.pixels_per_token
     for name, v in (("height", height), ("width", width)):
         if v % p or not lo <= v <= hi:
-            raise SettingsError(f"{name} {v} is not a multiple of {p} (this backbone's pixels per token) in "
-                                f"{lo}…{hi}")
+            raise SettingsError(f"{OPTIONS[name]} {v}: the image side must be a multiple of {p} (this backbone's "
+                                f"pixels per token) in {lo}…{hi}")
 
 
 def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job: GenerateJob, info: dict,
@@ -546,17 +550,18 @@ def _write_shard(shard: int, samples: list[PlannedSample], runner: _Runner, job:
             waited = pipe.waited
             for s, r in zip(batch, results):
                 base = {"key": s.key, "prompt_index": s.prompt_index, "repeat": s.repeat}
-                if isinstance(r, str):
-                    records.append({**base, "status": "error", "error": r})
+                if isinstance(r, str):  # the prompt kept: no sample of it may be in the dataset to show it
+                    records.append({**base, "prompt": s.prompt, "status": "error", "error": r})
                     continue
                 image, labels, sigmas, quality = r
                 record = {**base, "quality": quality.get("score"), "status": "ok"}
                 records.append(record)
                 if job.min_quality is not None and (quality.get("score") or 0.0) < job.min_quality:
                     record["status"] = "filtered"  # deterministic: a re-run would drop it again
+                    record["prompt"] = s.prompt
                     continue
                 meta = {**base, "seed": s.seed, "sigmas": sigmas, "quality": quality}
-                pipe.put(s.key, (image, s.prompt, meta, labels), partial(_failed, record))
+                pipe.put(s.key, (image, s.prompt, meta, labels), partial(_failed, record, prompt=s.prompt))
             bar.add_time("write", pipe.waited - waited)  # only the time generation waited on the writer
             bar.advance(len(batch))
         t0 = time.perf_counter()
@@ -588,8 +593,8 @@ def _encode(sample: tuple, image_format: str, classes: list[str]) -> dict[str, b
     return encode_sample(image, prompt, meta, labels, image_format=image_format, classes=classes)
 
 
-def _failed(record: dict, error: str) -> None:
-    record["status"], record["error"] = "error", error
+def _failed(record: dict, error: str, prompt: str) -> None:
+    record["status"], record["error"], record["prompt"] = "error", error, prompt
 
 
 def write_dataset_indexes(out: "Path | str | Store", info: dict) -> None:

@@ -102,11 +102,13 @@ class GenerateConfig:
 
         import torch
 
-        from ..backbones.loading import adapter_class
+        from ..backbones.loading import adapter_class, lora_file
         from ..backbones.runtime import torch_dtype
         from ..heads.checkpoint import read_meta
 
         check_location(self.job.out)
+        if self.lora is not None:
+            lora_file(self.lora)
         if self.compile != "off":
             check_compilable(self.offload)
         device = self.resolved_device()

@@ -26,7 +26,7 @@ from typing import Callable
 from ..io.shards import break_claim, shard_name
 from ..io.store import open_store
 from ._progress import JobProgress
-from .dataset_job import JobReport, _finished, _write_indexes
+from .dataset_job import JobReport, shard_finished, write_dataset_indexes
 from .generator import GenerateConfig
 
 MAX_ATTEMPTS = 3  # workers a single shard may lose before the job stops
@@ -135,7 +135,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
                         continue
                     if info is None:
                         info, job = _get(ray, a.prepare.remote())
-                        queue.extend(s for s in range(info["num_shards"]) if not _finished(job, info, s, report))
+                        queue.extend(s for s in range(info["num_shards"]) if not shard_finished(job, info, s, report))
                         ranges = [len(range(i, min(i + job.shard_size, info["num_samples"])))
                                   for i in range(0, info["num_samples"], job.shard_size)]
                         bar = JobProgress(sum(ranges[s] for s in queue), "ray", enabled=progress)
@@ -180,7 +180,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
         if bar is not None:
             bar.close()
         if info is not None:
-            _write_indexes(store, info)
+            write_dataset_indexes(store, info)
     report.seconds = dict(bar.stages) if bar is not None else {}
     if wrote:
         say("ray: shards per worker: " + "; ".join(f"{w}: {k}" for w, k in wrote.items()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ...errors import SettingsError
 from ..readers import FilesDataset
 from ._prepare import Prepared, fit_square, read_captions
 from .duts import DUTSDataset
@@ -72,7 +73,7 @@ def open_dataset(source: str | Path, *, split: str | None = None, size: int | No
     if match and match.group(1).lower() in KINDS:
         kind, path = match.group(1).lower(), Path(match.group(2))
     elif match and not Path(text).exists():
-        raise ValueError(f"unknown dataset kind {match.group(1)!r} in {text!r}: expected one of "
+        raise SettingsError(f"unknown dataset kind {match.group(1)!r} in {text!r}: expected one of "
                          + ", ".join(KINDS))
     elif (Path(text) / "meta.jsonl").is_file():
         kind, path = "files", Path(text)
