@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,19 @@ def test_options_that_would_do_nothing_or_cannot_work_are_refused_up_front(datas
     res = run(app, fp16)
     assert res.exit_code == 2 and "--dtype float16: FLUX overflows float16" in res.output, res.output
     assert not out.exists()
+
+
+def test_files_honour_the_umask(dataset):
+    """Heads (safetensors writes 0600), shards and markers get what the umask gives a new file: colleagues on a
+    shared cluster can read them."""
+    import stat
+
+    from mmdiff_gen._atomic import FILE_MODE
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert FILE_MODE == 0o666 & ~mask
+    ds, args = dataset
+    heads = args[args.index("--heads") + 1]
+    for f in [*sorted(Path(heads).glob("*.safetensors")), ds / "00000.tar", ds / "00000_stats.json", ds / "sizes.json"]:
+        assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f

@@ -12,6 +12,17 @@ from typing import Iterator
 HOST = socket.gethostname()
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading it means setting it: put it straight back (once, at import)
+    os.umask(mask)
+    return mask
+
+
+# Files get the permissions the user's umask gives a new file (0644 under 022), whatever created them: safetensors
+# writes 0600, which would keep colleagues on a shared cluster from reading heads and caches.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def tmp_tag() -> str:
     """Unique among workers sharing a file system (several nodes can have the same pid)."""
     return f"{HOST}.{os.getpid()}"
@@ -30,6 +41,7 @@ def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
