@@ -147,3 +147,21 @@ def test_files_honour_the_umask(dataset):
     heads = args[args.index("--heads") + 1]
     for f in [*sorted(Path(heads).glob("*.safetensors")), ds / "00000.tar", ds / "00000_stats.json", ds / "sizes.json"]:
         assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f
+
+
+def test_scoring_a_shipped_head_on_new_data_captures_what_it_reads(tmp_path):
+    """eval --data fills its cache with exactly the head's layers, sigmas and concepts (the shipped seg head reads all
+    ten toy concepts); a cache that lacks one is refused in one line naming it."""
+    from mmdiff_gen.backbones.loading import BUILTIN_FOLDERS
+
+    head = str(BUILTIN_FOLDERS["toy"].parent / "toy_heads" / "seg.safetensors")
+    assert run(app, ["toy", "render", "--n", "4", "--out", str(tmp_path / "renders")]).exit_code == 0
+    data = f"folder:{tmp_path / 'renders'}"
+    res = run(app, ["eval", "--head", head, "--data", data, "--cache", str(tmp_path / "c1"), "--device", "cpu",
+                    "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["miou"] <= 100
+    res = run(app, ["extract", "--data", data, "--tasks", "seg", "--out", str(tmp_path / "c2"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["eval", "--head", head, "--cache", str(tmp_path / "c2"), "--device", "cpu"])
+    assert res.exit_code == 2 and "(missing: salient, contour, depth, surface, near, far)" in res.output, res.output

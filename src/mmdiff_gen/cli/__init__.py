@@ -56,7 +56,7 @@ class _OneVoice(TyperGroup):
         except _click.ClickException as e:
             typer.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except _click.Abort as e:
+        except typer.Abort as e:
             interrupted = isinstance(e.__cause__, KeyboardInterrupt)
             typer.echo("interrupted" if interrupted else "aborted", err=True)
             sys.exit(130 if interrupted else 1)

@@ -346,9 +346,8 @@ def evaluate(
     if json_out is not None:  # before minutes of evaluation
         output_file(json_out, "--json")
     from ..heads.checkpoint import load_head, read_meta
-    from ..heads.inputs import reads_cross
     from ..train.evaluate import evaluate_head
-    from ..train.feature_cache import FeatureCache
+    from ..train.feature_cache import FeatureCache, head_spec
 
     with clean_errors():
         head = _one_head(head)
@@ -357,9 +356,10 @@ def evaluate(
             _extract(data, cache, model=model, device=device, dtype=dtype, dino=dino, lora=lora,
                      lora_scale=lora_scale, env={},  # one process scores
                      tasks=list(m.config.tasks), split=split, size=size, captions=captions,
-                     cross_attention=reads_cross(m.side), blocks=m.blocks, batch_size=EXTRACT_BATCH)
+                     spec=head_spec(m), batch_size=EXTRACT_BATCH)  # exactly what this head reads
         fc = FeatureCache(cache)
         model, meta = load_head(head, backbone=fc.manifest["backbone"])
+        meta.check_inputs(fc.spec, fc.layers, f"the cache {cache}")
         cached = fc.manifest.get("dino", {})
         if meta.dino and (cached.get("config_sha256"), cached.get("layers")) != (meta.dino["config_sha256"],
                                                                                 meta.dino["layers"]):

@@ -56,6 +56,24 @@ class HeadMeta:
     dino: dict = field(default_factory=dict)
     blocks: str = "feature"  # files written before joint-block features existed read feature blocks
 
+    def check_inputs(self, spec, layers: list[int], source: str) -> None:
+        """HeadMismatch naming what a capture (`spec`: a CaptureSpec, e.g. a feature cache's, whose resolved `layers`
+        are these) lacks of this head's inputs: exactly its layers and blocks, exactly its concepts, the
+        cross-attention if its side reads it."""
+        from .inputs import reads_concepts, reads_cross
+
+        redo = "; extract one for this head (eval --data DATA --cache NEW captures exactly what it reads)"
+        if list(layers) != list(self.layers) or spec.blocks != self.blocks:
+            raise HeadMismatch(f"{source} holds the {spec.blocks} blocks {list(layers)}; this head reads the "
+                               f"{self.blocks} blocks {list(self.layers)}" + redo)
+        if reads_concepts(self.side) and list(spec.concepts) != list(self.concepts):
+            missing = [c for c in self.concepts if c not in spec.concepts]
+            raise HeadMismatch(f"{source} holds the concepts {list(spec.concepts)}; this head reads "
+                               f"{list(self.concepts)}" + (f" (missing: {', '.join(missing)})" if missing else "")
+                               + redo)
+        if reads_cross(self.side) and not spec.cross_attention:
+            raise HeadMismatch(f"{source} has no cross-attention maps; this head reads them" + redo)
+
     def timestep_indices(self, captured: list[float]) -> tuple[int, ...]:
         """Indices of this head's sigmas among a capture's sigmas; HeadMismatch if one is missing."""
         missing = [s for s in self.sigmas if not any(abs(s - c) < 1e-6 for c in captured)]

@@ -121,17 +121,27 @@ def finished_cache(root: Path, expect: dict) -> bool:
 
 def extract_dataset(backbone: Backbone, data: str, out: Path, tasks: Sequence[str], *, split: str | None = None,
                     size: int | None = None, captions: Path | None = None, cross_attention: bool = False,
-                    blocks: str = "feature", **build) -> int:
+                    blocks: str = "feature", spec: CaptureSpec | None = None, **build) -> int:
     """A dataset in its release layout (`io.datasets.open_dataset`: "voc:PATH", "folder:PATH", …) into a
     resumable feature cache capturing what heads of `tasks` read (their paper concept sets, optionally the
-    averaged cross-attention, the features of `blocks`); `build` goes to `build_cache` (batch and shard sizes,
-    seed, DINOv3, this worker's rank). Returns the dataset's sample count."""
+    averaged cross-attention, the features of `blocks`), or exactly `spec` (what one trained head reads:
+    `head_spec`); `build` goes to `build_cache` (batch and shard sizes, seed, DINOv3, this worker's rank).
+    Returns the dataset's sample count."""
     from ..io.datasets import open_dataset
 
     ds = open_dataset(data, split=split, size=size, captions=captions)
-    build_cache(backbone, ds, dataset_spec(tasks, cross_attention, blocks), out, source=_source(data, split),
-                captions=captions_digest(captions), **build)
+    build_cache(backbone, ds, spec or dataset_spec(tasks, cross_attention, blocks), out,
+                source=_source(data, split), captions=captions_digest(captions), **build)
     return len(ds)
+
+
+def head_spec(meta) -> CaptureSpec:
+    """What a trained head reads (its checkpoint's HeadMeta): its layers, sigmas, concepts, blocks and, as its
+    side needs, the averaged cross-attention, stored on the CPU as a cache keeps them."""
+    from ..heads.inputs import reads_cross
+
+    return CaptureSpec(layers=tuple(meta.layers), sigmas=tuple(meta.sigmas), concepts=tuple(meta.concepts),
+                       blocks=meta.blocks, cross_attention=reads_cross(meta.side), store_device="cpu")
 
 
 def open_live(backbone: Backbone, data: str, tasks: Sequence[str], *, split: str | None = None,
