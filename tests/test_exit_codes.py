@@ -92,3 +92,24 @@ def test_ctrl_c_during_start_up_says_so_and_exits_130(inputs):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err, err
+
+
+def test_the_bar_on_a_terminal_shows_rate_and_eta(monkeypatch):
+    """On a terminal the bar says images/s and the time left from the first sample on (rich's own estimate needs
+    updates within 30 s, longer than a FLUX batch, and stayed blank)."""
+    import io
+
+    from mmdiff_gen.jobs._progress import JobProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = JobProgress(4, "generate")
+    bar.advance(1)
+    bar.advance(1)
+    bar.close()
+    text = err.getvalue()
+    assert "2/4" in text and "img/s" in text and "eta 0:00:" in text, text

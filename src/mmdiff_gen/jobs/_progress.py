@@ -24,11 +24,12 @@ class JobProgress:
         self._bar = None
         if enabled and sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+            # Our own rate and ETA (from the start), not rich's: its estimate needs updates within a 30 s window,
+            # and a FLUX batch takes longer, so its ETA column stayed blank.
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stages]}"), transient=False,
-                                 console=Console(stderr=True))
+                                 TextColumn("{task.fields[stages]}"), transient=False, console=Console(stderr=True))
             self._task = self._bar.add_task(label, total=total, stages="")
             self._bar.start()
 
@@ -42,16 +43,25 @@ class JobProgress:
         self.done += n
         now = time.perf_counter()
         rate = self.done / max(now - self._t0, 1e-9)  # samples (images) per second since the start
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, stages=f"{rate:.2f} img/s · {self.stage_text()}")
+            self._bar.update(self._task, completed=self.done,
+                             stages=f"{rate:.2f} img/s · eta {_clock(eta)} · {self.stage_text()}")
             return
         if self.enabled and (now - self._last >= self.interval or self.done >= self.total):
             self._last = now
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"[{self.label}] {self.done}/{self.total} samples, {rate:.2f}/s, eta {eta / 60:.1f} min"
+            print(f"[{self.label}] {self.done}/{self.total} samples, {rate:.2f}/s, eta {_clock(eta)}"
                   f" ({self.stage_text()})", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss, or ? before the first sample."""
+    if seconds == float("inf"):
+        return "?"
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
