@@ -135,3 +135,46 @@ def test_joint_block_features_are_the_double_stream_image_outputs(tiny, recorder
         generate(tiny, PROMPTS, CaptureSpec(layers=(len(tiny.joint_blocks),), blocks="joint"), seeds=SEEDS, **KW)
     with pytest.raises(ValueError, match="blocks must be one of"):
         CaptureSpec(blocks="double")
+
+
+def test_features_leaving_a_gpu_are_copied_as_contiguous_blocks(tiny, monkeypatch):
+    """Staged capture (a GPU's features into pinned host memory, store_device="cpu") copies each layer × sigma as one
+    contiguous block from a contiguous source, non-blocking: a strided destination or source goes through a pageable
+    temporary and blocks the host. Observed on the CPU with staging forced (pinning itself needs CUDA)."""
+    from mmdiff_gen.capture._hooks import PinnedPool
+
+    spec = CaptureSpec(store_device="cpu")
+    ref = generate(tiny, PROMPTS, spec, seeds=SEEDS, **KW).capture.features.clone()
+    copies = []
+    real = torch.Tensor.copy_
+
+    def spy(dst, src, non_blocking=False):
+        if non_blocking:
+            copies.append((dst.is_contiguous(), src.is_contiguous()))
+        return real(dst, src, non_blocking=non_blocking)
+
+    monkeypatch.setattr(Capture, "_staged", staticmethod(lambda store, compute: True))
+    monkeypatch.setattr(PinnedPool, "get", lambda self, shape, dtype: torch.empty(shape, dtype=dtype))
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    features = generate(tiny, PROMPTS, spec, seeds=SEEDS, **KW).capture.features
+    monkeypatch.undo()
+    assert len(PROMPTS) > 1 and len(copies) == features.shape[1] * features.shape[2]  # one per layer × sigma
+    assert all(dst and src for dst, src in copies), copies
+    assert features.shape == ref.shape and torch.equal(features, ref)
+
+
+def test_the_text_mask_reaches_armed_calls_already_in_place(tiny, monkeypatch):
+    """The cross-attention baseline's prompt mask is moved to the device and cast once, when the capture starts:
+    inside an armed call `.to` is a no-op (moved there, the host would wait on the GPU at every concept layer)."""
+    from mmdiff_gen.capture import _hooks
+
+    seen = []
+    real = _hooks.cross_attention_map
+
+    def spy(q, tk, image_keys, mask):
+        seen.append(mask is None or mask.to(q.device, torch.float32) is mask)
+        return real(q, tk, image_keys, mask)
+
+    monkeypatch.setattr(_hooks, "cross_attention_map", spy)
+    generate(tiny, PROMPTS, CaptureSpec(concepts=("object",), cross_attention=True), seeds=SEEDS, **KW)
+    assert seen and all(seen), seen

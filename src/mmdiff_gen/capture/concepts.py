@@ -93,7 +93,8 @@ def cross_attention_map(
         image_queries: (B, N, H, D) after `norm_q` (and RoPE).
         text_keys: (B, S, H, D) after `norm_added_k` (and RoPE).
         image_keys: (B, N, H, D) after `norm_k` (and RoPE).
-        text_mask: (B, S) bool, True on prompt tokens; None = every text token.
+        text_mask: (B, S), 1 (True) on prompt tokens; None = every text token. Capture hands it over float32 on
+            the attention's device already, so nothing moves inside an armed call.
     """
     probs = text_attention(image_queries, text_keys, image_keys)  # (B, N, S)
     if text_mask is None:

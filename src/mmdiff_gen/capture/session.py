@@ -131,7 +131,8 @@ class Capture:
             init=backbone.encode_concepts(spec.concepts) if spec.concepts else None,
             cross=spec.cross_attention,
             text_layers=tuple(spec.text_attention_layers),
-            text_mask=text_mask,
+            # Once, here: moved inside an armed call, the host would wait on the device at every concept layer.
+            text_mask=None if text_mask is None else text_mask.to(backbone.device, torch.float32),
             dtype=backbone.dtype,
         )
         self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cfg_in_batch=cfg_in_batch)
@@ -144,6 +145,7 @@ class Capture:
         self._cross: dict[int, torch.Tensor] = {}  # target → (B, N)
         self._text: dict[int, dict[int, torch.Tensor]] = {}  # target → slot → (B, N, S)
         self._copied: Any = None  # CUDA event after the last copy into pinned memory
+        self._blocks: torch.Tensor | None = None  # (L, T, B, N, C) pinned, when features are staged off a GPU
         self._num_sigmas = t
         self._last_sigma: float | None = None
 
@@ -201,23 +203,34 @@ class Capture:
                 self._text.setdefault(target, {})[slot] = out[("text", a)][rows]
 
     def _write_features(self, slot: int, target: int, part: torch.Tensor) -> None:
-        """(B, N, C) image tokens into their slot; to CPU by a non-blocking copy into pinned memory."""
+        """(B, N, C) image tokens into their slot; off a GPU by a non-blocking copy into pinned memory."""
         dtype = self.spec.torch_store_dtype
         if self.features is None:
             device = torch.device(self.spec.store_device) if self.spec.store_device is not None else part.device
-            shape = (part.shape[0], len(self.layers), self._num_sigmas, *part.shape[1:])
-            pinned = device.type == "cpu" and part.device.type == "cuda"
-            self.features = self.hooks.pool.get(shape, dtype) if pinned else \
-                torch.empty(shape, dtype=dtype, device=device)
-        dst = self.features[:, slot, target]
-        if dst.device == part.device:
-            dst.copy_(part)
-        else:
-            dst.copy_(part.to(dtype), non_blocking=dst.is_pinned())
-            if dst.is_pinned():
+            b, l, t = part.shape[0], len(self.layers), self._num_sigmas
+            if self._staged(device, part.device):
+                # Pinned host memory laid out (L, T, B, N, C): each layer × sigma one contiguous block. A strided
+                # destination (features[:, slot, target] for B > 1) is copied through a pageable temporary, and
+                # a device-to-host copy into pageable memory blocks the host until it is done.
+                self._blocks = self.hooks.pool.get((l, t, b, *part.shape[1:]), dtype)
+                self.features = self._blocks.permute(2, 0, 1, 3, 4)  # (B, L, T, N, C), a view: no host copy
+            else:
+                self.features = torch.empty((b, l, t, *part.shape[1:]), dtype=dtype, device=device)
+        if self._blocks is not None:
+            # A contiguous source too (FLUX's is a slice of [text; image]): made on the GPU, where it is cheap.
+            self._blocks[slot, target].copy_(part.to(dtype).contiguous(), non_blocking=True)
+            if part.is_cuda:
                 self._copied = torch.cuda.Event()  # on the source GPU's stream, where the copy was queued,
                 self._copied.record(torch.cuda.current_stream(part.device))  # whichever GPU is current
+        else:
+            dst = self.features[:, slot, target]
+            dst.copy_(part if dst.device == part.device else part.to(dtype))
         self._written.add((slot, target))
+
+    @staticmethod
+    def _staged(store: torch.device, compute: torch.device) -> bool:
+        """Whether features leave the compute device for pinned host memory as they are produced."""
+        return store.type == "cpu" and compute.type == "cuda"
 
     # --- a capture around an arbitrary call (eager only) -------------------------------------
     def _auto_begin(self, kwargs: dict[str, Any]) -> None:
