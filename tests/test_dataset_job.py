@@ -71,7 +71,7 @@ def test_layout_members_and_metadata(reference):
 
 
 def test_webdataset_reader_snippet_is_lossless(reference, tiny, annotator):
-    """The README's webdataset snippet decodes seg ids and 16-bit depth exactly as the heads produced them."""
+    """The output format's webdataset reading (docs/output-format.md) decodes seg ids and 16-bit depth exactly as the heads produced them."""
     import io
 
     import webdataset as wds
@@ -272,7 +272,7 @@ def test_each_worker_makes_its_gpu_current_before_loading(monkeypatch, tmp_path,
 
 
 def test_huggingface_datasets_reader_is_lossless(reference):
-    """The README's `datasets` snippet: seg ids as uint8, depth as uint16 millimetres, bit for bit."""
+    """The `datasets` reading of docs/output-format.md: seg ids as uint8, depth as uint16 millimetres, bit for bit."""
     from datasets import load_dataset
 
     out, _ = reference

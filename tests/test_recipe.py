@@ -52,7 +52,7 @@ def test_recipes_are_the_papers():
 
 
 def test_cost_of_voc_at_flux_dev_numbers():
-    # The README's arithmetic: 86 TFLOP and 96 MiB (bf16) per 512² image at FLUX.1-dev; VOC train_aug 10 582, val 1 449.
+    # docs/training-heads.md's arithmetic: 86 TFLOP and 96 MiB (bf16) per 512² image at FLUX.1-dev; VOC train_aug 10 582, val 1 449.
     per = PerImage(forward_flops=86 * 10**12, head_flops=10**12, features=(4, 4, 1024, 3072), other_bytes=0)
     assert per.cache_bytes("bf16") == 96 * MiB
     assert per.cache_bytes("int8") == 48 * MiB + 4 * 4 * 1024 * 4  # 8 bits + a float32 scale per token
@@ -60,7 +60,7 @@ def test_cost_of_voc_at_flux_dev_numbers():
     caption, ext_tr, ext_ev, train, ev = plan_cost(voc, per, train_images=10582, eval_images=1449, captioner="gemma")
     assert caption.flops is None and caption.images == 10582 + 1449
     assert ext_tr.flops == 10582 * 86e12 and ext_tr.disk == 10582 * per.cache_bytes("int8")  # the recipe's codec
-    assert ext_tr.flops / SUSTAINED_FLOPS / 3600 == pytest.approx(2.03, abs=0.01)  # "≈ 2 h" (README)
+    assert ext_tr.flops / SUSTAINED_FLOPS / 3600 == pytest.approx(2.03, abs=0.01)  # "≈ 2 h" (docs/training-heads.md)
     assert train.flops == 20 * 10582 * TRAIN_FLOPS * 1e12 and train.reads == 20 * ext_tr.disk and train.disk == 0
     assert ev.flops == 1449 * 1e12 and ev.reads == ext_ev.disk
     # No cache: no disk, and every epoch extracts its images again.
@@ -89,7 +89,7 @@ def test_flops_on_the_meta_device(tiny, tmp_path):
     assert flux.default_layers() == (4, 15, 26, 37) and flux.identity()["config_sha256"] == config_backbone(
         FluxBackbone, "FluxTransformer2DModel", FLUX_DEV, vae_scale_factor=8, name="x").identity()["config_sha256"]
     per = per_image(flux, RECIPES["voc"], labels={"seg": np.zeros((512, 512), np.uint8)}, num_classes=21)
-    assert per.forward_flops / 1e12 == pytest.approx(86.0, abs=0.05)  # 4 noised copies, 512² (README)
+    assert per.forward_flops / 1e12 == pytest.approx(86.0, abs=0.05)  # 4 noised copies, 512² (docs/training-heads.md)
     assert per.features == (4, 4, 1024, 3072) and per.head_flops > 0
     # features + the seg concept maps (float32) + the labels + the index
     assert per.cache_bytes("bf16") == 96 * MiB + 4 * 4 * 1024 * 4 + 512 * 512 + 8

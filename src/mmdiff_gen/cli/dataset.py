@@ -235,7 +235,7 @@ def verify(
                 err.print(f"re-run the same generate command to write the {todo} missing shard(s)", highlight=False,
                           soft_wrap=True)
                 raise typer.Exit(1)
-            out.print(f"{src}: all {check.num_shards} shards whole; indexes rewritten", highlight=False, soft_wrap=True)
+            out.print(f"{src}: all {check.num_shards} shard(s) whole; indexes rewritten", highlight=False, soft_wrap=True)
             return
         info = read_info(src)
         check = check_shards(src, info, full=True)

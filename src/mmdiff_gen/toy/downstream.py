@@ -58,7 +58,7 @@ HEAD_KINDS = {"mmdiff": None, "t0": (3,)}  # all four sigmas + concepts; sigma i
 
 @dataclass(frozen=True)
 class DownstreamConfig:
-    """One run of the protocol (the defaults are the README's run: ≈ 3 h of a 2-core CPU for three regimes).
+    """One run of the protocol (the defaults are docs/toy-results.md's run: ≈ 3 h of a 2-core CPU for three regimes).
 
     Args:
         regimes: numbers of labelled real renders.
