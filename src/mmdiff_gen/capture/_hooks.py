@@ -286,21 +286,35 @@ def _eager_when_called_alone(*functions) -> None:
         set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
-def compile_backbone(backbone: Backbone, mode: str = "blocks", **compile_kwargs) -> None:
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record and replay CUDA graphs
+
+
+def compile_backbone(backbone: Backbone, mode: str = "blocks", torch_mode: str | None = None,
+                     **compile_kwargs) -> None:
     """torch.compile the transformer with capture's hooks inside the compiled graphs.
 
     Args:
         mode: "blocks" (diffusers' `compile_repeated_blocks`: each block class compiled once, a fast
             warm-up) or "transformer" (the whole forward as one graph).
-        compile_kwargs: passed to torch.compile (backend, mode, dynamic…). fullgraph defaults to True for a
+        torch_mode: torch.compile's own `mode` ("default", "max-autotune-no-cudagraphs"; None: torch's default).
+        compile_kwargs: passed to torch.compile (backend, dynamic, options…). fullgraph defaults to True for a
             resident transformer stored in full precision or torchao int8 (armed calls never break the graph),
             False under model / group offload or layerwise-cast (fp8) storage: their hooks move or cast weights
             in functions marked `torch.compiler.disable`, where dynamo must break the graph.
 
-    Sequential offload is refused: its weights wait on the meta device, which dynamo cannot trace.
+    Sequential offload is refused: its weights wait on the meta device, which dynamo cannot trace. So are torch's
+    CUDA-graph modes ("reduce-overhead", "max-autotune"): a replayed graph writes into the memory of its recorded
+    outputs, which capture hands on as the features of the next call, and it cannot hold an armed call's host-side
+    state; "max-autotune-no-cudagraphs" keeps the autotuning without graphs.
     """
     if mode not in ("blocks", "transformer"):
         raise ValueError(f"compile mode must be blocks or transformer, got {mode!r}")
+    if torch_mode in CUDA_GRAPH_MODES or (compile_kwargs.get("options") or {}).get("triton.cudagraphs"):
+        raise ValueError(f"torch.compile {torch_mode or 'with triton.cudagraphs'} replays CUDA graphs over their "
+                         "recorded outputs, which capture keeps as features: use torch_mode 'default' or "
+                         "'max-autotune-no-cudagraphs'")
+    if torch_mode is not None:
+        compile_kwargs["mode"] = torch_mode
     runtime = describe(backbone.pipe)
     check_compilable(runtime["offload"])
     prepare(backbone)

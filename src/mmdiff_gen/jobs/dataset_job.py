@@ -313,11 +313,11 @@ class _Runner:
         except OSError:  # disk trouble is the job's, not the sample's
             raise
         except Exception as e:  # noqa: BLE001 — recorded per sample, the run goes on
-            if _device_broken(e):
+            if device_failure(e) == "broken":
                 raise
             error = f"{type(e).__name__}: {e}"
         # Out of the except block: the traceback, and the activations its frames hold, are gone.
-        _free_memory()
+        _free_memory(self.bb)
         if len(samples) == 1:
             return [error]
         return [r for s in samples for r in self.batch([s])]
@@ -346,16 +346,35 @@ class _Runner:
         return results
 
 
-def _device_broken(e: Exception) -> bool:
-    """A CUDA error other than out-of-memory (device-side assert, illegal address, …) leaves the CUDA
-    context unusable: every later sample would fail too, so the job stops instead of recording them."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return False
+# How a failure's message reads: an allocation that failed (the batch retries one sample at a time) or a device
+# left unusable (device-side assert, illegal address: every later sample would fail too, so the job stops).
+# Allocation failures come first: cuBLAS / cuDNN report an OOM as "CUBLAS_STATUS_ALLOC_FAILED" inside a
+# "CUDA error" message.
+OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED",
+                 "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY")
+DEVICE_BROKEN = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "illegal memory access", "device-side assert",
+                 "cudaError", "CUDA_ERROR")
+
+
+def device_failure(e: BaseException) -> str | None:
+    """"oom" (recoverable: memory freed, the batch retried sample by sample), "broken" (the CUDA context is
+    unusable) or None (not the device's)."""
+    text = str(e)
+    if isinstance(e, torch.OutOfMemoryError) or any(s in text for s in OUT_OF_MEMORY):
+        return "oom"
     accel = getattr(torch, "AcceleratorError", None)
-    return (accel is not None and isinstance(e, accel)) or "CUDA error" in str(e) or "CUBLAS_STATUS" in str(e)
+    if (accel is not None and isinstance(e, accel)) or any(s in text for s in DEVICE_BROKEN):
+        return "broken"
+    return None
 
 
-def _free_memory() -> None:
+def _free_memory(backbone: Backbone | None = None) -> None:
+    """After a failed batch: what it held goes. Under model offload diffusers moves the transformer back to the CPU
+    only at the end of a successful call, so a retry would encode its prompts with T5 beside it: put it back."""
+    if backbone is not None:
+        free = getattr(backbone.pipe, "maybe_free_model_hooks", None)
+        if free is not None:
+            free()
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
