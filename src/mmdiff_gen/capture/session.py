@@ -198,9 +198,14 @@ class Capture:
         cross = [out[("cross", j)][rows].float() for j in self.config.concept_layers if ("cross", j) in out]
         if cross:
             self._cross[target] = sum(cross)
+        store = torch.device(self.spec.store_device) if self.spec.store_device is not None else None
         for slot, a in enumerate(self.config.text_layers):
             if ("text", a) in out:
-                self._text.setdefault(target, {})[slot] = out[("text", a)][rows]
+                # Straight to the store device (after the call: no armed hook waits): held on the GPU until
+                # `result`, every block's maps of every sigma would be (57 blocks × 4 sigmas × B × N × S for the
+                # layer probe: ≈ 85 GiB at 1024², batch 16).
+                part = out[("text", a)][rows]
+                self._text.setdefault(target, {})[slot] = part if store is None else part.to(store)
 
     def _write_features(self, slot: int, target: int, part: torch.Tensor) -> None:
         """(B, N, C) image tokens into their slot; off a GPU by a non-blocking copy into pinned memory."""
@@ -297,8 +302,11 @@ class Capture:
             cross = torch.stack([self._cross[j] / n_layers for j in range(t)], dim=1).to(dev)  # (B, T, N)
         if self._text:
             slots = range(len(self.config.text_layers))
-            text = torch.stack([torch.stack([self._text[j][s] for s in slots], dim=1)
-                                for j in range(t)], dim=1).to(dev)  # (B, T, L', N, S)
+            first = self._text[0][0]
+            text = torch.empty((first.shape[0], t, len(slots), *first.shape[1:]), dtype=first.dtype, device=dev)
+            for j in range(t):  # (B, T, L', N, S) filled block by block, each piece released as it lands
+                for s in slots:
+                    text[:, j, s] = self._text[j].pop(s)
         return CaptureResult(
             features=self.features,
             sigmas=sig,
