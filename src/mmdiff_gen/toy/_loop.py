@@ -3,7 +3,6 @@ checkpoints) and its pieces. EMA: the heads trainer's `ema_update`."""
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from ..io.state import load_state, save_state
+from ..train.lr_schedule import warmup_cosine
 
 
 def conv_autocast(device: torch.device | str = "cpu"):
@@ -46,14 +46,6 @@ class Checkpoint:
         """Save after `step` (0-based) every `every` steps and at the end."""
         if (step + 1) % every == 0 or step + 1 == total:
             self.save({**{k: v.state_dict() for k, v in parts.items()}, "step": step + 1})
-
-
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warm-up, then cosine down to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Progress:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from ..capture._noise import noise_to
 from ..capture.text_attention import image_text_qk, text_logits
 from ..io.readers import Sample
 from ..io.state import load_state, save_state
+from .lr_schedule import warmup_cosine
 
 ADAPTER = "grounding"
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -296,10 +296,6 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
         opt.load_state_dict(st["opt"])
         start, history = st["step"], st["history"]
 
-    def rate(s: int) -> float:  # linear warm-up, then cosine to 0
-        return cfg.lr * min(1.0, (s + 1) / cfg.warmup if cfg.warmup else 1.0) * 0.5 * (
-            1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
-
     if cfg.gradient_checkpointing:
         backbone.transformer.enable_gradient_checkpointing()
     backbone.transformer.train()
@@ -309,7 +305,7 @@ def finetune_grounding(backbone: Backbone, samples: Sequence[Sample], classes: S
         batch = [samples[int(i)] for i in rng.integers(0, len(samples), cfg.batch_size)]
         sigma = torch.from_numpy(rng.normal(0.0, cfg.timestep_std, cfg.batch_size)).float().sigmoid()
         for group in opt.param_groups:
-            group["lr"] = rate(step)
+            group["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, floor=0.0)
         terms = loss_fn(batch, sigma, noise_seed=cfg.seed * 1_000_003 + step)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
