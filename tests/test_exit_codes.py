@@ -113,3 +113,9 @@ def test_the_bar_on_a_terminal_shows_rate_and_eta(monkeypatch):
     bar.close()
     text = err.getvalue()
     assert "2/4" in text and "img/s" in text and "eta 0:00:" in text, text
+
+
+def test_capture_checks_its_sampling_before_loading(inputs):
+    res = CliRunner().invoke(app, ["capture", "--prompts", str(inputs / "p.txt"), "--out", str(inputs / "out"),
+                                   "--steps", "0", "--model", "tiny-random", "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --steps must be ≥ 1, got 0", res.output

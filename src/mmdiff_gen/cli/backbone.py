@@ -123,9 +123,12 @@ def capture(
     from ..backbones import load_backbone
     from ..capture import CaptureSpec
     from ..jobs.capture_job import CaptureJob, run_capture
+    from ..jobs.dataset_job import check_sampling
 
     check_compile(compile, offload)
     with clean_errors():
+        check_sampling(num_inference_steps=steps, height=size, width=size, guidance_scale=guidance,
+                       true_cfg_scale=true_cfg)  # before loading: one line naming the option, exit 2
         spec = CaptureSpec(layers=_layers(layers), blocks=blocks, sigmas=_sigmas(sigmas), concepts=_concepts(concepts), store_device="cpu")
         bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev, offload=offload, storage=storage,
                            lora=lora, lora_scale=lora_scale)

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..backbones.base import Backbone
 from ..capture import CaptureSpec, generate
 from ..io.features import save_sample
+from .dataset_job import check_sampling
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class CaptureJob:
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
+
+    def __post_init__(self):  # the dataset job's checks, before a backbone loads: one line naming the option
+        check_sampling(**{k: getattr(self, k) for k in ("batch_size", "height", "width", "num_inference_steps",
+                                                          "guidance_scale", "true_cfg_scale")})
 
 
 def run_capture(
