@@ -60,8 +60,8 @@ class DinoFeatures:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no DINOv3 model at {folder} (expected a folder with config.json and weights)")
         safetensors_only(folder, "DINOv3")
-        model = DINOv3ViTModel.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                               use_safetensors=True).to(device)  # never a pickled .bin
+        model = DINOv3ViTModel.from_pretrained(folder, use_safetensors=True, dtype=dtype,  # never a pickled .bin
+                                               local_files_only=True).to(device)
         h = hashlib.sha256()
         for f in sorted(folder.glob("*.safetensors")):
             with open(f, "rb") as fh:  # size + the first MiB: cheap, and tells same-shape checkpoints apart
