@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..io.shards import break_claim, shard_name
 from ..io.store import open_store
+from .._workers import shard_ranges
 from ._progress import JobProgress
 from .dataset_job import JobReport, shard_finished, write_dataset_indexes
 from .generator import GenerateConfig
@@ -136,8 +137,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
                     if info is None:
                         info, job = _get(ray, a.prepare.remote())
                         queue.extend(s for s in range(info["num_shards"]) if not shard_finished(job, info, s, report))
-                        ranges = [len(range(i, min(i + job.shard_size, info["num_samples"])))
-                                  for i in range(0, info["num_samples"], job.shard_size)]
+                        ranges = [len(r) for r in shard_ranges(info["num_samples"], job.shard_size)]
                         bar = JobProgress(sum(ranges[s] for s in queue), "ray", enabled=progress)
                         report.shards_owned = info["num_shards"]
                     say(f"ray: worker {names[a]} ready ({len(busy) + len(idle) + 1} working)")
@@ -181,6 +181,9 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
             bar.close()
         if info is not None:
             write_dataset_indexes(store, info)
+    if queue:  # every worker lost and none could start again: say so rather than end as if finished
+        raise RuntimeError(f"{len(queue)} shard(s) left unwritten: no Ray worker could start to write them; re-run "
+                           "the same command to resume")
     report.seconds = dict(bar.stages) if bar is not None else {}
     if wrote:
         say("ray: shards per worker: " + "; ".join(f"{w}: {k}" for w, k in wrote.items()))
