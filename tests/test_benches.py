@@ -60,21 +60,52 @@ def test_storage_agreement_smoke():
         assert a["image_psnr_db"] > 20
 
 
-def test_gpu_check_smoke_on_cpu(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """On 2 shared cores, a second thread waiting on a busy core made the smoke rows' tiny ops up to 30× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FLUX_ORDER = ["plain", "capture cpu", "capture gpu", "extract cpu",  # capture's cost at 1024²: what users need first
+              "offload model", "offload group", "fp8 storage", "int8 storage",  # then the ways onto a smaller card
+              "compile blocks", "compile blocks + offload group", "compile blocks + fp8 storage", "compile transformer",
+              "offload sequential"]
+
+
+def test_gpu_check_smoke_on_cpu(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setenv("OUT", str(tmp_path))
     check = bench("gpu_check")
     rows = check.main(["--smoke", "--device", "cpu"])
-    assert [(r.case.split()[0], r.variant) for r in rows] == (
-        [("toy", v) for v in check.SMOKE_VARIANTS["toy"]] + [("tiny", v) for v in check.SMOKE_VARIANTS["flux1024"]])
-    for r in rows:
-        assert r.status == "ok" or r.status.startswith("FAILED"), r.status
-        assert r.variant not in ("eager", "compile blocks") or r.status == "ok", r.status
-    assert all(r.diff["images"] == 0 for r in rows if r.variant in ("compile blocks", "offload group"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("pre-flight: missing or too old: ") and " | have: torch " in out[0]  # first, one line
+    plan = check.planned(["toy", "flux1024"], None)  # the GPU run's order, whatever the order asked
+    assert plan == [("flux1024", v) for v in FLUX_ORDER] + [
+        ("toy", v) for v in ("plain", "capture cpu", "capture gpu", "compile blocks", "compile transformer")]
+    ran = [(r.case, r.variant) for r in rows]  # --smoke: each kind of row once, in that order
+    assert ran == [p for p in plan if p in ran] and len(ran) == 12
+    assert {v for _, v in ran} == set(FLUX_ORDER) - {"compile blocks + offload group", "compile blocks + fp8 storage",
+                                                     "compile transformer"}
+    status = {(r.case, r.variant): r.status for r in rows}
+    assert status.pop(("flux1024", "offload sequential")).startswith("skipped: needs CUDA (")  # the CPU skips it
+    if status[("flux1024", "int8 storage")] == "skipped: torchao absent":
+        del status[("flux1024", "int8 storage")]
+    assert set(status.values()) == {"ok"}, status
+    diff = {(r.case, r.variant): r.diff for r in rows}
+    assert diff[("flux1024", "plain")] == {"ref": "images"} and diff[("flux1024", "capture cpu")] == {
+        "ref": "features", "images": 0.0}  # capture changes no pixel
+    for v in ("capture gpu", "offload model", "offload group", "compile blocks"):  # aot_eager: exact
+        assert diff[("flux1024", v)] == {"images": 0.0, "features": 0.0}, v
+    assert 0 < diff[("flux1024", "fp8 storage")]["images"] < 0.1 and diff[("flux1024", "fp8 storage")]["psnr"] > 30
+    assert all(r.graphs > 0 for r in rows if r.variant.startswith("compile"))
     md = (tmp_path / "gpu_check.md").read_text()
     assert md.count("\n| ") == len(rows) + 1  # the header row and one row per variant
+    assert "pre-flight: " in md and "Skipped: FLUX arch (smoke): offload sequential." in md
 
 
-def test_gpu_check_reports_a_failing_row_and_runs_the_rest(monkeypatch):
+def test_gpu_check_reports_a_failing_row_and_runs_the_rest(monkeypatch, one_thread):
     check = bench("gpu_check")
     real = check.apply_runtime
 
@@ -86,9 +117,30 @@ def test_gpu_check_reports_a_failing_row_and_runs_the_rest(monkeypatch):
     monkeypatch.setattr(check, "apply_runtime", broken_fp8)
     rows = check.main(["--smoke", "--device", "cpu", "--cases", "flux1024", "--only", "fp8 storage,offload group"])
     status = {r.variant: r.status for r in rows}
-    assert list(status) == ["eager", "offload group", "fp8 storage"]
+    assert list(status) == ["plain", "offload group", "fp8 storage"]
     assert status["fp8 storage"] == "FAILED: RuntimeError: simulated failure"
-    assert status["eager"] == status["offload group"] == "ok"
+    assert status["plain"] == status["offload group"] == "ok"
+
+
+def test_gpu_check_preflight_names_what_is_missing(monkeypatch, capsys, one_thread):
+    check = bench("gpu_check")
+    real = check._installed
+    machine = {"diffusers": "0.41.0", "torchao": None}  # an old diffusers, no torchao
+    monkeypatch.setattr(check, "_installed", lambda dist: machine[dist] if dist in machine else real(dist))
+    with pytest.raises(SystemExit) as e:
+        check.main(["--preflight-only", "--device", "cpu"])
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("pre-flight: FATAL, missing or too old: diffusers 0.41.0 (pyproject: >=0.42,<0.43); ")
+    assert "torchao absent (skips int8 storage)" in line
+
+    machine["diffusers"] = real("diffusers")  # only an optional package missing: its rows alone are skipped
+    rows = check.main(["--smoke", "--device", "cpu", "--cases", "flux1024", "--only", "int8 storage,fp8 storage"])
+    assert [(r.variant, r.status) for r in rows] == [
+        ("plain", "ok"), ("fp8 storage", "ok"), ("int8 storage", "skipped: torchao absent")]
+    rows = check.main(["--smoke", "--device", "cpu", "--cases", "flux1024", "--budget-s", "0"])
+    assert len(rows) == len(check.SMOKE_ROWS["flux1024"]) and all(r.status.startswith("skipped: ") for r in rows)
+    assert rows[0].status == "skipped: past the 0 s budget"
 
 
 def test_compact_cache_smoke(tmp_path):
