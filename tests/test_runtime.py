@@ -178,7 +178,7 @@ def _owners(transformer) -> dict:
 
 def test_model_offload_runs_the_transformer_layers_only_while_it_is_on_the_device(monkeypatch, reference):
     """accelerate moves a component in for its forward only: the concept tokens (context embedder, outside any
-    forward) and the concept stream's time embedding (in the transformer's pre-hook) onload it first, and the
+    forward) onload it first (the concept stream's time embedding is computed inside the forward), and the
     extra forward after the pipeline returned frees it again, so the next batch's text encoders find room; the
     concept tokens put it back too, so T5 never shares the device with it (the first batch included)."""
     pipe = build_tiny_flux(seed=0)

@@ -170,14 +170,106 @@ def onload(module: nn.Module) -> None:
 def onloaded(module: nn.Module) -> Iterator[None]:
     """`onload` for a call outside any pipeline call, then, under model offload, the module back on the CPU: the
     pipeline's own components onload in their order and free only their predecessor, so a transformer left on the
-    device here would share it with T5 through the next prompt encoding (≈ 24 + 9.5 GB for FLUX.1-dev)."""
+    device here would share it with T5 through the next prompt encoding (≈ 24 + 9.5 GB for FLUX.1-dev). Under
+    group offload with streams the call is kept out of the prefetch order (`outside_order`)."""
     onload(module)
     try:
-        yield
+        with outside_order(module):
+            yield
     finally:
         hook = getattr(module, "_hf_hook", None)
         if type(hook).__name__ == "CpuOffload":
             hook.init_hook(module)  # what accelerate's offload() does: module.to("cpu")
+
+
+# diffusers 0.42 hooks/group_offloading.py: the hook on every offloaded layer (leaf level: each layer its own group,
+# and each module holding bare parameters, e.g. an RMSNorm), and, with streams, the hook on the model that records
+# the order its layers run in during its first forward, then links each group to the next one (`next_group`): a
+# layer's hook prefetches its successor on the side stream, and a layer nobody prefetched loads synchronously.
+_GROUP_HOOK, _ORDER_HOOK = "group_offloading", "lazy_prefetch_group_offloading"
+
+
+def _group_hook(module: nn.Module) -> Any:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry.get_hook(_GROUP_HOOK) if registry is not None else None
+
+
+def _recorder(model: nn.Module) -> Any:
+    """The model's order-recording hook while its first forward under streams has not finished, else None."""
+    registry = getattr(model, "_diffusers_hook", None)
+    return registry.get_hook(_ORDER_HOOK) if registry is not None else None
+
+
+@contextmanager
+def outside_order(model: nn.Module) -> Iterator[None]:
+    """Calls of `model`'s layers inside this block are not part of its forward: keep them out of the order
+    diffusers' leaf-level group offload records for its prefetch chain (streams: the model's first forward).
+
+    diffusers links each layer to whichever layer ran after it, the last time, while recording: the concept tokens
+    (context embedder) encoded before the first forward, or a concept stream in an armed first forward (`extract`),
+    would rewire the chain and leave layers of every later call (armed or not) to load synchronously. A no-op once
+    the order is recorded, and without streams."""
+    recorder = _recorder(model)
+    n = len(recorder.execution_order) if recorder is not None else 0
+    try:
+        yield
+    finally:
+        if recorder is not None:
+            del recorder.execution_order[n:]
+
+
+_KEPT = object()  # stands in for a group's leader while it is held: its hooks neither onload nor offload it
+
+
+class Held:
+    """The leaf-level group-offloaded layers of `module`, kept on the device from their next forward until
+    `release`: capture calls a block's layers again after the block returned (the concept stream, the attention
+    taps), when diffusers would have put them back on the CPU and, outside its prefetch chain, loaded them
+    again synchronously. Held, they run again from the copy the chain brought in: one load per layer per call.
+
+    A layer's hook offloads its group as the layer returns only if the layer is the group's offload leader, and
+    onloads it (or prefetches the next group) only if it is the onload leader: holding swaps in a marker.
+    Nothing is held without group offload (no groups)."""
+
+    def __init__(self, module: nn.Module, model: nn.Module):
+        self.model = model
+        self.groups = []  # (group, its layer)
+        self._recorder, self._recorded = None, 0
+        for m in module.modules():
+            hook = _group_hook(m)
+            if hook is not None and hook.group.onload_leader is m and hook.group.offload_leader is m:
+                hook.group.offload_leader = _KEPT  # stays on the device after the block's own call
+                self.groups.append((hook.group, m))
+
+    def reuse(self) -> None:
+        """From here to `release`, calls of the held layers load nothing, prefetch nothing and are not recorded
+        in the prefetch order (`outside_order`)."""
+        for group, _ in self.groups:
+            if _on_device(group):  # else (a layer its block did not run) diffusers loads it, as it would have
+                group.onload_leader = _KEPT
+        self._recorder = _recorder(self.model)
+        self._recorded = len(self._recorder.execution_order) if self._recorder is not None else 0
+
+    def release(self) -> None:
+        """Back under offload: each group off the device, as its layer's hook would have put it."""
+        if self._recorder is not None:
+            del self._recorder.execution_order[self._recorded:]
+            self._recorder = None
+        for group, layer in self.groups:
+            group.onload_leader = group.offload_leader = layer
+            group.offload_()
+        self.groups = []
+
+
+def _on_device(group: Any) -> bool:
+    """Whether a group's weights are off the offload device (diffusers' own test before its synchronous fallback)."""
+    params = [p for m in group.modules for p in m.parameters()] + list(group.parameters)
+    return not params or params[0].device != group.offload_device
+
+
+def group_offloaded(model: nn.Module) -> bool:
+    """Whether any layer of `model` is under diffusers' group offload."""
+    return any(_group_hook(m) is not None for m in model.modules())
 
 
 def block_offloaded(blocks: list[nn.Module]) -> bool:

@@ -28,7 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..backbones.runtime import check_compilable, describe, onload
+from ..backbones.runtime import Held, check_compilable, describe
 from .concepts import concept_block_update, concept_map, cross_attention_map
 from .text_attention import _heads, _norm, image_text_qk, text_attention
 
@@ -57,6 +57,7 @@ class Config:
     text_layers: tuple[int, ...] = ()
     text_mask: torch.Tensor | None = None
     dtype: torch.dtype = torch.float32  # the transformer's compute dtype (the concept stream's modulation)
+    hold: bool = False  # group offload: layers the hooks call again are held on the device (`Held`)
 
 
 class PinnedPool:
@@ -111,6 +112,8 @@ class CaptureHooks:
     _scratch: dict[str, Any] = field(default_factory=dict)
     _stream: torch.Tensor | None = None
     _temb: torch.Tensor | None = None
+    _temb_args: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (timestep, guidance) of the armed call
+    _held: list[Held] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     _hooked: list[tuple[Any, str, nn.Module]] = field(default_factory=list)  # (parent, attribute, the module hooked)
 
@@ -134,8 +137,8 @@ class CaptureHooks:
 
     # --- hooks --------------------------------------------------------------------------------
     def _install(self) -> None:
-        _eager_when_called_alone(CaptureHooks._on_call_start, CaptureHooks._on_call_end, CaptureHooks._on_block_start,
-                                 self._on_block_end(_Where()))
+        _eager_when_called_alone(CaptureHooks._on_call_start, CaptureHooks._on_call_end,
+                                 self._on_block_start(_Where()), self._on_block_end(_Where()))
         bb = self.backbone
         where: dict[int, tuple[nn.Module, _Where]] = {}
         for kind, blocks in (("feature", bb.feature_blocks), ("joint", bb.joint_blocks),
@@ -151,7 +154,7 @@ class CaptureHooks:
             if w.joint is None and w.attention is None:
                 continue
             attn = blk.attn
-            self.handles.append(blk.register_forward_pre_hook(self._on_block_start, with_kwargs=True))
+            self.handles.append(blk.register_forward_pre_hook(self._on_block_start(w), with_kwargs=True))
             for name in ("to_q", "to_k", "to_v", "add_k_proj"):
                 if getattr(attn, name, None) is not None:
                     self.handles.append(getattr(attn, name).register_forward_hook(self._keep(name)))
@@ -179,27 +182,62 @@ class CaptureHooks:
             self.keep_kwargs = False
         if self.armed:
             cfg = self.config
+            if cfg.hold:
+                self._release()  # whatever a failed call left held
             timestep = kwargs["timestep"]
             self.out["timestep"] = timestep
             if cfg.init is not None:
                 rows = timestep.shape[0]
                 self._stream = cfg.init.unsqueeze(0).expand(rows, -1, -1)  # (R, K, C)
-                onload(self.backbone.transformer)  # model offload moves the weights in only after this pre-hook
-                self._temb = self.backbone.concept_temb(timestep, kwargs.get("guidance"), cfg.dtype)
+                # The modulation is computed in the first joint block's hook, from the time embedder the forward
+                # has run by then (onloaded under model offload; held on the device under group offload).
+                self._temb, self._temb_args = None, (timestep, kwargs.get("guidance"))
+                if cfg.hold:
+                    self._hold(getattr(self.backbone.transformer, "time_text_embed", None))
 
     def _on_call_end(self, _module, _args, _output):
         if self.armed:
             self.armed = False
-            self._stream = self._temb = None
+            self._stream = self._temb = self._temb_args = None
+            if self.config.hold:
+                self._release()
         if self.listener is not None:
             self.listener._auto_end()
 
-    def _on_block_start(self, _module, _args, kwargs):
-        if self.armed:
-            self._scratch.clear()
-            self._scratch["rotary"] = kwargs.get("image_rotary_emb")
-            enc = kwargs.get("encoder_hidden_states")
-            self._scratch["text_len"] = None if enc is None else enc.shape[1]
+    def _reuses(self, w: _Where) -> bool:
+        """Whether the armed hooks call this block's layers after it returned."""
+        cfg = self.config
+        return (w.joint is not None and w.joint < cfg.concept_depth) or (
+            w.attention is not None and w.attention in cfg.text_layers)
+
+    def _on_block_start(self, w: _Where) -> Callable:
+        def hook(block, _args, kwargs):
+            if self.armed:
+                self._scratch.clear()
+                self._scratch["rotary"] = kwargs.get("image_rotary_emb")
+                enc = kwargs.get("encoder_hidden_states")
+                self._scratch["text_len"] = None if enc is None else enc.shape[1]
+                if self.config.hold and self._reuses(w):
+                    self._hold(block)
+        return hook
+
+    # Group offload (eager: these move no tensor themselves, but diffusers' hooks and graph breaks would).
+    @torch.compiler.disable
+    def _hold(self, module: nn.Module | None) -> None:
+        if module is not None:
+            self._held.append(Held(module, self.backbone.transformer))
+
+    @torch.compiler.disable
+    def _reuse(self) -> None:
+        for held in self._held:
+            held.reuse()
+
+    @torch.compiler.disable
+    def _release(self) -> None:
+        """Every held layer back under offload (a failed call's too: the next armed call and `Capture` end call it)."""
+        for held in self._held:
+            held.release()
+        self._held.clear()
 
     def _keep(self, name: str) -> Callable:
         def hook(_module, _inputs, output):
@@ -223,17 +261,20 @@ class CaptureHooks:
             i = w.feature if cfg.feature_blocks == "feature" else w.joint
             if i is not None and i in cfg.feature_layers:
                 self.out[("feat", i)] = self.backbone.image_tokens(output)  # (R, N, C)
-            needs_projections = (w.joint is not None and w.joint < cfg.concept_depth) or (
-                w.attention is not None and w.attention in cfg.text_layers)
-            if needs_projections and "to_k" not in self._scratch:
+            reuses = self._reuses(w)
+            if reuses and "to_k" not in self._scratch:
                 raise RuntimeError(
                     "capture hooks inside the blocks did not run: the transformer was compiled (and run) before "
                     "mmdiff_gen.capture.prepare(backbone) installed them; call prepare, or compile_backbone, "
                     "before compiling")
+            if reuses and cfg.hold:
+                self._reuse()  # the block's layers (and the time embedder) still on the device: call them again
             if w.joint is not None and w.joint < cfg.concept_depth:
                 self._concepts(block, w.joint)
             if w.attention is not None and w.attention in cfg.text_layers:
                 self.out[("text", w.attention)] = self._text_attention(block)
+            if reuses and cfg.hold:
+                self._release()
             self._scratch.clear()  # nothing of the block outlives it (in a compiled graph: no extra outputs)
         return hook
 
@@ -247,6 +288,9 @@ class CaptureHooks:
         if img_rot is not None:
             image_keys = apply_rotary_emb(image_keys, img_rot, sequence_dim=1)
         if cfg.init is not None:
+            if self._temb is None:  # the first joint block: the time embedder has run in this forward
+                timestep, guidance = self._temb_args
+                self._temb = self.backbone.concept_temb(timestep, guidance, cfg.dtype)
             image_values = _heads(attn, sc["to_v"])
             self._stream, concept_out = concept_block_update(block, self._stream, self._temb, image_keys, image_values)
             if idx in cfg.concept_layers:

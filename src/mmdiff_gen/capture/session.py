@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..backbones.base import Backbone
-from ..backbones.runtime import block_offloaded
+from ..backbones.runtime import block_offloaded, group_offloaded
 from ._gate import Gate, rows_of
 from ._hooks import Config, prepare
 from .spec import CaptureSpec
@@ -134,6 +134,7 @@ class Capture:
             # Once, here: moved inside an armed call, the host would wait on the device at every concept layer.
             text_mask=None if text_mask is None else text_mask.to(backbone.device, torch.float32),
             dtype=backbone.dtype,
+            hold=(stream or bool(spec.text_attention_layers)) and group_offloaded(backbone.transformer),
         )
         self.gate = Gate(sigmas=spec.sigmas, batch_size=batch_size, cfg_in_batch=cfg_in_batch)
         t = len(spec.sigmas)
@@ -166,7 +167,8 @@ class Capture:
         h.armed = h.keep_kwargs = False
         h.out, h.kwargs = {}, None
         h._scratch.clear()
-        h._stream = h._temb = None
+        h._stream = h._temb = h._temb_args = None
+        h._release()  # layers a failed call left held on the device go back under group offload
 
     # --- one call ---------------------------------------------------------------------------
     def arm(self, sigmas: Sequence[float], eps: float | None = None) -> bool:
