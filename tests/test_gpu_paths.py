@@ -56,3 +56,19 @@ def test_compile_modes_that_replay_cuda_graphs_are_refused(tiny):
                    {"options": {"triton.cudagraphs": True}}):
         with pytest.raises(ValueError, match="replays CUDA graphs"):
             compile_backbone(tiny, "blocks", **kwargs)
+
+
+def test_group_offload_keeps_the_vae_on_the_device():
+    """Pipelines call the VAE's decode, never its forward: under group offload with streams its order-recording hook
+    would never complete and its record would grow at every decode. It stays on the device instead."""
+    from mmdiff_gen.backbones.runtime import apply_runtime
+    from mmdiff_gen.backbones.tiny import build_tiny_flux
+
+    pipe = build_tiny_flux(seed=0)
+    apply_runtime(pipe, offload="group", storage="full", dtype=torch.float32, device="cpu")
+
+    def grouped(module):
+        return any(getattr(m, "_diffusers_hook", None) is not None and
+                   m._diffusers_hook.get_hook("group_offloading") is not None for m in module.modules())
+
+    assert grouped(pipe.transformer) and grouped(pipe.text_encoder) and not grouped(pipe.vae)
