@@ -21,7 +21,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(BackboneNotFound, match="no pipeline folder"):
         load_backbone(str(tmp_path / "nope"), dtype=torch.float32, device="cpu")
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    with pytest.raises(KeyError, match="supported: FluxPipeline"):
+    with pytest.raises(KeyError, match="supported: Flux2KleinPipeline, Flux2Pipeline, FluxPipeline"):
         load_backbone(str(tmp_path), dtype=torch.float32, device="cpu")
 
 

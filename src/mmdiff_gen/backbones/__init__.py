@@ -2,6 +2,7 @@
 
 from .base import Backbone
 from .flux import FluxBackbone
+from .flux2 import Flux2Backbone
 from .loading import BackboneNotFound, load_backbone, wrap_pipeline
 from .schedule import ContractSchedule, contract_schedule
 from .sd3 import SD3Backbone
@@ -10,6 +11,7 @@ __all__ = [
     "Backbone",
     "BackboneNotFound",
     "ContractSchedule",
+    "Flux2Backbone",
     "FluxBackbone",
     "SD3Backbone",
     "contract_schedule",

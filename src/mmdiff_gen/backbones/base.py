@@ -293,8 +293,9 @@ class Backbone(ABC):
     #: The pipeline's fallback for the scheduler's max_shift (FluxPipeline 1.15, SD3 1.16).
     MAX_SHIFT_DEFAULT = 1.15
 
-    def schedule_mu(self, image_seq_len: int) -> float | None:
-        """The resolution-dependent shift the pipeline passes to its scheduler (None: static shift)."""
+    def schedule_mu(self, image_seq_len: int, num_inference_steps: int | None = None) -> float | None:
+        """The resolution-dependent shift the pipeline passes to its scheduler (None: static shift). FLUX.1 and SD3
+        ignore the step count; FLUX.2's shift depends on it."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.pipe.scheduler.config
@@ -307,6 +308,9 @@ class Backbone(ABC):
             cfg.get("base_shift", 0.5),
             cfg.get("max_shift", self.MAX_SHIFT_DEFAULT),
         )
+
+    def check_schedule(self, schedule: Any) -> None:
+        """Refuse, in one line, a contract schedule (backbones.schedule) this family should not run. Any by default."""
 
     def cfg_in_batch(self, sampling: dict) -> bool:
         """Whether the pipeline runs classifier-free guidance as [uncond; cond] rows of one call with

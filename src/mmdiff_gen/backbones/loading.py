@@ -13,6 +13,7 @@ import torch
 from ..errors import SettingsError
 from .base import Backbone
 from .flux import FluxBackbone
+from .flux2 import Flux2Backbone
 from .sd3 import SD3Backbone
 
 # Optional file beside model_index.json: recommended sampling settings and capture defaults.
@@ -22,6 +23,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Pipeline class name (model_index.json "_class_name") → adapter.
 _ADAPTERS: dict[str, type[Backbone]] = {
     "FluxPipeline": FluxBackbone,
+    "Flux2Pipeline": Flux2Backbone,
+    "Flux2KleinPipeline": Flux2Backbone,
     "StableDiffusion3Pipeline": SD3Backbone,
 }
 

@@ -98,6 +98,60 @@ def build_tiny_flux(
     return pipe
 
 
+def build_tiny_flux2(
+    *,
+    words: Sequence[str] = BASIC_WORDS + CONCEPT_WORDS,
+    dim_head: int = 16,
+    heads: int = 2,
+    double_blocks: int = 2,
+    single_blocks: int = 4,
+    text_width: int = 16,
+    text_layers: int = 28,
+    vae_channels: Sequence[int] = (16, 32, 32),
+    latent_channels: int = 8,
+    distilled: bool = True,
+    seed: int = 0,
+):
+    """A Flux2KleinPipeline with random weights: a tiny Qwen3ForCausalLM text encoder and a tiny AutoencoderKLFlux2.
+
+    The pipeline reads Qwen3 hidden states (9, 18, 27) by default, so the text encoder keeps 28 (narrow) layers and
+    the transformer's text width is 3 × `text_width`. The word-level tokenizer carries a chat template that joins the
+    messages' contents (the pipeline calls `apply_chat_template`). Geometry: VAE 4× by default, 2×2 patches per token,
+    so a 64×64 image has 8×8 image tokens. `distilled` sets the pipeline's `is_distilled` ([klein]'s 4-step models).
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(words, model_max_length=512, add_bos=False)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=text_width // 2, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )).eval()
+    n = len(vae_channels)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(vae_channels), layers_per_block=1, latent_channels=latent_channels,
+        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    axis = dim_head // 4 // 2 * 2  # four even RoPE axes (t, h, w, l) summing to dim_head
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=double_blocks, num_single_layers=single_blocks,
+        attention_head_dim=dim_head, num_attention_heads=heads, joint_attention_dim=3 * text_width,
+        timestep_guidance_channels=32, axes_dims_rope=(dim_head - 3 * axis, axis, axis, axis), guidance_embeds=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, use_dynamic_shifting=True,
+        shift=3.0,
+    )
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
+                              is_distilled=distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_sd3(
     *,
     words: Sequence[str] = BASIC_WORDS + CONCEPT_WORDS,

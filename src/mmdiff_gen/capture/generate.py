@@ -35,7 +35,10 @@ class Generation:
 def plan_schedule(backbone: Backbone, spec: CaptureSpec, num_inference_steps: int, height: int, width: int) -> ContractSchedule:
     """The contract schedule for this size and step count (see backbones.schedule)."""
     h, w = backbone.token_grid(height, width)
-    return contract_schedule(backbone.pipe.scheduler, num_inference_steps, spec.sigmas, backbone.schedule_mu(h * w))
+    schedule = contract_schedule(backbone.pipe.scheduler, num_inference_steps, spec.sigmas,
+                                 backbone.schedule_mu(h * w, num_inference_steps))
+    backbone.check_schedule(schedule)
+    return schedule
 
 
 @torch.no_grad()
