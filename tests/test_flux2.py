@@ -5,7 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import Flux2Transformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
 from mmdiff_gen.backbones import Flux2Backbone, wrap_pipeline
 from mmdiff_gen.backbones.flux2 import FLUX2_DEV
@@ -13,6 +16,7 @@ from mmdiff_gen.backbones.loading import _adapter_for
 from mmdiff_gen.backbones.tiny import build_tiny_flux2
 from mmdiff_gen.capture import Capture, CaptureSpec, extract, generate, plan_schedule
 from mmdiff_gen.capture._noise import generators_for
+from mmdiff_gen.capture.concepts import concept_map
 
 PROMPTS = ["a red circle on the left", "a small blue star"]
 SEEDS = [3, 4]
@@ -95,7 +99,8 @@ def test_klein_sampling_defaults_and_the_four_step_contract(klein):
                          ids=["distilled", "base-cfg"])
 def test_images_bit_identical_and_features_are_the_block_outputs(recorder, distilled, guidance, steps, sigmas):
     bb = wrap_pipeline(build_tiny_flux2(seed=0, distilled=distilled), name="tiny-flux2")
-    spec = CaptureSpec(layers=(1, 3), store_dtype="float32", sigmas=sigmas)
+    stream = dict(concepts=("object", "edges"), cross_attention=True) if distilled else {}
+    spec = CaptureSpec(layers=(1, 3), store_dtype="float32", sigmas=sigmas, **stream)
     kw = {**KW, "num_inference_steps": steps}
     rec = recorder(bb.transformer, bb.feature_blocks)
     ours = generate(bb, PROMPTS, spec, seeds=SEEDS, guidance_scale=guidance, output_type="np", **kw)
@@ -140,13 +145,65 @@ def test_joint_block_features_and_real_image_mode(klein, recorder):
     torch.testing.assert_close(res.features[:, 1, 1], rec.outputs[-1][2], atol=1e-5, rtol=1e-5)
 
 
-def test_concepts_are_refused_and_flux1_heads_do_not_load(klein, tmp_path):
+def masked_reference(block, kw, c, mod_c):
+    """One double-stream block over [text; image; concepts] with a mask: text and image queries see [text; image]
+    keys, concept queries see [image; concepts]. Concepts use the text weights, the text modulation computed at their
+    timestep and position 0 (RoPE the identity). Returns the concept stream after the block and the image / concept
+    attention outputs before the output projections."""
+    attn, x, txt = block.attn, kw["hidden_states"], kw["encoder_hidden_states"]
+    heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731
+    (sh, sc, _), _ = Flux2Modulation.split(kw["temb_mod_img"], 2)
+    (tsh, tsc, _), _ = Flux2Modulation.split(kw["temb_mod_txt"], 2)
+    (csh, csc, cg), (csh2, csc2, cg2) = Flux2Modulation.split(mod_c, 2)
+    nx, nt = block.norm1(x) * (1 + sc) + sh, block.norm1_context(txt) * (1 + tsc) + tsh
+    nc = block.norm1_context(c) * (1 + csc) + csh
+    q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(nt))), attn.norm_q(heads(attn.to_q(nx))),
+                   attn.norm_added_q(heads(attn.add_q_proj(nc)))], 1)
+    k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(nt))), attn.norm_k(heads(attn.to_k(nx))),
+                   attn.norm_added_k(heads(attn.add_k_proj(nc)))], 1)
+    v = torch.cat([heads(attn.add_v_proj(nt)), heads(attn.to_v(nx)), heads(attn.add_v_proj(nc))], 1)
+    s, n, kk = txt.shape[1], x.shape[1], c.shape[1]
+    cos, sin = kw["image_rotary_emb"]  # (S + N, D)
+    rot = (torch.cat([cos, torch.ones(kk, cos.shape[1])]), torch.cat([sin, torch.zeros(kk, sin.shape[1])]))
+    q, k = apply_rotary_emb(q, rot, sequence_dim=1), apply_rotary_emb(k, rot, sequence_dim=1)
+    allowed = torch.zeros(s + n + kk, s + n + kk, dtype=torch.bool)
+    allowed[: s + n, : s + n] = True
+    allowed[s + n :, s : s + n] = True
+    allowed[s + n :, s + n :] = True
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+    _, o_x, o_c = out.transpose(1, 2).flatten(2).split([s, n, kk], dim=1)
+    c = c + cg * attn.to_add_out(o_c)
+    c = c + cg2 * block.ff_context(block.norm2_context(c) * (1 + csc2) + csh2)
+    return c, o_x, o_c
+
+
+def test_concept_maps_through_the_transformer_match_the_reference(klein):
+    words = ("object", "background", "edges")
+    layers = (0, 1)
+    spec = CaptureSpec(sigmas=(0.6,), concepts=words, concept_layers=layers, store_dtype="float32")
+    seen = {}
+    hooks = [blk.register_forward_pre_hook(lambda _m, _a, kw, i=i: seen.__setitem__(i, kw), with_kwargs=True)
+             for i, blk in enumerate(klein.joint_blocks)]
+    try:
+        res = extract(klein, torch.rand(2, 3, 64, 64), spec, captions=PROMPTS, max_sequence_length=16)
+    finally:
+        for h in hooks:
+            h.remove()
+    c = klein.encode_concepts(words).unsqueeze(0).expand(2, -1, -1)
+    mod_c = klein.concept_temb(torch.full((2,), 0.6), None, klein.dtype)
+    assert mod_c.shape == (2, 6 * klein.feature_dim)
+    maps = 0
+    for i in layers:
+        c, o_x, o_c = masked_reference(klein.joint_blocks[i], seen[i], c, mod_c)
+        maps = maps + concept_map(o_x, o_c) / len(layers)
+    torch.testing.assert_close(res.concept_maps[:, 0], maps.transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
+def test_flux1_heads_do_not_load(klein, tmp_path):
     from mmdiff_gen.backbones.tiny import build_tiny_flux
     from mmdiff_gen.heads.checkpoint import HeadMismatch, load_head
     from _helpers import make_heads
 
-    with pytest.raises(ValueError, match="FLUX.2: concept capture is refused"):
-        generate(klein, PROMPTS, CaptureSpec(concepts=("object", "edges"), sigmas=(0.001,)), seeds=SEEDS, **KW)
     make_heads(wrap_pipeline(build_tiny_flux(seed=0), name="tiny"), tmp_path, tasks=("seg",))
     with pytest.raises(HeadMismatch, match="trained on 'tiny' \\(flux,"):
         load_head(tmp_path / "seg.safetensors", backbone=klein.identity())
@@ -167,6 +224,8 @@ def test_flux2_dev_defaults(flux2_dev):
     assert flux2_dev.feature_dim == 6144 and flux2_dev.pixels_per_token == 16
     assert flux2_dev.token_grid(512, 512) == (32, 32) and flux2_dev.token_grid(1024, 1024) == (64, 64)
     assert (flux2_dev.sampling_kwargs()["num_inference_steps"], flux2_dev.sampling_kwargs()["guidance_scale"]) == (50, 4.0)
+    with pytest.raises(ValueError, match=r"FLUX.2 \[dev\]: concept tokens"):
+        flux2_dev.encode_concepts(("object",))
 
 
 @pytest.mark.parametrize("size, tokens", [(512, 1024), (1024, 4096)])

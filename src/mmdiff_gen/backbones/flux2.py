@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import Backbone
+from .runtime import onloaded
 
 # black-forest-labs/FLUX.2-dev transformer/config.json (the defaults of diffusers 0.42's Flux2Transformer2DModel):
 # the real architecture on the meta device (geometry tests, FLOP counts) without the weights.
@@ -33,8 +34,8 @@ class Flux2Backbone(Backbone):
       runs true CFG as a second, unconditional call when `guidance_scale > 1` on a non-distilled model
       (`is_distilled`: the 4-step models, guidance ignored);
     - modulation is computed once per call from the time embedding by the transformer
-      (`double_stream_modulation_txt`) and passed to every block, and the double-stream block's text branch has
-      plain LayerNorms: capture's concept stream (AdaLN-Zero per block, FLUX.1 / SD3) does not apply — refused.
+      (`double_stream_modulation_txt`) and passed to every block, whose text branch has plain LayerNorms: the
+      concept stream takes that modulation (`concept_temb`) into `capture.concepts._flux2_block_update`.
     """
 
     family = "flux2"
@@ -158,12 +159,45 @@ class Flux2Backbone(Backbone):
         raise ValueError("FLUX.2: per-word grounding (openseg) is not implemented: its text tokens are chat-templated "
                          "decoder-LM states")
 
+    @torch.no_grad()
     def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        raise ValueError("FLUX.2: concept capture is refused: its double-stream blocks take modulation shared by the "
-                         "transformer (double_stream_modulation_txt), not the per-block AdaLN the concept stream mirrors")
+        """(K, C) initial concept-stream tokens (computed once per word set, then reused).
+
+        Each concept is encoded alone as the pipeline encodes a prompt (chat template, the same hidden layers);
+        the text encoder is causal, so the token kept is the word's last one (it has read the whole word, where
+        FLUX.1 keeps T5's token 0), then the transformer's context embedder, like the prompt.
+        """
+        key = (tuple(words), self.device, self.dtype)
+        if key not in self._concept_tokens:
+            self._concept_tokens[key] = self._encode_concepts(key[0])
+        return self._concept_tokens[key]
+
+    def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
+        if not self.klein:
+            raise ValueError("FLUX.2 [dev]: concept tokens from its Mistral-3 processor are not implemented; "
+                             "concept capture runs on [klein]")
+        tok = self.pipe.tokenizer
+        firsts = []
+        for word in words:
+            text = tok.apply_chat_template([{"role": "user", "content": word}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False)
+            end = text.index(word) + len(word)
+            pos = len(tok(text[:end], add_special_tokens=False).input_ids) - 1  # the word's last token
+            length = len(tok(text).input_ids)  # the whole templated word, as the pipeline tokenizes it: no padding
+            embeds = self.pipe._get_qwen3_prompt_embeds(self.pipe.text_encoder, tok, [word], device=self.device,
+                                                        max_sequence_length=length)  # (1, length, 3·D)
+            firsts.append(embeds[0, pos])
+        first = torch.stack(firsts).to(device=self.device, dtype=self.dtype)  # (K, 3·D)
+        with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
+            return self.transformer.context_embedder(first)  # (K, C)
 
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        raise ValueError("FLUX.2: concept capture is refused (see encode_concepts)")
+        """(B, 6C) text-branch modulation of the double-stream blocks at this call's timestep (and guidance), as
+        Flux2Transformer2DModel.forward computes it once for all of them, in the compute `dtype`."""
+        tr = self.transformer
+        t = timestep.to(dtype) * 1000
+        g = None if guidance is None else guidance.to(dtype) * 1000
+        return tr.double_stream_modulation_txt(tr.time_guidance_embed(t, g))
 
     # --- latents ----------------------------------------------------------------------------
     @torch.no_grad()

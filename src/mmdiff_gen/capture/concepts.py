@@ -43,6 +43,8 @@ def concept_block_update(
         (concepts after the block (B, K, C), concept attention output before `to_add_out` (B, K, H·D)).
     """
     attn = block.attn
+    if isinstance(block.norm1_context, nn.LayerNorm):  # FLUX.2: modulation (B, 6C) from the transformer
+        return _flux2_block_update(block, concepts, temb, image_keys, image_values)
     last = getattr(block, "context_pre_only", False)
     if last:
         normed = block.norm1_context(concepts, temb)
@@ -62,6 +64,30 @@ def concept_block_update(
     concepts = concepts + gate_msa.unsqueeze(1) * attn.to_add_out(out)
     normed = block.norm2_context(concepts) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     concepts = concepts + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+    if concepts.dtype == torch.float16:
+        concepts = concepts.clip(-65504, 65504)
+    return concepts, out
+
+
+def _flux2_block_update(block: nn.Module, concepts: torch.Tensor, mod: torch.Tensor, image_keys: torch.Tensor,
+                        image_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text branch of diffusers 0.42 `Flux2TransformerBlock.forward` on the concept stream: plain LayerNorms
+    modulated by `mod` (B, 6C), the transformer's `double_stream_modulation_txt` output shared by every block."""
+    attn = block.attn
+    mod = mod.unsqueeze(1)  # (B, 1, 6C), as Flux2Modulation.split
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+    normed = (1 + scale_msa) * block.norm1_context(concepts) + shift_msa
+    q = _norm(attn.norm_added_q, _heads(attn, attn.add_q_proj(normed)))
+    k = _norm(attn.norm_added_k, _heads(attn, attn.add_k_proj(normed)))
+    v = _heads(attn, attn.add_v_proj(normed))
+    # Concept positions are zero: RoPE is the identity on them.
+    keys = torch.cat([k, image_keys], dim=1).transpose(1, 2)  # (B, H, K+N, D)
+    values = torch.cat([v, image_values], dim=1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # (B, H, K, D)
+    out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, K, H·D)
+    concepts = concepts + gate_msa * attn.to_add_out(out)
+    normed = block.norm2_context(concepts) * (1 + scale_mlp) + shift_mlp
+    concepts = concepts + gate_mlp * block.ff_context(normed)
     if concepts.dtype == torch.float16:
         concepts = concepts.clip(-65504, 65504)
     return concepts, out
