@@ -245,3 +245,32 @@ def test_folder_round_trip(tmp_path):
     build_tiny_flux2(seed=0).save_pretrained(tmp_path / "klein")
     bb = load_backbone(str(tmp_path / "klein"), dtype=torch.float32, device="cpu")
     assert isinstance(bb, Flux2Backbone) and bb.klein and bb.distilled and bb.identity()["family"] == "flux2"
+
+
+def test_heads_train_on_flux2_features_and_annotate_its_generations(tmp_path):
+    """Cache → train → load → generate job on a tiny [klein] base (CFG; the paper's sigmas: 3 extra forwards)."""
+    from mmdiff_gen.io.dataset import GeneratedDataset
+    from mmdiff_gen.io.readers import FilesDataset
+    from mmdiff_gen.jobs.annotate import Annotator, head_files
+    from mmdiff_gen.jobs.dataset_job import GenerateJob, run_generate
+    from mmdiff_gen.toy.render import write_scenes
+    from mmdiff_gen.toy.world import CLASSES
+    from mmdiff_gen.train.feature_cache import FeatureCache, build_cache
+    from mmdiff_gen.train.trainer import TrainConfig, train_head
+
+    bb = wrap_pipeline(build_tiny_flux2(seed=0, distilled=False), name="tiny-flux2-base")
+    write_scenes(tmp_path / "scenes", 4, seed=0)
+    build_cache(bb, FilesDataset(tmp_path / "scenes"), CaptureSpec.for_tasks(["seg"]), tmp_path / "cache",
+                batch_size=2)
+    cache = FeatureCache(tmp_path / "cache")
+    assert cache.grid == (8, 8) and cache.layers == bb.default_layers()
+    cfg = TrainConfig(tasks="seg", epochs=1, batch_size=2, head=(("dim", 16), ("decoder_channels", 16)))
+    metrics = train_head(cache, cfg, tmp_path / "heads" / "seg.safetensors", classes=list(CLASSES), eval_cache=cache)
+    assert np.isfinite(metrics["miou"])
+    annotator = Annotator(head_files(tmp_path / "heads", ["seg"]), bb.identity())
+    job = GenerateJob(out=tmp_path / "out", tasks=("seg",), images_per_prompt=1, batch_size=2, height=64, width=64,
+                      num_inference_steps=6, guidance_scale=3.0, shard_size=4, seed=1)
+    report = run_generate(bb, annotator, PROMPTS, job, progress=False)
+    assert report.samples_written == 2 and report.samples_failed == 0
+    seg = next(iter(GeneratedDataset(tmp_path / "out"))).labels["seg"]
+    assert seg.shape == (64, 64) and set(np.unique(seg).tolist()) <= set(range(len(CLASSES)))
