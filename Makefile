@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/compile_capture.py
 	$(BIN)/python bench/storage_agreement.py
 	$(BIN)/python bench/compact_cache.py
+	$(BIN)/python bench/ray_engine.py
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(BIN)/python bench/gpu_check.py; else echo "bench/gpu_check.py: no CUDA device here, skipped"; fi
 

@@ -151,3 +151,18 @@ def test_compact_cache_smoke(tmp_path):
     assert res["step_s"]["head_step"] > 0 and all(v > 0 for v in res["step_s"]["data"].values())
     fg = res["flux_geometry"]  # one 512² FLUX.1-dev sample on disk: 96.3 MiB in bf16, half in 8 bits
     assert 96 * 2**20 < fg["bf16"]["file_bytes"] < 97 * 2**20 and fg["int8"]["file_bytes"] < 0.51 * fg["bf16"]["file_bytes"]
+
+
+def test_ray_engine_smoke(tmp_path):
+    for module in ("ray", "moto", "s3fs"):
+        pytest.importorskip(module)
+    res = bench("ray_engine").main(["--smoke", "--json", str(tmp_path / "ray.json")])
+    assert res["local"]["shards"] == res["ray_local"]["shards"] == res["ray_s3"]["shards"] == 2
+    assert res["identical"] == {"ray folder": True, "ray s3": True}  # one local process's bytes, by Ray, in S3
+    b = res["bucket"]
+    assert b["upload"]["bytes"] > 0 and b["upload"]["s"] > 0
+    assert b["scan_fresh"]["finished"] == 0 and b["scan_finished"]["finished"] == 2
+    assert b["scan_fresh"]["requests_per_shard"] >= 1 and b["indexes"]["requests_per_shard"] >= 1
+    rows = res["arithmetic"]["gpus"]
+    assert set(rows) == {8, 64, 512} and all(0 <= r["driver_gap_share"] < 1 for r in rows.values())
+    assert (tmp_path / "ray.json").is_file()
