@@ -22,7 +22,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mmdiff-gen generate --prompts prompts/toy.txt --images-per-prompt 4 --out $(DEMO_OUT)/dataset --overwrite
-	$(BIN)/mmdiff-gen export --format coco --in $(DEMO_OUT)/dataset --out $(DEMO_OUT)/coco
+	$(BIN)/mmdiff-gen export --format coco --in $(DEMO_OUT)/dataset --out $(DEMO_OUT)/coco --overwrite
 	$(BIN)/mmdiff-gen preview $(DEMO_OUT)/dataset --out $(DEMO_OUT)/preview.png
 
 # The CPU benches in full mode (tens of minutes on 2 cores); the GPU check only where CUDA is present.

@@ -92,7 +92,8 @@ def generate(
         fail(f"--engine must be local or ray, got {engine!r}", code=2)
     if engine == "ray" and (rank is not None or world_size is not None):
         fail("--engine ray schedules every shard itself: drop --rank / --world-size", code=2)
-    check_runtime(offload, storage, resolve_device(device))
+    if engine == "local":  # a Ray driver may have no GPU: its workers check their own devices
+        check_runtime(offload, storage, resolve_device(device))
     from ..jobs.dataset_job import GenerateJob, Interrupted
     from ..jobs.generator import GenerateConfig, generate_dataset
 

@@ -43,13 +43,14 @@ def open_store(location: "str | Path | Store") -> "Store":
     s = str(location)
     if not is_remote(s):
         return LocalStore(Path(s.removeprefix(LOCAL_SCHEME)))
-    # The environment is part of the key: credentials and endpoints are read from it when a filesystem is built.
+    # The environment is part of the key (credentials and endpoints are read from it when a filesystem is built), and
+    # so is the process: fsspec's async filesystems are not fork-safe (a DataLoader worker builds its own).
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS", "FSSPEC_"))))
-    return _fsspec_store(s.rstrip("/"), env)
+    return _fsspec_store(s.rstrip("/"), env, os.getpid())
 
 
 @functools.lru_cache(maxsize=16)
-def _fsspec_store(url: str, env: tuple) -> "FsspecStore":
+def _fsspec_store(url: str, env: tuple, pid: int) -> "FsspecStore":
     """One store per URL (and credentials environment) per process: building a filesystem (an S3 client and its
     session) takes ≈ 0.1 s, paid per shard when each check built its own. Safe to share: no listing cache."""
     return FsspecStore(url)

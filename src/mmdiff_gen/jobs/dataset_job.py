@@ -632,7 +632,7 @@ def write_dataset_indexes(out: "Path | str | Store", info: dict) -> None:
     write_indexes(store, finished, wids=info["format"] == "webdataset")
 
 
-_MARKERS: dict[str, tuple[tuple[int, float], dict | None]] = {}  # marker URL → ((size, mtime), its stats)
+_MARKERS: dict[str, tuple[tuple, dict | None]] = {}  # marker URL → (its Stat: size, mtime, version; its stats)
 
 
 def _marker(store: Store, shard: int, fingerprint: str) -> dict | None:

@@ -111,10 +111,13 @@ class GenerateConfig:
             lora_file(self.lora)
         if self.compile != "off":
             check_compilable(self.offload)
-        device = self.resolved_device()
-        check_runtime(self.offload, self.storage, device=device)
+        # The devices are the workers': a Ray driver (a KubeRay head) often has no GPU, so each worker checks its own.
+        device = self.resolved_device() if self.engine == "local" else None
+        if device is not None:
+            check_runtime(self.offload, self.storage, device=device)
         adapter = adapter_class(self.model)
-        if torch_dtype(self.dtype, device) == torch.float16 and not adapter.FLOAT16_OK:
+        fp16 = torch_dtype(self.dtype, device or "cuda") == torch.float16
+        if fp16 and not adapter.FLOAT16_OK:
             raise SettingsError(f"--dtype float16: {adapter.family.upper()} overflows float16 (its activations saturate "
                                 "the features); use bfloat16 or float32")
         if self.job.min_quality is not None and not any(get_task(t).confidence for t in self.job.tasks):

@@ -184,6 +184,10 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
     if queue:  # every worker lost and none could start again: say so rather than end as if finished
         raise RuntimeError(f"{len(queue)} shard(s) left unwritten: no Ray worker could start to write them; re-run "
                            "the same command to resume")
+    left = [s for s in range(info["num_shards"]) if not shard_finished(job, info, s, None)]
+    if left:  # claimed elsewhere: another job, or a worker that died on another host (its claim expires in an hour)
+        raise RuntimeError(f"{len(left)} shard(s) not finished ({', '.join(shard_name(s) for s in left[:5])}): "
+                           "claimed by another process; re-run the same command once it is gone to finish them")
     report.seconds = dict(bar.stages) if bar is not None else {}
     if wrote:
         say("ray: shards per worker: " + "; ".join(f"{w}: {k}" for w, k in wrote.items()))
