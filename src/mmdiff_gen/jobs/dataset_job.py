@@ -654,5 +654,3 @@ def job_config(job: GenerateJob) -> dict:
     d["out"] = str(job.out)
     return d
 
-
-_finished, _write_indexes = shard_finished, write_dataset_indexes  # TEMP: until bench/ray_engine.py is updated
