@@ -287,7 +287,7 @@ def test_bad_data_or_a_missing_model_is_one_line_and_a_nonzero_exit(gemma, rende
         (["--data", "nope:" + str(renders)], "unknown dataset kind 'nope'", 2),
         (["--data", "folder:" + str(tmp_path / "missing")], "no such folder", 2),
         (["--data", str(renders), "--model", "google/gemma-3-4b-it"], "hf download google/gemma-3-4b-it", 2),
-        (["--data", str(renders), "--model", str(tmp_path)], "no config.json", 1),
+        (["--data", str(renders), "--model", str(tmp_path)], "no config.json", 2),
         (["--data", str(renders), "--model", str(bad)], "pytorch_model.bin is a pickle", 2),
         (["--data", str(renders), "--model", "oracle", "--prompt", "hi"], "takes no prompt", 2),
         (["--data", str(renders), "--batch-size", "0"], "must be ≥ 1", 2),

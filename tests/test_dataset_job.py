@@ -175,8 +175,8 @@ def test_a_failing_sample_is_recorded_and_retried(tiny, annotator, tmp_path, mon
     assert (rep.samples_written, rep.samples_failed) == (2, 1)
     stats = json.loads((out / "00000_stats.json").read_text())
     err = [s for s in stats["samples"] if s["status"] == "error"]
-    assert err == [{"key": "000000001", "prompt_index": 1, "repeat": 0, "status": "error",
-                    "error": "RuntimeError: CUDA out of memory (simulated)"}]
+    assert err == [{"key": "000000001", "prompt_index": 1, "repeat": 0, "prompt": PROMPTS[1], "status": "error",
+                    "error": "RuntimeError: CUDA out of memory (simulated)"}]  # the prompt kept: no sample shows it
     monkeypatch.setattr(dataset_job._Runner, "_batch", real)
     assert run_generate(tiny, annotator, PROMPTS, job(out, images_per_prompt=1), progress=False).shards_skipped == 1
     rep = run_generate(tiny, annotator, PROMPTS, job(out, images_per_prompt=1, retry_failed=True), progress=False)
