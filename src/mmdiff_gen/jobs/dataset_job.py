@@ -15,10 +15,12 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -460,8 +462,10 @@ def run_shards(producer: ShardProducer, *, rank: int = 0, world_size: int = 1, p
     mine = set(owned_shards(len(ranges), rank, world_size))
     report = JobReport(rank=rank, world_size=world_size, shards_owned=len(mine))
     # Own shards first, then unclaimed unfinished ones of others (plan.shard_order): balanced to the end.
-    todo = [s for s in shard_order(len(ranges), rank, world_size)
-            if not producer.finished(s, report if s in mine else None)]
+    order = shard_order(len(ranges), rank, world_size)
+    todo = set(unfinished_shards(producer.job, producer.info, [s for s in order if s in mine], report))
+    todo |= set(unfinished_shards(producer.job, producer.info, [s for s in order if s not in mine], None))
+    todo = [s for s in order if s in todo]
     bar = JobProgress(sum(len(ranges[s]) for s in todo if s in mine),
                       f"worker {rank}/{world_size}" if world_size > 1 else "generate", enabled=progress)
     failed_in_a_row = 0
@@ -487,19 +491,38 @@ def run_shards(producer: ShardProducer, *, rank: int = 0, world_size: int = 1, p
 
 def shard_finished(job: GenerateJob, info: dict, shard: int, report: JobReport | None) -> bool:
     """Whether a shard is done and whole (sizes match its marker); counts skipped and damaged shards."""
+    return _tally(_shard_state(job, info, shard), report)
+
+
+def unfinished_shards(job: GenerateJob, info: dict, shards: Sequence[int], report: JobReport | None) -> list[int]:
+    """The shards of `shards` that are not done and whole, checked concurrently on an object store: each check is
+    a few requests, so a serial scan of 15 625 shards at 20 ms a request takes half an hour (bench/ray_engine.py)."""
+    workers = SCAN_THREADS if open_store(job.out).remote else 1
+    with ThreadPoolExecutor(workers) as pool:
+        states = list(pool.map(lambda s: _shard_state(job, info, s), shards))
+    return [s for s, state in zip(shards, states) if not _tally(state, report)]
+
+
+SCAN_THREADS = 32  # concurrent marker checks on an object store (its requests wait on the network, not the CPU)
+
+
+def _shard_state(job: GenerateJob, info: dict, shard: int) -> str:
+    """"finished", "damaged" (its files no longer match its marker), "retry" (--retry-failed) or "unfinished"."""
     store = open_store(job.out)
     st = _marker(store, shard, info["fingerprint"])
     if st is None:
-        return False
+        return "unfinished"
     if shard_problem(store, st) is not None or not _unchanged(store, shard, st):
-        if report is not None:
-            report.shards_damaged += 1
-        return False
-    if job.retry_failed and st["failed"]:
-        return False
+        return "damaged"
+    return "retry" if job.retry_failed and st["failed"] else "finished"
+
+
+def _tally(state: str, report: JobReport | None) -> bool:
+    """Count a shard's state into the report; whether it is finished."""
     if report is not None:
-        report.shards_skipped += 1
-    return True
+        report.shards_damaged += state == "damaged"
+        report.shards_skipped += state == "finished"
+    return state == "finished"
 
 
 def _unchanged(store: Store, shard: int, stats: dict) -> bool:
@@ -621,13 +644,14 @@ def write_dataset_indexes(out: "Path | str | Store", info: dict) -> None:
     redone, is left out). Markers are parsed once per version (`_MARKERS`): a run commits many shards."""
     store = open_store(out)
 
+    def whole(s: int) -> dict | None:
+        st = _marker(store, s, info["fingerprint"])
+        return st if st is not None and shard_problem(store, st) is None else None
+
     def finished() -> dict[str, tuple[int, int]]:
-        whole = {}
-        for s in range(info["num_shards"]):
-            st = _marker(store, s, info["fingerprint"])
-            if st is not None and shard_problem(store, st) is None:
-                whole[s] = st
-        return index_entries(whole)
+        with ThreadPoolExecutor(SCAN_THREADS if store.remote else 1) as pool:  # see unfinished_shards
+            found = dict(zip(range(info["num_shards"]), pool.map(whole, range(info["num_shards"]))))
+        return index_entries({s: st for s, st in found.items() if st is not None})
 
     write_indexes(store, finished, wids=info["format"] == "webdataset")
 

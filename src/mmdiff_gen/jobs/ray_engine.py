@@ -27,7 +27,7 @@ from ..io.shards import break_claim, shard_name
 from ..io.store import open_store
 from .._workers import shard_ranges
 from ._progress import JobProgress
-from .dataset_job import JobReport, shard_finished, write_dataset_indexes
+from .dataset_job import JobReport, unfinished_shards, write_dataset_indexes
 from .generator import GenerateConfig
 
 MAX_ATTEMPTS = 3  # workers a single shard may lose before the job stops
@@ -136,7 +136,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
                         continue
                     if info is None:
                         info, job = _get(ray, a.prepare.remote())
-                        queue.extend(s for s in range(info["num_shards"]) if not shard_finished(job, info, s, report))
+                        queue.extend(unfinished_shards(job, info, range(info["num_shards"]), report))
                         ranges = [len(r) for r in shard_ranges(info["num_samples"], job.shard_size)]
                         bar = JobProgress(sum(ranges[s] for s in queue), "ray", enabled=progress)
                         report.shards_owned = info["num_shards"]
@@ -184,7 +184,7 @@ def run_ray(config: GenerateConfig, progress: bool = True, say: Callable[[str], 
     if queue:  # every worker lost and none could start again: say so rather than end as if finished
         raise RuntimeError(f"{len(queue)} shard(s) left unwritten: no Ray worker could start to write them; re-run "
                            "the same command to resume")
-    left = [s for s in range(info["num_shards"]) if not shard_finished(job, info, s, None)]
+    left = unfinished_shards(job, info, range(info["num_shards"]), None)
     if left:  # claimed elsewhere: another job, or a worker that died on another host (its claim expires in an hour)
         raise RuntimeError(f"{len(left)} shard(s) not finished ({', '.join(shard_name(s) for s in left[:5])}): "
                            "claimed by another process; re-run the same command once it is gone to finish them")
