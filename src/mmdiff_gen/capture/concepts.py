@@ -50,14 +50,7 @@ def concept_block_update(
         normed = block.norm1_context(concepts, temb)
     else:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=temb)
-    q = _norm(attn.norm_added_q, _heads(attn, attn.add_q_proj(normed)))
-    k = _norm(attn.norm_added_k, _heads(attn, attn.add_k_proj(normed)))
-    v = _heads(attn, attn.add_v_proj(normed))
-    # Concept positions are zero: RoPE is the identity on them.
-    keys = torch.cat([k, image_keys], dim=1).transpose(1, 2)  # (B, H, K+N, D)
-    values = torch.cat([v, image_values], dim=1).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # (B, H, K, D)
-    out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, K, H·D)
+    out = _concept_attention(attn, normed, image_keys, image_values)  # (B, K, H·D)
     if last:
         return concepts, out
 
@@ -69,6 +62,20 @@ def concept_block_update(
     return concepts, out
 
 
+def _concept_attention(attn: nn.Module, normed: torch.Tensor, image_keys: torch.Tensor,
+                       image_values: torch.Tensor) -> torch.Tensor:
+    """Normed concepts (B, K, C) attending over [concepts; image] with the block's text projections: (B, K, H·D),
+    before `to_add_out` (FLUX.1 and FLUX.2 share it; only their modulation differs)."""
+    q = _norm(attn.norm_added_q, _heads(attn, attn.add_q_proj(normed)))
+    k = _norm(attn.norm_added_k, _heads(attn, attn.add_k_proj(normed)))
+    v = _heads(attn, attn.add_v_proj(normed))
+    # Concept positions are zero: RoPE is the identity on them.
+    keys = torch.cat([k, image_keys], dim=1).transpose(1, 2)  # (B, H, K+N, D)
+    values = torch.cat([v, image_values], dim=1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # (B, H, K, D)
+    return out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, K, H·D)
+
+
 def _flux2_block_update(block: nn.Module, concepts: torch.Tensor, mod: torch.Tensor, image_keys: torch.Tensor,
                         image_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The text branch of diffusers 0.42 `Flux2TransformerBlock.forward` on the concept stream: plain LayerNorms
@@ -77,14 +84,7 @@ def _flux2_block_update(block: nn.Module, concepts: torch.Tensor, mod: torch.Ten
     mod = mod.unsqueeze(1)  # (B, 1, 6C), as Flux2Modulation.split
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     normed = (1 + scale_msa) * block.norm1_context(concepts) + shift_msa
-    q = _norm(attn.norm_added_q, _heads(attn, attn.add_q_proj(normed)))
-    k = _norm(attn.norm_added_k, _heads(attn, attn.add_k_proj(normed)))
-    v = _heads(attn, attn.add_v_proj(normed))
-    # Concept positions are zero: RoPE is the identity on them.
-    keys = torch.cat([k, image_keys], dim=1).transpose(1, 2)  # (B, H, K+N, D)
-    values = torch.cat([v, image_values], dim=1).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # (B, H, K, D)
-    out = out.transpose(1, 2).flatten(2).to(q.dtype)  # (B, K, H·D)
+    out = _concept_attention(attn, normed, image_keys, image_values)  # (B, K, H·D)
     concepts = concepts + gate_msa * attn.to_add_out(out)
     normed = block.norm2_context(concepts) * (1 + scale_mlp) + shift_mlp
     concepts = concepts + gate_mlp * block.ff_context(normed)
