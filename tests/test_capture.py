@@ -171,9 +171,9 @@ def test_the_text_mask_reaches_armed_calls_already_in_place(tiny, monkeypatch):
     seen = []
     real = _hooks.cross_attention_map
 
-    def spy(q, tk, image_keys, mask):
+    def spy(q, tk, image_keys, mask, key_mask=None):
         seen.append(mask is None or mask.to(q.device, torch.float32) is mask)
-        return real(q, tk, image_keys, mask)
+        return real(q, tk, image_keys, mask, key_mask)
 
     monkeypatch.setattr(_hooks, "cross_attention_map", spy)
     generate(tiny, PROMPTS, CaptureSpec(concepts=("object",), cross_attention=True), seeds=SEEDS, **KW)

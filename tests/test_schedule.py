@@ -71,3 +71,24 @@ def test_contract_static_shift_and_errors():
         contract_schedule(sched, 2, (0.99, 0.98), None)
     with pytest.raises(ValueError, match="elementwise"):
         contract_schedule(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), 28, PAPER_SIGMAS, None)
+
+
+# Qwen-Image's scheduler config (scheduler/scheduler_config.json): a terminal stretch to 0.02.
+QWEN_SCHEDULER = dict(
+    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+    shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True,
+)
+
+
+@pytest.mark.parametrize("steps, tokens", [(50, 4096), (20, 1024), (8, 6889)])
+def test_contract_with_a_terminal_stretch(steps, tokens):
+    """The stretch depends on the schedule's last sigma: the last step is never moved, every other target lands
+    (to float32 rounding), and 0.001 (below the terminal 0.02) is the one extra forward."""
+    mu = calculate_shift(tokens, 256, 8192, 0.5, 0.9)
+    plan = contract_schedule(FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), steps, PAPER_SIGMAS, mu)
+    live = _live_sigmas(FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), plan.pipeline_sigmas, mu)
+    assert plan.extra == (0.001,) and abs(live[-1] - 0.02) < 1e-6 and abs(plan.default_sigmas[-1] - 0.02) < 1e-6
+    # The stretch runs in float32 after the shift: within an ulp or two of the target (the contract's 1e-6).
+    assert np.allclose([live[i] for i in plan.steps.values()], list(plan.steps), atol=1e-6, rtol=0)
+    assert set(plan.steps) == {0.78, 0.52, 0.26} and steps - 1 not in plan.steps.values()
+    assert np.all(np.diff(live) < 0)

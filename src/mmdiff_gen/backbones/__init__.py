@@ -3,6 +3,7 @@
 from .base import Backbone
 from .flux import FluxBackbone
 from .flux2 import Flux2Backbone
+from .qwenimage import QwenImageBackbone
 from .loading import BackboneNotFound, load_backbone, wrap_pipeline
 from .schedule import ContractSchedule, contract_schedule
 from .sd3 import SD3Backbone
@@ -13,6 +14,7 @@ __all__ = [
     "ContractSchedule",
     "Flux2Backbone",
     "FluxBackbone",
+    "QwenImageBackbone",
     "SD3Backbone",
     "contract_schedule",
     "load_backbone",

@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 
@@ -119,6 +120,21 @@ class Backbone(ABC):
     def image_tokens(self, block_output: Any) -> torch.Tensor:
         """The (B, N, C) image tokens out of one feature (or joint) block's output."""
 
+    def rotate(self, x: torch.Tensor, rotary: Any, part: str) -> torch.Tensor:
+        """Queries or keys x (B, L, H, D) of one block rotated as its attention rotates them.
+
+        Args:
+            rotary: the block's `image_rotary_emb` argument. FLUX.1 / FLUX.2: (cos, sin), each (S + N, D) over the
+                call's [text; image] positions; None: no RoPE (SD3).
+            part: "text" (the call's first L text tokens), "image" (its L image tokens) or "concept" (concept
+                tokens, placed where a prompt's first text token sits: FLUX's text position zero, the identity).
+        """
+        if rotary is None or part == "concept":
+            return x
+        cos, sin = rotary
+        pick = slice(None, x.shape[1]) if part == "text" else slice(-x.shape[1], None)
+        return apply_rotary_emb(x, (cos[pick], sin[pick]), sequence_dim=1)
+
     @abstractmethod
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
         """The flow-matching sigma in [0, 1] from the transformer's `timestep` argument."""
@@ -144,6 +160,10 @@ class Backbone(ABC):
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B, C) modulation of the concept stream at the transformer call's `timestep` (and `guidance`),
         computed in `dtype` (called inside compiled graphs: nothing read back to the host)."""
+
+    #: The transformer's modules `concept_temb` calls (held on the device with the first joint block under group
+    #: offload, where it runs).
+    CONCEPT_EMBEDDERS: tuple[str, ...] = ("time_text_embed",)
 
     @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -248,6 +268,12 @@ class Backbone(ABC):
         return (lat - vae.config.shift_factor) * vae.config.scaling_factor
 
     # --- geometry ---------------------------------------------------------------------------
+    @staticmethod
+    def vae_scale_factor(vae_config: dict) -> int:
+        """Pixels per latent pixel, as the family's pipeline derives it from its VAE config (AutoencoderKL and
+        FLUX.2's: 2^(blocks − 1)); `loading.meta_backbone` builds geometry from the config files alone."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
     @property
     @abstractmethod
     def pixels_per_token(self) -> int:

@@ -191,6 +191,8 @@ class Flux2Backbone(Backbone):
         with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
             return self.transformer.context_embedder(first)  # (K, C)
 
+    CONCEPT_EMBEDDERS = ("time_guidance_embed", "double_stream_modulation_txt")
+
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B, 6C) text-branch modulation of the double-stream blocks at this call's timestep (and guidance), as
         Flux2Transformer2DModel.forward computes it once for all of them, in the compute `dtype`."""

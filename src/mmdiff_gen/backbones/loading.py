@@ -14,6 +14,7 @@ from ..errors import SettingsError
 from .base import Backbone
 from .flux import FluxBackbone
 from .flux2 import Flux2Backbone
+from .qwenimage import QwenImageBackbone
 from .sd3 import SD3Backbone
 
 # Optional file beside model_index.json: recommended sampling settings and capture defaults.
@@ -25,6 +26,7 @@ _ADAPTERS: dict[str, type[Backbone]] = {
     "FluxPipeline": FluxBackbone,
     "Flux2Pipeline": Flux2Backbone,
     "Flux2KleinPipeline": Flux2Backbone,
+    "QwenImagePipeline": QwenImageBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
 }
 
@@ -275,11 +277,9 @@ def meta_backbone(model: str) -> Backbone:
         vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
     except FileNotFoundError as e:
         raise BackboneNotFound(f"{model!r} has no {Path(e.filename).parent.name}/config.json in {folder}") from None
-    # FluxPipeline / StableDiffusion3Pipeline: 2 ** (len(vae.config.block_out_channels) - 1)
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    return config_backbone(_adapter_for(index["_class_name"]), index["transformer"][1], config,
-                           vae_scale_factor=scale, name=model, settings=_settings(Path(folder)),
-                           weights_id=_weights_id(Path(folder)))
+    adapter = _adapter_for(index["_class_name"])
+    return config_backbone(adapter, index["transformer"][1], config, vae_scale_factor=adapter.vae_scale_factor(vae),
+                           name=model, settings=_settings(Path(folder)), weights_id=_weights_id(Path(folder)))
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name

@@ -11,7 +11,9 @@ those same sigmas. FLUX's default shifted schedule only comes near them (28 step
   the transformer time, or 1/(2N) under true CFG since only the conditional branch is run).
 
 The scheduler applies its resolution shift to any `sigmas=` it is given, so the placed values are
-passed pre-inverted, refined to the float32 input whose shifted value is the target exactly.
+passed pre-inverted, refined to the float32 input whose shifted value is the target exactly. A scheduler with a
+`shift_terminal` (Qwen-Image: 0.02) ends every schedule at that sigma: its last step stays where it is and the
+targets below it are extra forwards.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class ContractSchedule:
         return len(self.extra)
 
 
-_NON_ELEMENTWISE = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+_NON_ELEMENTWISE = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
 
 
 def _shifted(scheduler: Any, inputs: np.ndarray, mu: float | None) -> np.ndarray:
@@ -67,16 +69,36 @@ def _inverse_shift(scheduler: Any, target: float, mu: float | None) -> float:
     return target / (s - (s - 1.0) * target)
 
 
-def _place(scheduler: Any, target: float, mu: float | None) -> float:
-    """The float32 input the scheduler shifts to float32(target) exactly (or to its nearest value)."""
-    u0 = np.float32(_inverse_shift(scheduler, target, mu))
+def _shift(scheduler: Any, u: float, mu: float | None) -> float:
+    """The scheduler's time shift of one input, before any terminal stretch (the inverse of `_inverse_shift`)."""
+    cfg = scheduler.config
+    if cfg.get("use_dynamic_shifting"):
+        if cfg.get("time_shift_type", "exponential") == "linear":
+            return mu / (mu + (1.0 / u - 1.0))
+        return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
+    s = float(cfg.get("shift", 1.0))
+    return s * u / (1.0 + (s - 1.0) * u)
+
+
+def _place(scheduler: Any, target: float, mu: float | None, last_input: np.float32) -> float:
+    """The float32 input the scheduler shifts to float32(target) exactly (or to its nearest value), in a schedule
+    whose last input is `last_input`.
+
+    A `shift_terminal` scheduler (Qwen-Image's: 0.02) stretches the shifted schedule so that its last sigma is the
+    terminal: σ ↦ 1 − (1 − σ)·(1 − terminal)/(1 − σ_last), affine once the last step's σ_last is known. The contract
+    never moves the last step, so every placed input is found against the same stretch (probed with it appended)."""
+    terminal = scheduler.config.get("shift_terminal")
+    pre = target
+    if terminal:
+        pre = 1.0 - (1.0 - target) * (1.0 - _shift(scheduler, float(last_input), mu)) / (1.0 - terminal)
+    u0 = np.float32(_inverse_shift(scheduler, pre, mu))
     cands = [u0]
     up = down = u0
     for _ in range(8):  # a few ulps either side absorb float32 rounding inside the shift
         up, down = np.nextafter(up, np.float32(2)), np.nextafter(down, np.float32(-1))
         cands += [up, down]
     cands = np.array([c for c in cands if 0 < c <= 1], dtype=np.float32)
-    got = _shifted(scheduler, cands, mu)
+    got = _shifted(scheduler, np.append(cands, last_input), mu)[:-1] if terminal else _shifted(scheduler, cands, mu)
     want = float(np.float32(target))
     return float(cands[int(np.argmin(np.abs(got - want)))])
 
@@ -111,13 +133,16 @@ def contract_schedule(
         if t < default[-1]:
             extra.append(t)
             continue
-        i = int(np.argmin(np.abs(default - t)))
+        # A terminal stretch pins the last step at the terminal sigma: only a target equal to it sits there.
+        movable = n - 1 if scheduler.config.get("shift_terminal") and n > 1 and t != default[-1] else n
+        i = int(np.argmin(np.abs(default[:movable] - t)))
         if i in steps.values():
             raise ValueError(
                 f"{n} steps cannot hold the capture sigmas {sorted(targets, reverse=True)} on distinct steps; use more steps"
             )
         steps[t] = i
-        inputs[i] = _place(scheduler, t, mu)
+        if i < n - 1 or not scheduler.config.get("shift_terminal"):
+            inputs[i] = _place(scheduler, t, mu, defaults_in[-1])
 
     final = _shifted(scheduler, inputs, mu)
     if np.any(np.diff(final) >= 0):

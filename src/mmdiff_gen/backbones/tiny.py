@@ -1,4 +1,4 @@
-"""Tiny FLUX- and SD3-architecture pipelines built from configs: word-level tokenizers, random weights, no downloads.
+"""Tiny FLUX.1, FLUX.2, Qwen-Image and SD3 pipelines built from configs: word-level tokenizers, random weights, no downloads.
 
 Used by the tests and benchmarks, and as the skeleton the toy backbone is trained from. The
 pitfalls each choice avoids are in the comments.
@@ -21,22 +21,29 @@ BASIC_WORDS = ("a", "an", "the", "and", "on", "in", "of", "with", "left", "right
                "circle", "square", "triangle", "star", "ring", "cross", "photo", "cat", "dog", "car", "tree")
 
 
-def word_tokenizer(words: Sequence[str], *, model_max_length: int, add_bos: bool):
-    """A PreTrainedTokenizerFast over a fixed word list (lower-cased, whitespace/punctuation split)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+def word_tokenizer(words: Sequence[str], *, model_max_length: int, add_bos: bool, chat: Sequence[str] = ()):
+    """A PreTrainedTokenizerFast over a fixed word list (lower-cased, whitespace/punctuation split).
+
+    `chat`: special tokens of a chat template (Qwen's "<|im_start|>", "<|im_end|>"): then newlines are tokens too and
+    no EOS is appended, as a Qwen2 tokenizer counts a templated prompt (Qwen-Image drops its first 34 tokens)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for w in words:
-        vocab.setdefault(w.lower(), len(vocab))
+    for w in list(chat) + ["\n"] * bool(chat) + list(words):
+        vocab.setdefault(w if w in chat else w.lower(), len(vocab))
     tk = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    single = f"{BOS} $A {EOS}" if add_bos else f"$A {EOS}"
-    tk.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
-    )
+    if chat:  # Whitespace's pattern (words, punctuation runs) plus newlines, kept as tokens
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), behavior="removed", invert=True)
+        tk.add_special_tokens(list(chat))
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        single = f"{BOS} $A {EOS}" if add_bos else f"$A {EOS}"
+        tk.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tk,
         model_max_length=model_max_length,  # without it FluxPipeline overflows
@@ -148,6 +155,65 @@ def build_tiny_flux2(
     )
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
                               is_distilled=distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# The words of QwenImagePipeline's prompt template, so that its system prompt is not all unknown tokens.
+QWEN_TEMPLATE_WORDS = ("system", "describe", "image", "by", "detailing", "color", "shape", "size", "texture",
+                       "quantity", "text", "spatial", "relationships", "objects", "background", "user", "assistant",
+                       ",", ":")
+
+
+def build_tiny_qwenimage(
+    *,
+    words: Sequence[str] = BASIC_WORDS + CONCEPT_WORDS,
+    dim_head: int = 16,
+    heads: int = 2,
+    blocks: int = 4,
+    text_width: int = 32,
+    text_layers: int = 2,
+    latent_channels: int = 8,
+    seed: int = 0,
+):
+    """A QwenImagePipeline with random weights: a tiny Qwen2.5-VL (its vision tower unused) and AutoencoderKLQwenImage.
+
+    The word-level tokenizer keeps newlines and the template's special tokens, so the pipeline's system prompt is
+    exactly the 34 tokens it drops (`prompt_template_encode_start_idx`), as with the real Qwen2 tokenizer. Geometry:
+    the VAE downsamples 4× (two temporal-downsample entries), the transformer patches 2×2, so a 64×64 image has 8×8
+    image tokens. Complex RoPE axes (t, h, w) sum to the head dim.
+    """
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(QWEN_TEMPLATE_WORDS + tuple(words), model_max_length=2048, add_bos=False,
+                         chat=("<|im_start|>", "<|im_end|>"))
+    text = dict(vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width,
+                num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=text_width,
+                  fullatt_block_indexes=[0])
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=latent_channels, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * latent_channels,
+                                 latents_std=[1.0] * latent_channels).eval()
+    axis = dim_head // 4 // 2 * 2  # even RoPE axes (t, h, w) summing to dim_head
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=blocks,
+        attention_head_dim=dim_head, num_attention_heads=heads, joint_attention_dim=text_width,
+        axes_dims_rope=(dim_head - 2 * axis, axis, axis),
+    ).eval()
+    # Qwen/Qwen-Image's scheduler: exponential dynamic shift, every schedule stretched to end at sigma 0.02.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0, shift_terminal=0.02,
+        time_shift_type="exponential", use_dynamic_shifting=True,
+    )
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer)
+    head = pipe.prompt_template_encode[: pipe.prompt_template_encode.index("{}")]
+    if len(tok(head).input_ids) != pipe.prompt_template_encode_start_idx:
+        raise AssertionError("the tiny tokenizer must count the template's system prompt as QwenImagePipeline drops it")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..backbones.base import Backbone
@@ -193,7 +192,8 @@ class CaptureHooks:
                 # has run by then (onloaded under model offload; held on the device under group offload).
                 self._temb, self._temb_args = None, (timestep, kwargs.get("guidance"))
                 if cfg.hold:
-                    self._hold(getattr(self.backbone.transformer, "time_text_embed", None))
+                    for name in self.backbone.CONCEPT_EMBEDDERS:
+                        self._hold(getattr(self.backbone.transformer, name, None))
 
     def _on_call_end(self, _module, _args, _output):
         if self.armed:
@@ -217,6 +217,7 @@ class CaptureHooks:
                 self._scratch["rotary"] = kwargs.get("image_rotary_emb")
                 enc = kwargs.get("encoder_hidden_states")
                 self._scratch["text_len"] = None if enc is None else enc.shape[1]
+                self._scratch["key_mask"] = kwargs.get("encoder_hidden_states_mask")  # Qwen-Image's padding mask
                 if self.config.hold and self._reuses(w):
                     self._hold(block)
         return hook
@@ -281,35 +282,28 @@ class CaptureHooks:
     def _concepts(self, block: nn.Module, idx: int) -> None:
         """The concept stream through one joint block, and its maps if the block is a concept layer."""
         cfg, sc, attn = self.config, self._scratch, block.attn
-        image_keys = _norm(attn.norm_k, _heads(attn, sc["to_k"]))  # (R, N, H, D), not yet rotated
-        n = image_keys.shape[1]
-        rotary = sc["rotary"]
-        img_rot = None if rotary is None else (rotary[0][-n:], rotary[1][-n:])
-        if img_rot is not None:
-            image_keys = apply_rotary_emb(image_keys, img_rot, sequence_dim=1)
+        rotary, rotate = sc["rotary"], self.backbone.rotate
+        image_keys = rotate(_norm(attn.norm_k, _heads(attn, sc["to_k"])), rotary, "image")  # (R, N, H, D)
         if cfg.init is not None:
             if self._temb is None:  # the first joint block: the time embedder has run in this forward
                 timestep, guidance = self._temb_args
                 self._temb = self.backbone.concept_temb(timestep, guidance, cfg.dtype)
             image_values = _heads(attn, sc["to_v"])
-            self._stream, concept_out = concept_block_update(block, self._stream, self._temb, image_keys, image_values)
+            self._stream, concept_out = concept_block_update(block, self._stream, self._temb, image_keys, image_values,
+                                                             lambda x: rotate(x, rotary, "concept"))
             if idx in cfg.concept_layers:
                 self.out[("concepts", idx)] = concept_map(sc["image_out"], concept_out)  # (R, N, K)
         if cfg.cross and idx in cfg.concept_layers:
-            q = _norm(attn.norm_q, _heads(attn, sc["to_q"]))
-            tk = _norm(attn.norm_added_k, _heads(attn, sc["add_k_proj"]))
-            if rotary is not None:
-                q = apply_rotary_emb(q, img_rot, sequence_dim=1)
-                s = tk.shape[1]
-                tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
+            q = rotate(_norm(attn.norm_q, _heads(attn, sc["to_q"])), rotary, "image")
+            tk = rotate(_norm(attn.norm_added_k, _heads(attn, sc["add_k_proj"])), rotary, "text")
             mask = cfg.text_mask
             if mask is not None and mask.shape[0] != q.shape[0]:  # the call also carries other rows
                 mask = mask.repeat(q.shape[0] // mask.shape[0], 1)
-            self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask)  # (R, N)
+            self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask, sc["key_mask"])  # (R, N)
 
     def _text_attention(self, block: nn.Module) -> torch.Tensor:
         """(R, N, S) image→text attention per text token, recomputed from the block's own q and k."""
-        return text_attention(*image_text_qk(block.attn, self._scratch))
+        return text_attention(*image_text_qk(block.attn, self._scratch, self.backbone.rotate), self._scratch["key_mask"])
 
 
 def _eager_when_called_alone(*functions) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 
@@ -27,14 +28,16 @@ def _norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
-def image_text_qk(attn: nn.Module, kept: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_text_qk(attn: nn.Module, kept: dict,
+                  rotate: Callable[[torch.Tensor, object, str], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image queries (B, N, H, D), text keys (B, S, H, D) and image keys (B, N, H, D) of one block — normed and
     rotated as the block attends — from the outputs of its projections.
 
     Args:
         attn: the block's attention module.
         kept: "to_q", "to_k" (and "add_k_proj" for a joint block) outputs; "rotary": the block's
-            `image_rotary_emb` (FLUX, positions [text; image]) or None; "text_len": S of a FLUX single-stream block.
+            `image_rotary_emb` (or None); "text_len": S of a FLUX single-stream block.
+        rotate: the backbone's `Backbone.rotate` (how its family applies `rotary` to text and image tokens).
     """
     q = _norm(attn.norm_q, _heads(attn, kept["to_q"]))
     k = _norm(attn.norm_k, _heads(attn, kept["to_k"]))
@@ -44,12 +47,8 @@ def image_text_qk(attn: nn.Module, kept: dict) -> tuple[torch.Tensor, torch.Tens
         s = kept["text_len"]
         q, tk, k = q[:, s:], k[:, :s], k[:, s:]
     rotary = kept["rotary"]
-    if rotary is not None:
-        s, n = tk.shape[1], q.shape[1]
-        img = (rotary[0][s : s + n], rotary[1][s : s + n])
-        q, k = apply_rotary_emb(q, img, sequence_dim=1), apply_rotary_emb(k, img, sequence_dim=1)
-        tk = apply_rotary_emb(tk, (rotary[0][:s], rotary[1][:s]), sequence_dim=1)
-    return q, tk, k
+    q, k = rotate(q, rotary, "image"), rotate(k, rotary, "image")
+    return q, rotate(tk, rotary, "text"), k
 
 
 def text_logits(image_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
@@ -59,19 +58,28 @@ def text_logits(image_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.T
     return torch.einsum("bnhd,bshd->bns", image_queries.float(), text_keys.float()) / (math.sqrt(d) * image_queries.shape[2])
 
 
-def text_attention(image_queries: torch.Tensor, text_keys: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
+def text_attention(image_queries: torch.Tensor, text_keys: torch.Tensor, image_keys: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N, S) float32: for each image query, the attention probability of each text key, mean over heads.
 
     Args:
         image_queries: (B, N, H, D) after the q norm (and RoPE).
         text_keys: (B, S, H, D) after the added-k norm (and RoPE).
         image_keys: (B, N, H, D) after the k norm (and RoPE).
+        key_mask: (B, S) bool, the text keys the block attends to (Qwen-Image masks the padding of a batch's
+            shorter prompts: `encoder_hidden_states_mask`); None: every one (FLUX, SD3).
     """
     b, n, h, d = image_queries.shape
     s = text_keys.shape[1]
     keys = torch.cat([text_keys, image_keys], dim=1)  # (B, S+N, H, D)
+    bias = None
+    if key_mask is not None:  # −inf on masked text keys, as the block's own attention mask
+        bias = torch.zeros(b, 1, s + n, device=keys.device, dtype=torch.float32)
+        bias[:, 0, :s].masked_fill_(~key_mask.to(keys.device, torch.bool), float("-inf"))
     total = image_queries.new_zeros(b, n, s, dtype=torch.float32)
     for head in range(h):  # one head at a time: (B, N, S+N) stays small at 1024²
-        logits = torch.einsum("bnd,bmd->bnm", image_queries[:, :, head].float(), keys[:, :, head].float())
-        total += (logits / math.sqrt(d)).softmax(dim=-1)[..., :s]
+        logits = torch.einsum("bnd,bmd->bnm", image_queries[:, :, head].float(), keys[:, :, head].float()) / math.sqrt(d)
+        if bias is not None:
+            logits = logits + bias
+        total += logits.softmax(dim=-1)[..., :s]
     return total / h

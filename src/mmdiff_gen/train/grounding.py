@@ -141,8 +141,8 @@ class ExpertTap:
     recomputation in backward stores nothing the forward did not); logits are computed after the call.
     Install it after the LoRA: peft wraps the projections in new modules."""
 
-    def __init__(self, block: torch.nn.Module):
-        self.block, self.kept = block, {}
+    def __init__(self, block: torch.nn.Module, rotate):
+        self.block, self.rotate, self.kept = block, rotate, {}
         attn = block.attn
         self.handles = [block.register_forward_pre_hook(self._pre, with_kwargs=True)]
         self.handles += [getattr(attn, n).register_forward_hook(self._keep(n)) for n in ("to_q", "to_k", "add_k_proj")
@@ -164,7 +164,7 @@ class ExpertTap:
 
     def logits(self) -> torch.Tensor:
         """(B, N, S) pre-softmax image→text logits of the last call, mean over heads."""
-        q, tk, _ = image_text_qk(self.block.attn, self.kept)
+        q, tk, _ = image_text_qk(self.block.attn, self.kept, self.rotate)
         return text_logits(q, tk)
 
     def remove(self) -> None:
@@ -201,7 +201,7 @@ class GroundingLoss:
             cond = bb.encode_prompts(captions, s["max_sequence_length"])
         inputs = bb.transformer_inputs(latents, sigma, cond, s["guidance_scale"], height, width)
         if self.tap is None:  # at the first call: after the LoRA wrapped the projections
-            self.tap = ExpertTap(bb.attention_blocks[self.layer])
+            self.tap = ExpertTap(bb.attention_blocks[self.layer], bb.rotate)
         self.tap.start()
         pred = bb.transformer(**inputs)[0]
         logits = self.tap.logits()  # (B, N, S) pre-softmax, mean over heads
