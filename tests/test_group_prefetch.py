@@ -21,17 +21,18 @@ import pytest
 import torch
 from diffusers.hooks import group_offloading as go
 
+from _families import FAMILIES
 from mmdiff_gen.backbones import wrap_pipeline
-from mmdiff_gen.backbones.tiny import build_tiny_flux
 from mmdiff_gen.capture import CaptureSpec, extract, generate
 
 PROMPTS = ["a red circle on the left", "a small blue star"]
 SEEDS = [0, 1]
-KW = dict(height=64, width=64, num_inference_steps=6, max_sequence_length=32, output_type="np")
-# Concepts through both double blocks, cross-attention, a text-attention tap on a single block: every layer capture
-# calls itself.
-SPEC = CaptureSpec(concepts=("object", "background"), cross_attention=True, layers=(0, 3), text_attention_layers=(3,),
-                   store_dtype="float32")
+KW = dict(height=64, width=64, num_inference_steps=6, max_sequence_length=16, output_type="np")
+# Concepts through the last joint blocks, cross-attention, a text-attention tap on the last attention block (FLUX.1:
+# a single-stream block): every layer capture calls itself, in every family (with its own guidance).
+def _spec(bb) -> CaptureSpec:
+    return CaptureSpec(concepts=("object", "background"), cross_attention=True, layers=(0, 3),
+                       text_attention_layers=(len(bb.attention_blocks) - 1,), store_dtype="float32")
 IMAGES = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 MAPS = ("features", "concept_maps", "cross_attention", "text_attention", "sigmas")
 
@@ -140,59 +141,63 @@ class StreamedOffload:
         return out
 
 
-def _forward_order(transformer) -> list[str]:
-    """The layers with weights of a plain forward (no capture) of a resident copy, in the order they run."""
+def _forward_order(bb) -> list[str]:
+    """The layers with weights or buffers (SD3's positional table) of a plain forward (no capture) of a resident
+    copy, in the order they run."""
     order, handles = [], []
-    for name, m in transformer.named_modules():
-        if name and list(m.parameters(recurse=False)):
+    for name, m in bb.transformer.named_modules():
+        if name and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))):
             handles.append(m.register_forward_pre_hook(lambda *_, n=name: order.append(n)))
-    inputs = dict(hidden_states=torch.zeros(1, 64, 64), encoder_hidden_states=torch.zeros(1, 32, 32),
-                  pooled_projections=torch.zeros(1, 32), timestep=torch.full((1,), 0.5), guidance=torch.ones(1),
-                  img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(32, 3), return_dict=False)
+    x0 = bb.encode_images(torch.zeros(1, 3, 64, 64))
+    inputs = bb.transformer_inputs(x0, torch.full((1,), 0.5), bb.encode_prompts(PROMPTS[:1], 16), 3.5, 64, 64)
     with torch.no_grad():
-        transformer(**inputs)
+        bb.transformer(**inputs)
     for h in handles:
         h.remove()
     return order
 
 
-@pytest.fixture(scope="module")
-def reference():
-    bb = wrap_pipeline(build_tiny_flux(seed=0), name="tiny")
-    return generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW), extract(bb, IMAGES, SPEC, captions=PROMPTS), \
-        _forward_order(bb.transformer)
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def reference(request):
+    f = FAMILIES[request.param]
+    bb = wrap_pipeline(f.build(), name=f.name)
+    kw, spec = {**KW, **f.cfg}, _spec(bb)
+    return f, kw, generate(bb, PROMPTS, spec, seeds=SEEDS, **kw), extract(bb, IMAGES, spec, captions=PROMPTS), \
+        _forward_order(bb)
 
 
 def _identical(gen, real, ref):
     if gen is not None:
-        assert np.array_equal(gen.images, ref[0].images)
+        assert np.array_equal(gen.images, ref[2].images)
         for name in MAPS:
-            assert torch.equal(getattr(gen.capture, name), getattr(ref[0].capture, name)), name
+            assert torch.equal(getattr(gen.capture, name), getattr(ref[2].capture, name)), name
     if real is not None:
         for name in MAPS:
-            assert torch.equal(getattr(real, name), getattr(ref[1], name)), name
+            assert torch.equal(getattr(real, name), getattr(ref[3], name)), name
 
 
 @pytest.mark.parametrize("first", ["generate", "extract"])
 def test_every_call_loads_each_layer_once_through_the_prefetch_chain(monkeypatch, reference, first):
-    pipe = build_tiny_flux(seed=0)
+    f, kw = reference[:2]
+    pipe = f.build()
     spy = StreamedOffload(monkeypatch, pipe.transformer)
-    bb = wrap_pipeline(pipe, name="tiny")
+    bb = wrap_pipeline(pipe, name=f.name)
+    spec = _spec(bb)
     armed = []
     bb.transformer.register_forward_pre_hook(lambda *_: armed.append(bb._capture_hooks.armed))
     gen = real = None
     if first == "extract":  # the order is recorded in an armed call, the concept stream running in it
-        real = extract(bb, IMAGES, SPEC, captions=PROMPTS)
+        real = extract(bb, IMAGES, spec, captions=PROMPTS)
         _identical(None, real, reference)
-    gen = generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW)  # (first: unarmed; the concept tokens encoded before it)
+    gen = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)  # (first: unarmed; the concept tokens encoded before it)
     _identical(gen, None, reference)
     if first == "generate":
-        _identical(generate(bb, PROMPTS, SPEC, seeds=SEEDS, **KW), extract(bb, IMAGES, SPEC, captions=PROMPTS),
+        _identical(generate(bb, PROMPTS, spec, seeds=SEEDS, **kw), extract(bb, IMAGES, spec, captions=PROMPTS),
                    reference)
 
     # The chain is the transformer's own forward: each layer once, in the order it runs (the concept stream's
     # layers where the block runs them), nothing capture calls outside it.
-    assert spy.chain() == reference[2]
+    assert spy.chain() == reference[4]
     assert sorted(spy.chain()) == spy.layers
     # After the first call: every call, armed or not, loads each layer exactly once, all by the chain.
     assert len(spy.calls) == len(armed) and sum(armed) >= 5 and not all(armed[1:])

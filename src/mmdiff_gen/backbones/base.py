@@ -88,6 +88,8 @@ class Backbone(ABC):
 
     #: Whether the family's activations fit float16 (FLUX's do not).
     FLOAT16_OK = True
+    #: Text tokens a FLOP count assumes where the family does not pad its text to `max_sequence_length` (None: it does).
+    FLOP_TEXT_TOKENS: int | None = None
 
     @property
     @abstractmethod

@@ -333,7 +333,9 @@ def compile_backbone(backbone: Backbone, mode: str = "blocks", torch_mode: str |
 
     Args:
         mode: "blocks" (diffusers' `compile_repeated_blocks`: each block class compiled once, a fast
-            warm-up) or "transformer" (the whole forward as one graph).
+            warm-up; refused for a transformer that declares no repeated blocks, as SD3's, whose blocks differ
+            from each other: dual attention, the last one's `context_pre_only`) or "transformer" (the whole
+            forward as one graph).
         torch_mode: torch.compile's own `mode` ("default", "max-autotune-no-cudagraphs"; None: torch's default).
         compile_kwargs: passed to torch.compile (backend, dynamic, options…). fullgraph defaults to True for a
             resident transformer stored in full precision or torchao int8 (armed calls never break the graph),
@@ -353,11 +355,14 @@ def compile_backbone(backbone: Backbone, mode: str = "blocks", torch_mode: str |
                          "'max-autotune-no-cudagraphs'")
     if torch_mode is not None:
         compile_kwargs["mode"] = torch_mode
+    tr = backbone.transformer
+    if mode == "blocks" and not getattr(tr, "_repeated_blocks", None):
+        raise ValueError(f"{type(tr).__name__} declares no repeated blocks to compile one by one: use compile mode "
+                         "'transformer'")
     runtime = describe(backbone.pipe)
     check_compilable(runtime["offload"])
     prepare(backbone)
     compile_kwargs.setdefault("fullgraph", runtime["offload"] == "none" and runtime["storage"] in ("full", "int8"))
-    tr = backbone.transformer
     if mode == "blocks":
         tr.compile_repeated_blocks(**compile_kwargs)
     else:
