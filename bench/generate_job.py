@@ -222,29 +222,16 @@ def memory(heads: str, sizes: list[int], steps: int | None = None) -> dict:
 
 
 def flux_flops() -> dict:
-    """FLOPs of FLUX.1-dev's transformer at 1024² (28 steps + 1 extra forward) vs the three heads at FLUX widths, and
-    vs one unified head serving all three (one aggregation, a decoder per task: MMDiff App. C)."""
+    """FLOPs of FLUX.1-dev's transformer at 1024² (28 steps + 1 extra forward, text padded to 512) vs the three heads at
+    FLUX widths, and vs one unified head serving all three (one aggregation, a decoder per task: MMDiff App. C)."""
     from mmdiff_gen.backbones import FluxBackbone
-    from mmdiff_gen.backbones.flops import config_backbone, count_flops, forward_flops
+    from mmdiff_gen.backbones.flops import config_backbone
     from mmdiff_gen.backbones.flux import FLUX_DEV
-    from mmdiff_gen.tasks import get as get_task
-    from mmdiff_gen.heads.model import HeadConfig, MMDiffHead
+    from mmdiff_gen.jobs.cost import generation_cost
 
-    n_img, grid = 4096, (64, 64)  # 1024² → 64×64 tokens; FLUX.1-dev pads text to 512
     flux = config_backbone(FluxBackbone, "FluxTransformer2DModel", FLUX_DEV, vae_scale_factor=8, name="FLUX.1-dev")
-    per_forward = forward_flops(flux, rows=1, height=1024, width=1024, text_tokens=512)
-    heads = {}
-    union = list(dict.fromkeys(w for t in TASKS for w in get_task(t).concepts))  # the unified head reads all 10
-    with torch.device("meta"):
-        for tasks, k in [((t,), len(get_task(t).concepts)) for t in TASKS] + [(tuple(TASKS), len(union))]:
-            head = MMDiffHead(HeadConfig(tasks=tasks, feature_dim=3072, num_layers=4, num_timesteps=4, num_concepts=k,
-                                         num_classes=21 if "seg" in tasks else 1))
-            feats, concepts = torch.empty(1, 4, 4, n_img, 3072), torch.empty(1, k, *grid)
-            heads["+".join(tasks)] = count_flops(lambda: head(feats, grid, (1024, 1024), concepts=concepts))
-    generation = 29 * per_forward  # 28 steps (distilled guidance: one call each) + the σ = 0.001 forward
-    single = sum(heads[t] for t in TASKS)
-    return {"transformer_forward": per_forward, "generation": generation, "heads": heads,
-            "heads_share": single / generation, "unified_share": heads["+".join(TASKS)] / generation}
+    # Guidance-distilled: one call per step.
+    return generation_cost(flux, size=1024, steps=28, rows_per_step=1, text_tokens=512, tasks=tuple(TASKS))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -309,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{v['gpu_s']:.2f} s of 'GPU')" for k, v in w1024.items()))
 
     fl = flux_flops()
-    print(f"(e) FLUX.1-dev 1024², 28 steps + 1: transformer {fl['generation'] / 1e15:.1f} PFLOP; heads "
+    print(f"(e) FLUX.1-dev 1024², 28 steps + 1: transformer {fl['generation'] / 1e15:.2f} PFLOP; heads "
           + ", ".join(f"{k} {v / 1e12:.2f} TFLOP" for k, v in fl["heads"].items())
           + f" → three heads' share {fl['heads_share'] * 100:.2f}% (goal ≤ 1%), one unified head's "
           f"{fl['unified_share'] * 100:.2f}%")

@@ -166,3 +166,11 @@ def test_ray_engine_smoke(tmp_path):
     rows = res["arithmetic"]["gpus"]
     assert set(rows) == {8, 64, 512} and all(0 <= r["driver_gap_share"] < 1 for r in rows.values())
     assert (tmp_path / "ray.json").is_file()
+
+
+def test_families_smoke(tmp_path):
+    res = bench("families").main(["--smoke", "--json", str(tmp_path / "families.json")])
+    assert set(res) == {"FLUX.2-dev", "Qwen-Image"}
+    for r in res.values():
+        s = r["sizes"][512]
+        assert s["tokens"] == 1024 and s["extra_forwards"] == 1 and 0 < s["heads_share"] < 0.01

@@ -152,6 +152,20 @@ class MMDiffHead(nn.Module):
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def head_flops(config: HeadConfig, grid: tuple[int, int], size: tuple[int, int]) -> int:
+    """FLOPs of one forward of a head built from `config` on one image's features (L, T, N, C) and side maps on a
+    `grid` of tokens, outputs at `size`: counted on the meta device (no weights, no memory, any backbone's width)."""
+    from ..backbones.flops import count_flops
+
+    with torch.device("meta"):
+        head = MMDiffHead(config)
+        feats = torch.empty(1, config.num_layers, config.num_timesteps, grid[0] * grid[1], config.feature_dim)
+        side = torch.empty(1, config.num_concepts, *grid) if config.num_concepts else None
+        extra = torch.empty(1, config.extra_channels, *grid) if config.extra_channels else None
+    with torch.no_grad():
+        return count_flops(lambda: head(feats, grid, size, concepts=side, extra=extra))
+
+
 def head_precision(device: str | torch.device, precision: str = "auto"):
     """The context heads run in: bfloat16 autocast or plain float32.
 

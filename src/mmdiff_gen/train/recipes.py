@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..backbones.base import Backbone
-from ..backbones.flops import count_flops, forward_flops
-from ..heads.model import MMDiffHead
+from ..backbones.flops import forward_flops
+from ..heads.model import head_flops
 from ..tasks import canonical, class_task
 from ..tasks import get as get_task
 from .feature_cache import dataset_spec
@@ -151,14 +150,10 @@ def per_image(backbone: Backbone, recipe: Recipe, *, labels: Mapping[str, np.nda
     cfg = recipe.train_config()
     hc = head_config(cfg, feature_dim=c, num_layers=layers, num_timesteps=t, num_side=k,
                      num_classes=num_classes if class_task(recipe.tasks) else 1, grid=grid)
-    with torch.device("meta"):
-        head = MMDiffHead(hc)
-        feats, maps = torch.empty(1, layers, t, n, c), torch.empty(1, k, *grid)
-    with torch.no_grad():
-        head_flops = count_flops(lambda: head(feats, grid, (size, size), concepts=maps))
     label_bytes = sum(np.asarray(v).astype(get_task(name).label_dtype).nbytes for name, v in labels.items()
                       if get_task(name).trained)
-    return PerImage(forward_flops=forward_flops(backbone, rows=t, height=size, width=size), head_flops=head_flops,
+    return PerImage(forward_flops=forward_flops(backbone, rows=t, height=size, width=size),
+                    head_flops=head_flops(hc, grid, (size, size)),
                     features=(layers, t, n, c), other_bytes=t * k * n * 4 + label_bytes + 8)  # + int64 index
 
 
