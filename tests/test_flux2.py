@@ -83,3 +83,16 @@ def test_flux2_dev_on_meta_defaults_and_refusals():
     assert (dev.sampling_kwargs()["num_inference_steps"], dev.sampling_kwargs()["guidance_scale"]) == (50, 4.0)
     with pytest.raises(ValueError, match=r"FLUX.2 \[dev\]: concept tokens"):
         dev.encode_concepts(("object",))
+
+
+def test_inspect_reads_a_distilled_klein_at_its_own_sigma(klein, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmdiff_gen.cli import app
+
+    klein.pipe.save_pretrained(tmp_path / "klein")
+    res = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path / "klein"), "--size", "64"])
+    assert res.exit_code == 0, res.output
+    assert "4 sampler steps + 1 extra" in res.output and "0.78" not in res.output
+    res = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path / "klein"), "--size", "64", "--sigmas", "0.5,0.2"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "never samples below" in res.output, res.output

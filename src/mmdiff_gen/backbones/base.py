@@ -337,6 +337,12 @@ class Backbone(ABC):
             cfg.get("max_shift", self.MAX_SHIFT_DEFAULT),
         )
 
+    @property
+    def default_sigmas(self) -> tuple[float, ...] | None:
+        """The capture sigmas this backbone is meant to be read at, where they are not the paper's (None: CaptureSpec's
+        default, the paper's (0.78, 0.52, 0.26, 0.001))."""
+        return None
+
     def check_schedule(self, schedule: Any) -> None:
         """Refuse, in one line, a contract schedule (backbones.schedule) this family should not run. Any by default."""
 

@@ -49,19 +49,20 @@ def inspect(
     model: Model = "toy",
     size: Annotated[int | None, typer.Option(help="Image side in pixels [backbone's recommendation, else 512].")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps [backbone's recommendation, else 28].")] = None,
-    sigmas: Annotated[str, typer.Option(help="Target sigmas, comma-separated.")] = "0.78,0.52,0.26,0.001",
+    sigmas: Annotated[str | None, typer.Option(help="Target sigmas, comma-separated [the backbone's: the paper's "
+                                                    "0.78,0.52,0.26,0.001; FLUX.2 [klein] distilled 0.001].")] = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
 ) -> None:
     """Show a backbone's capture geometry and the schedule that honours the target sigmas."""
-    targets = _sigmas(sigmas)
+    targets = None if sigmas is None else _sigmas(sigmas)
     dev = resolve_device(device)
     from ..backbones import load_backbone
     from ..capture import CaptureSpec, plan_schedule
 
     with clean_errors():
-        spec = CaptureSpec(sigmas=targets)
         bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
+        spec = CaptureSpec(sigmas=targets or bb.default_sigmas or CaptureSpec().sigmas)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps)
         size, steps = kw["height"], kw["num_inference_steps"]
         plan = plan_schedule(bb, spec, steps, size, size)
