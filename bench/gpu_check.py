@@ -23,7 +23,11 @@ Rows, in order, so that the figures users need come first when the budget runs o
    then `offload="model"` and `"group"`; `storage="fp8"` and `"int8"`; compiled by blocks, by blocks over group
    offload, by blocks over fp8 storage, as a whole transformer (inductor); `offload="sequential"` last (one
    timed batch: its every forward streams all weights).
-2. The toy backbone (64×64, 24 steps, true CFG 5, batch 16, its shipped heads' capture spec): plain, capture on
+2. 1024² FLUX.2 and Qwen-Image architectures (random weights: FLUX.2 [dev]'s width 6 144 in 1 double + 2 single
+   blocks, [klein] base sampling with CFG 4 as a second call; Qwen-Image's width 3 072 in 4 dual-stream blocks,
+   true CFG 4 as a second call; 28 steps, batch 2): plain, capture on the CPU and on the GPU, leaf-level group
+   offload, compiled by blocks.
+3. The toy backbone (64×64, 24 steps, true CFG 5, batch 16, its shipped heads' capture spec): plain, capture on
    the CPU and on the GPU, compiled by blocks and as a whole transformer.
 
 Every row after the plain call captures with `store_device="cpu"` unless it says otherwise.
@@ -73,7 +77,7 @@ try:  # failures here are the pre-flight's to report, in its one line: main() sp
     from mmdiff_gen.backbones import load_backbone, wrap_pipeline
     from mmdiff_gen.backbones.loading import DEFAULT_HEADS
     from mmdiff_gen.backbones.runtime import apply_runtime
-    from mmdiff_gen.backbones.tiny import build_tiny_flux
+    from mmdiff_gen.backbones.tiny import build_tiny_flux, build_tiny_flux2, build_tiny_qwenimage
     from mmdiff_gen.capture import CaptureSpec, compile_backbone, compiled_graphs, extract, generate, plan_schedule
     from mmdiff_gen.capture._noise import generators_for
     from mmdiff_gen.jobs.annotate import Annotator, head_files
@@ -284,19 +288,21 @@ VARIANTS: dict[str, Variant] = {
     "offload sequential": Variant('`offload="sequential"` (1 timed batch)', offload="sequential", repeats=1,
                                   slowdown=15.0, cuda_only="accelerate's sequential offload cannot onload to the CPU"),
 }
-CASE_ROWS = {"flux1024": tuple(VARIANTS),
+FAMILY_ROWS = ("plain", "capture cpu", "capture gpu", "offload group", "compile blocks")
+CASE_ROWS = {"flux1024": tuple(VARIANTS), "flux2_1024": FAMILY_ROWS, "qwen1024": FAMILY_ROWS,
              "toy": ("plain", "capture cpu", "capture gpu", "compile blocks", "compile transformer")}
 # --smoke: each kind of row once, in the same order (the combinations of compile with offload or fp8, and the toy's
 # compiles, are tests/test_compile.py's), so the CPU run takes seconds.
 SMOKE_ROWS = {"flux1024": tuple(k for k in CASE_ROWS["flux1024"]
                                 if k == "compile blocks" or not k.startswith("compile")),
+              "flux2_1024": ("plain", "capture cpu"), "qwen1024": ("plain", "capture cpu"),
               "toy": ("plain", "capture cpu")}
-CASES = ("flux1024", "toy")  # in this order
+CASES = ("flux1024", "flux2_1024", "qwen1024", "toy")  # in this order
+NAMES = {"flux1024": "FLUX arch", "flux2_1024": "FLUX.2 arch", "qwen1024": "Qwen-Image arch", "toy": "toy"}
 
 
 def case_name(key: str, smoke: bool) -> str:
-    return {"flux1024": "FLUX arch 1024²", "toy": "toy"}[key] if not smoke else {"flux1024": "FLUX arch (smoke)",
-                                                                                "toy": "toy (smoke)"}[key]
+    return NAMES[key] + (" (smoke)" if smoke else "" if key == "toy" else " 1024²")
 
 
 # The 1024² backbone: FLUX.1-dev's geometry (8× VAE, 2×2 packing → 64×64 = 4 096 image tokens, 512 text tokens,
@@ -385,6 +391,43 @@ def flux_1024_case(dtype, device: str, smoke: bool, batch: int, steps: int, bloc
     return Case("flux1024", name, about, build, spec, kw, prompts, _images(batch, size))
 
 
+def family_case(key: str, dtype, device: str, smoke: bool, batch: int, steps: int) -> Case:
+    """FLUX.2 or Qwen-Image at 1024² from a tiny builder at the released width, few blocks, random weights."""
+    if key == "flux2_1024":
+        arch = (dict(double_blocks=1, single_blocks=1, text_layers=28) if smoke else
+                dict(dim_head=128, heads=48, double_blocks=1, single_blocks=2, text_width=64,
+                     vae_channels=(32, 64, 128, 128), latent_channels=32))
+        base, guidance = build_tiny_flux2(seed=0, distilled=False, **arch), dict(guidance_scale=4.0)
+        text = 512  # the FLUX.2 pipelines pad the text to max_sequence_length
+    else:
+        arch = (dict(blocks=1) if smoke else
+                dict(dim_head=128, heads=24, blocks=4, text_width=256, latent_channels=16, vae_downsamples=3))
+        base, guidance = build_tiny_qwenimage(seed=0, **arch), dict(true_cfg_scale=4.0, negative_prompt="")
+        text = 64  # Qwen-Image's text is the prompt's own tokens
+    if dtype != torch.float32:
+        base.to(dtype=dtype)
+
+    def build(offload: str, storage: str):
+        pipe = copy.deepcopy(base)
+        apply_runtime(pipe, offload=offload, storage=storage, dtype=dtype, device=device)
+        return wrap_pipeline(pipe, key)
+
+    size = 64 if smoke else 1024
+    kw = dict(height=size, width=size, num_inference_steps=2 if smoke else steps, max_sequence_length=text, **guidance)
+    # --smoke: 2 steps cannot hold the paper's sigmas under FLUX.2's shift; one extra forward shows the plumbing.
+    spec = CaptureSpec(concepts=get_task("seg").concepts, **(dict(layers=(0,), sigmas=(0.001,)) if smoke else {}))
+    bb = wrap_pipeline(base, key)
+    params = sum(p.numel() for p in bb.transformer.parameters())
+    tokens, feat = _geometry(bb, spec, size, size, bb.feature_dim)
+    name = case_name(key, smoke)
+    about = (f"{name}: random weights from a config; {size}×{size} ({tokens} image tokens), width {bb.feature_dim}, "
+             f"{len(bb.joint_blocks)} joint / {len(bb.feature_blocks)} feature blocks ({params / 1e9:.2f} B "
+             f"transformer parameters), {kw['num_inference_steps']} steps, {guidance}, batch {batch}; capture: sigmas "
+             f"{spec.sigmas}, seg concepts, {feat / 2**20:.3g} MiB of features per image")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    return Case(key, name, about, build, spec, kw, prompts, _images(batch, size))
+
+
 def toy_case(dtype, device: str, smoke: bool, batch: int, steps: int, blocks: tuple[int, int]) -> Case:
     def build(offload: str, storage: str):
         return load_backbone("toy", dtype=dtype, device=device, offload=offload, storage=storage)
@@ -400,7 +443,9 @@ def toy_case(dtype, device: str, smoke: bool, batch: int, steps: int, blocks: tu
     return Case("toy", name, about, build, spec, kw, prompts, _images(b, kw["height"]))
 
 
-MAKERS = {"flux1024": flux_1024_case, "toy": toy_case}
+MAKERS = {"flux1024": flux_1024_case, "toy": toy_case,
+          **{key: (lambda dtype, device, smoke, batch, steps, blocks, key=key:
+                   family_case(key, dtype, device, smoke, batch, steps)) for key in ("flux2_1024", "qwen1024")}}
 
 
 def sync(device: str) -> None:

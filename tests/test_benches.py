@@ -85,7 +85,9 @@ def test_gpu_check_smoke_on_cpu(tmp_path, monkeypatch, capsys, one_thread):
     assert plan == [("flux1024", v) for v in FLUX_ORDER] + [
         ("toy", v) for v in ("plain", "capture cpu", "capture gpu", "compile blocks", "compile transformer")]
     ran = [(r.case, r.variant) for r in rows]  # --smoke: each kind of row once, in that order
-    assert ran == [p for p in plan if p in ran] and len(ran) == 12
+    families = [(c, v) for c in ("flux2_1024", "qwen1024") for v in ("plain", "capture cpu")]
+    assert [p for p in ran if p not in families] == [p for p in plan if p in ran] and len(ran) == 12 + 4
+    assert ran[-6:-2] == families  # after FLUX's rows, before the toy's
     assert {v for _, v in ran} == set(FLUX_ORDER) - {"compile blocks + offload group", "compile blocks + fp8 storage",
                                                      "compile transformer"}
     status = {(r.case, r.variant): r.status for r in rows}
@@ -98,6 +100,8 @@ def test_gpu_check_smoke_on_cpu(tmp_path, monkeypatch, capsys, one_thread):
         "ref": "features", "images": 0.0}  # capture changes no pixel
     for v in ("capture gpu", "offload model", "offload group", "compile blocks"):  # aot_eager: exact
         assert diff[("flux1024", v)] == {"images": 0.0, "features": 0.0}, v
+    for c, _ in families[1::2]:  # FLUX.2 and Qwen-Image: capture changes no pixel either
+        assert diff[(c, "capture cpu")] == {"ref": "features", "images": 0.0}, c
     assert 0 < diff[("flux1024", "fp8 storage")]["images"] < 0.1 and diff[("flux1024", "fp8 storage")]["psnr"] > 30
     assert all(r.graphs > 0 for r in rows if r.variant.startswith("compile"))
     md = (tmp_path / "gpu_check.md").read_text()

@@ -174,14 +174,15 @@ def build_tiny_qwenimage(
     text_width: int = 32,
     text_layers: int = 2,
     latent_channels: int = 8,
+    vae_downsamples: int = 2,
     seed: int = 0,
 ):
     """A QwenImagePipeline with random weights: a tiny Qwen2.5-VL (its vision tower unused) and AutoencoderKLQwenImage.
 
     The word-level tokenizer keeps newlines and the template's special tokens, so the pipeline's system prompt is
     exactly the 34 tokens it drops (`prompt_template_encode_start_idx`), as with the real Qwen2 tokenizer. Geometry:
-    the VAE downsamples 4× (two temporal-downsample entries), the transformer patches 2×2, so a 64×64 image has 8×8
-    image tokens. Complex RoPE axes (t, h, w) sum to the head dim.
+    the VAE downsamples 2^`vae_downsamples` (4× by default; Qwen-Image's 8× is 3), the transformer patches 2×2, so a
+    64×64 image has 8×8 image tokens. Complex RoPE axes (t, h, w) sum to the head dim.
     """
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -196,8 +197,9 @@ def build_tiny_qwenimage(
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=text_width,
                   fullatt_block_indexes=[0])
     qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
-    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=latent_channels, dim_mult=[1, 2, 2], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * latent_channels,
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=latent_channels, dim_mult=[1] + [2] * vae_downsamples,
+                                 num_res_blocks=1, temperal_downsample=[False] + [True] * (vae_downsamples - 1),
+                                 latents_mean=[0.0] * latent_channels,
                                  latents_std=[1.0] * latent_channels).eval()
     axis = dim_head // 4 // 2 * 2  # even RoPE axes (t, h, w) summing to dim_head
     transformer = QwenImageTransformer2DModel(
