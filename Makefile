@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/storage_agreement.py
 	$(BIN)/python bench/compact_cache.py
 	$(BIN)/python bench/ray_engine.py
+	$(BIN)/python bench/families.py
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(BIN)/python bench/gpu_check.py; else echo "bench/gpu_check.py: no CUDA device here, skipped"; fi
 

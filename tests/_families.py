@@ -15,7 +15,7 @@ probabilities, mean over heads}; FLUX.1's also the stock outputs "x" and "t".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -184,19 +184,25 @@ class Family:
     concept_layers: tuple[int, ...]  # the joint blocks whose maps the reference test reads
     reference: Callable
     pipeline: str = ""  # model_index.json's _class_name
-    extra: dict = field(default_factory=dict)
+    # The token ids of the text sequence the transformer receives for a prompt (where openseg reads a class's columns),
+    # as the pipeline tokenizes it; None: the family has no per-word grounding.
+    text_ids: Callable | None = None
 
 
 FAMILIES = {
     "flux": Family("flux", FluxBackbone, lambda: build_tiny_flux(seed=0), dict(true_cfg_scale=3.0, negative_prompt=""),
-                   2, 1.0, (0, 1), flux_reference, "FluxPipeline"),
+                   2, 1.0, (0, 1), flux_reference, "FluxPipeline",
+                   lambda pipe, p: pipe.tokenizer_2(p).input_ids),  # T5's tokens open the text (no BOS)
     "sd3": Family("sd3", SD3Backbone, lambda: build_tiny_sd3(seed=0, qk_norm="rms_norm", dual_attention_layers=(0,)),
-                  dict(guidance_scale=4.0), 1, 1000.0, (2, 3), sd3_reference, "StableDiffusion3Pipeline"),
+                  dict(guidance_scale=4.0), 1, 1000.0, (2, 3), sd3_reference, "StableDiffusion3Pipeline",
+                  lambda pipe, p: pipe.tokenizer(p).input_ids),  # CLIP-L's 77 open the joint context
     "flux2": Family("flux2", Flux2Backbone, lambda: build_tiny_flux2(seed=0, distilled=False), dict(guidance_scale=3.0),
                     2, 1.0, (0, 1), flux2_reference, "Flux2KleinPipeline"),
     "qwenimage": Family("qwenimage", QwenImageBackbone, lambda: build_tiny_qwenimage(seed=0),
                         dict(true_cfg_scale=4.0, negative_prompt=""), 2, 1.0, (2, 3), qwenimage_reference,
-                        "QwenImagePipeline"),
+                        "QwenImagePipeline",  # the templated prompt, its system prompt dropped
+                        lambda pipe, p: pipe.tokenizer(pipe.prompt_template_encode.format(p)).input_ids[
+                            pipe.prompt_template_encode_start_idx:]),
 }
 
 

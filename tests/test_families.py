@@ -124,6 +124,20 @@ def test_concept_and_text_attention_maps_equal_the_reference_block(fam):
     torch.testing.assert_close(res.concept_maps[:, 0], maps.transpose(1, 2), atol=1e-5, rtol=1e-4)
 
 
+def test_openseg_finds_each_class_word_among_the_text_tokens_the_transformer_sees(fam):
+    f, bb = fam
+    prompt = "a small blue star and two red circles"
+    if f.text_ids is None:
+        with pytest.raises(ValueError, match="per-word grounding"):
+            bb.class_token_positions([prompt], ["background", "star"])
+        return
+    (found,) = bb.class_token_positions([prompt], ["background", "star", "circle", "dog"])
+    ids, tok = f.text_ids(bb.pipe, prompt), bb.grounding_tokenizer()[0]
+    assert set(found) == {1, 2}  # "dog" is not named; the plural "circles" is the circle's
+    for c, word in ((1, "star"), (2, "circles")):
+        assert [ids[p] for p in found[c]] == tok(word, add_special_tokens=False).input_ids
+
+
 def test_heads_train_on_its_features_and_annotate_a_generate_job(fam, tmp_path):
     """Cache → train → load → generate job: the FLUX head path unchanged, with the family's guidance."""
     from mmdiff_gen.io.dataset import GeneratedDataset
