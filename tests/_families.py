@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
 from mmdiff_gen.backbones import Flux2Backbone, FluxBackbone, QwenImageBackbone, SD3Backbone
 from mmdiff_gen.backbones.tiny import build_tiny_flux, build_tiny_flux2, build_tiny_qwenimage, build_tiny_sd3
@@ -175,7 +176,8 @@ class Family:
     """One family as the contract tests run it: a tiny pipeline (64×64 images = 8×8 image tokens), its guidance
     as its pipeline runs it, and its reference block."""
 
-    name: str
+    name: str  # the test id
+    family: str  # what the adapter records (`Backbone.family`)
     adapter: type
     build: Callable
     cfg: dict  # sampling kwargs that turn its classifier-free guidance on
@@ -185,20 +187,28 @@ class Family:
     reference: Callable
     pipeline: str = ""  # model_index.json's _class_name
     # The token ids of the text sequence the transformer receives for a prompt (where openseg reads a class's columns),
-    # as the pipeline tokenizes it; None: the family has no per-word grounding.
+    # as the pipeline tokenizes it.
     text_ids: Callable | None = None
 
 
 FAMILIES = {
-    "flux": Family("flux", FluxBackbone, lambda: build_tiny_flux(seed=0), dict(true_cfg_scale=3.0, negative_prompt=""),
+    "flux": Family("flux", "flux", FluxBackbone, lambda: build_tiny_flux(seed=0), dict(true_cfg_scale=3.0, negative_prompt=""),
                    2, 1.0, (0, 1), flux_reference, "FluxPipeline",
                    lambda pipe, p: pipe.tokenizer_2(p).input_ids),  # T5's tokens open the text (no BOS)
-    "sd3": Family("sd3", SD3Backbone, lambda: build_tiny_sd3(seed=0, qk_norm="rms_norm", dual_attention_layers=(0,)),
+    "sd3": Family("sd3", "sd3", SD3Backbone, lambda: build_tiny_sd3(seed=0, qk_norm="rms_norm", dual_attention_layers=(0,)),
                   dict(guidance_scale=4.0), 1, 1000.0, (2, 3), sd3_reference, "StableDiffusion3Pipeline",
                   lambda pipe, p: pipe.tokenizer(p).input_ids),  # CLIP-L's 77 open the joint context
-    "flux2": Family("flux2", Flux2Backbone, lambda: build_tiny_flux2(seed=0, distilled=False), dict(guidance_scale=3.0),
-                    2, 1.0, (0, 1), flux2_reference, "Flux2KleinPipeline"),
-    "qwenimage": Family("qwenimage", QwenImageBackbone, lambda: build_tiny_qwenimage(seed=0),
+    "flux2": Family("flux2", "flux2", Flux2Backbone, lambda: build_tiny_flux2(seed=0, distilled=False),
+                    dict(guidance_scale=3.0), 2, 1.0, (0, 1), flux2_reference, "Flux2KleinPipeline",
+                    lambda pipe, p: pipe.tokenizer(pipe.tokenizer.apply_chat_template(  # [klein]: one prompt's turn
+                        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                        enable_thinking=False)).input_ids),
+    "flux2-dev": Family("flux2-dev", "flux2", Flux2Backbone, lambda: build_tiny_flux2(seed=0, dev=True),
+                        dict(guidance_scale=4.0), 1, 1.0, (0, 1), flux2_reference, "Flux2Pipeline",
+                        lambda pipe, p: pipe.tokenizer.apply_chat_template(  # [dev]: its system message first
+                            format_input([p], pipe.system_message), tokenize=True, add_generation_prompt=False,
+                            return_dict=True)["input_ids"][0]),
+    "qwenimage": Family("qwenimage", "qwenimage", QwenImageBackbone, lambda: build_tiny_qwenimage(seed=0),
                         dict(true_cfg_scale=4.0, negative_prompt=""), 2, 1.0, (2, 3), qwenimage_reference,
                         "QwenImagePipeline",  # the templated prompt, its system prompt dropped
                         lambda pipe, p: pipe.tokenizer(pipe.prompt_template_encode.format(p)).input_ids[

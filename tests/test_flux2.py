@@ -1,6 +1,6 @@
 """What only FLUX.2 has, beyond the family contract (test_families.py): the 4-step distilled [klein] (its sampling
-defaults, its one-extra-forward contract, capture in it), joint-block features, and [dev]'s refusals on the meta
-device."""
+defaults, its one-extra-forward contract, capture in it, `inspect`), joint-block features, [dev]'s defaults at its
+released config."""
 
 from types import SimpleNamespace
 
@@ -74,15 +74,13 @@ def test_joint_block_features_are_the_double_stream_image_outputs(klein):
     assert torch.equal(res.features[:, 0, 0], seen[0]) and torch.equal(res.features[:, 1, 0], seen[1])
 
 
-def test_flux2_dev_on_meta_defaults_and_refusals():
+def test_flux2_dev_defaults_on_meta():
     with torch.device("meta"):
         transformer = Flux2Transformer2DModel(**FLUX2_DEV)
     # FLUX.2's VAE (AutoencoderKLFlux2) has 4 block widths: scale factor 8; the pipelines patchify 2×2.
     dev = Flux2Backbone(SimpleNamespace(transformer=transformer, vae_scale_factor=8), name="FLUX.2-dev")
     assert dev.default_layers(blocks="joint") == (1, 3, 5, 7)
     assert (dev.sampling_kwargs()["num_inference_steps"], dev.sampling_kwargs()["guidance_scale"]) == (50, 4.0)
-    with pytest.raises(ValueError, match=r"FLUX.2 \[dev\]: concept tokens"):
-        dev.encode_concepts(("object",))
 
 
 def test_inspect_reads_a_distilled_klein_at_its_own_sigma(klein, tmp_path):

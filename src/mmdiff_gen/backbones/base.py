@@ -154,9 +154,19 @@ class Backbone(ABC):
     def text_token_mask(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
         """(B, S) bool over the transformer's text context: which positions hold prompt tokens (not padding)."""
 
-    @abstractmethod
     def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        """(K, C) initial concept-stream tokens, one per word, in the transformer's width (cached per word set)."""
+        """(K, C) initial concept-stream tokens, one per word, in the transformer's width: computed once per word set
+        (and device, dtype), then reused."""
+        key = (tuple(words), self.device, self.dtype)
+        if key not in self._concept_tokens:
+            with torch.no_grad():
+                self._concept_tokens[key] = self._encode_concepts(key[0])
+        return self._concept_tokens[key]
+
+    @abstractmethod
+    def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
+        """(K, C) the family's concept tokens (ConceptAttention's recipe: each word encoded alone by the pipeline's
+        own text encoder, one token kept, through the transformer's text input)."""
 
     @abstractmethod
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -171,10 +181,33 @@ class Backbone(ABC):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Clean latents x0, laid out as the transformer takes them, from images (B, 3, H, W) in [−1, 1]."""
 
-    @abstractmethod
     def transformer_inputs(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
-                           guidance_scale: float, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Keyword arguments of one transformer forward on `latents` at per-row `sigma` (B,) (real-image mode)."""
+                           guidance_scale: float, height: int, width: int) -> dict[str, Any]:
+        """Keyword arguments of one transformer forward on `latents` (laid out as `encode_images` gives them) at
+        per-row `sigma` (B,) (real-image mode): the latents in the compute dtype, the family's timestep, its guidance
+        input where the transformer embeds guidance, the text conditioning `cond` (`encode_prompts`) and the image
+        positions (`position_inputs`)."""
+        b = latents.shape[0]
+        out = {"hidden_states": latents.to(self.dtype), "timestep": self.timestep_input(sigma), **cond,
+               **self.position_inputs(b, height, width), "return_dict": False}
+        guidance = self.guidance(b, guidance_scale)
+        return out if guidance is None else out | {"guidance": guidance}
+
+    def timestep_input(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The transformer's `timestep` argument for per-row sigmas (B,): the sigma itself in the compute dtype, on
+        the execution device (FLUX.1, FLUX.2, Qwen-Image: their pipelines pass t / 1000)."""
+        return sigma.to(device=self.device, dtype=self.dtype)
+
+    def position_inputs(self, rows: int, height: int, width: int) -> dict[str, Any]:
+        """The transformer's image-position arguments for `rows` images of height × width (none by default)."""
+        return {}
+
+    def guidance(self, batch: int, guidance_scale: float) -> torch.Tensor | None:
+        """(B,) float32 guidance input of a guidance-distilled transformer (`guidance_embeds`: FLUX.1-dev, FLUX.2
+        [dev]); None without one."""
+        if not self.transformer.config.get("guidance_embeds", False):
+            return None
+        return torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
 
     @abstractmethod
     def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:

@@ -68,19 +68,9 @@ class FluxBackbone(Backbone):
         )
         return tok.attention_mask.bool()
 
-    @torch.no_grad()
-    def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        """(K, C) initial concept-stream tokens (computed once per word set, then reused).
-
-        ConceptAttention encodes each concept alone with T5, keeps output token 0 (one token per
-        concept) and passes it through the transformer's context embedder, like the prompt.
-        """
-        key = (tuple(words), self.device, self.dtype)
-        if key not in self._concept_tokens:
-            self._concept_tokens[key] = self._encode_concepts(key[0])
-        return self._concept_tokens[key]
-
     def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
+        """ConceptAttention's: each concept encoded alone with T5, output token 0 kept (one token per concept), through
+        the transformer's context embedder, like the prompt."""
         tok = self.pipe.tokenizer_2(list(words), padding="longest", return_tensors="pt")
         # Inputs on the execution device, as the pipeline's encode_prompt: under offload t5.device is cpu or meta.
         hidden = self.pipe.text_encoder_2(tok.input_ids.to(self.device), output_hidden_states=False)[0]  # (K, S, D_t5)
@@ -111,31 +101,8 @@ class FluxBackbone(Backbone):
         h, w = self.token_grid(height, width)
         return self.pipe._prepare_latent_image_ids(1, h, w, self.device, self.dtype)
 
-    def guidance(self, batch: int, guidance_scale: float) -> torch.Tensor | None:
-        if not self.transformer.config.guidance_embeds:
-            return None
-        return torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
-
-    def transformer_inputs(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ) -> dict[str, torch.Tensor]:
-        """Keyword arguments for one transformer forward on packed `latents` (B, N, C) at per-row `sigma` (B,)."""
-        return {
-            "hidden_states": latents.to(self.dtype),
-            "timestep": sigma.to(device=self.device, dtype=self.dtype),
-            "guidance": self.guidance(latents.shape[0], guidance_scale),
-            "pooled_projections": cond["pooled_projections"],
-            "encoder_hidden_states": cond["encoder_hidden_states"],
-            "txt_ids": cond["txt_ids"],
-            "img_ids": self.image_ids(height, width),
-            "return_dict": False,
-        }
+    def position_inputs(self, rows: int, height: int, width: int) -> dict[str, Any]:
+        return {"img_ids": self.image_ids(height, width)}
 
     def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
         cfg = self.transformer.config

@@ -1,4 +1,5 @@
-"""FLUX.2 (Flux2Pipeline [dev], Flux2KleinPipeline [klein]): features from single-stream blocks, no concept stream."""
+"""FLUX.2 (Flux2Pipeline [dev], Flux2KleinPipeline [klein]): features from single-stream blocks, the concept stream
+through the double-stream ones."""
 
 from __future__ import annotations
 
@@ -140,15 +141,31 @@ class Flux2Backbone(Backbone):
                                                    max_sequence_length=max_sequence_length)
         return {"encoder_hidden_states": embeds.to(self.dtype), "txt_ids": text_ids}
 
-    def text_token_mask(self, prompts: Sequence[str], max_sequence_length: int = 512) -> torch.Tensor:
-        """(B, S) bool: which positions of [klein]'s chat-templated Qwen3 input hold tokens rather than padding."""
-        if not self.klein:
-            raise ValueError("FLUX.2 [dev]: the prompt-token mask of its Mistral-3 processor is not implemented "
-                             "(cross-attention maps need it)")
+    # What the pipelines tokenize: [klein] each prompt through its Qwen3 chat template, tokenized alone (padded to
+    # max_sequence_length); [dev] the system message and the prompt through its Mistral-3 processor's chat template
+    # (structured messages: `format_input`), tokenized by the template (no special tokens added on top).
+    def _templated(self, prompt: str) -> str:
         tok = self.pipe.tokenizer
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False) for p in prompts]
-        enc = tok(texts, padding="max_length", truncation=True, max_length=max_sequence_length, return_tensors="pt")
+        if self.klein:
+            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False)
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        return tok.apply_chat_template(format_input([prompt], self.pipe.system_message)[0], tokenize=False,
+                                       add_generation_prompt=False)
+
+    @property
+    def _text_tokenizer(self) -> Any:
+        tok = self.pipe.tokenizer
+        return getattr(tok, "tokenizer", tok)  # [dev]: the processor's own tokenizer
+
+    def _tokenize(self, texts: list[str], **kw) -> Any:
+        return self._text_tokenizer(texts, add_special_tokens=self.klein, **kw)
+
+    def text_token_mask(self, prompts: Sequence[str], max_sequence_length: int = 512) -> torch.Tensor:
+        """(B, S) bool: which positions of the templated text input hold tokens rather than padding."""
+        enc = self._tokenize([self._templated(p) for p in prompts], padding="max_length", truncation=True,
+                             max_length=max_sequence_length, return_tensors="pt")
         return enc.attention_mask.bool()
 
     @property
@@ -156,36 +173,31 @@ class Flux2Backbone(Backbone):
         return None  # FLUX.2 has no T5: text length is the pipelines' 512
 
     def grounding_tokenizer(self) -> tuple[Any, int, int]:
-        raise ValueError("FLUX.2: per-word grounding (openseg) is not implemented: its text tokens are chat-templated "
-                         "decoder-LM states")
-
-    @torch.no_grad()
-    def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        """(K, C) initial concept-stream tokens (computed once per word set, then reused).
-
-        Each concept is encoded alone as the pipeline encodes a prompt (chat template, the same hidden layers);
-        the text encoder is causal, so the token kept is the word's last one (it has read the whole word, where
-        FLUX.1 keeps T5's token 0), then the transformer's context embedder, like the prompt.
-        """
-        key = (tuple(words), self.device, self.dtype)
-        if key not in self._concept_tokens:
-            self._concept_tokens[key] = self._encode_concepts(key[0])
-        return self._concept_tokens[key]
+        """The text tokenizer and where a prompt's own tokens start in the templated sequence (after the template's
+        opening, [dev]'s system message), less the special tokens the tokenizer puts before a prompt alone."""
+        inner = self._text_tokenizer
+        text = self._templated("x")
+        before = len(inner(text[: text.rindex("x")], add_special_tokens=False).input_ids)
+        alone, bare = inner("x").input_ids, inner("x", add_special_tokens=False).input_ids
+        return inner, before - alone.index(bare[0]), self.max_sequence_length
 
     def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
-        if not self.klein:
-            raise ValueError("FLUX.2 [dev]: concept tokens from its Mistral-3 processor are not implemented; "
-                             "concept capture runs on [klein]")
-        tok = self.pipe.tokenizer
-        firsts = []
+        """Each concept encoded alone as the pipeline encodes a prompt (chat template, the same hidden layers); the
+        text encoder is causal, so the token kept is the word's last one (it has read the whole word, where FLUX.1
+        keeps T5's token 0), then the transformer's context embedder, like the prompt."""
+        pipe, firsts = self.pipe, []
         for word in words:
-            text = tok.apply_chat_template([{"role": "user", "content": word}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=False)
-            end = text.index(word) + len(word)
-            pos = len(tok(text[:end], add_special_tokens=False).input_ids) - 1  # the word's last token
-            length = len(tok(text).input_ids)  # the whole templated word, as the pipeline tokenizes it: no padding
-            embeds = self.pipe._get_qwen3_prompt_embeds(self.pipe.text_encoder, tok, [word], device=self.device,
-                                                        max_sequence_length=length)  # (1, length, 3·D)
+            text = self._templated(word)
+            end = text.rindex(word) + len(word)  # the user's turn: after any system message
+            pos = len(self._text_tokenizer(text[:end], add_special_tokens=False).input_ids) - 1  # the word's last token
+            length = len(self._tokenize([text]).input_ids[0])  # the whole templated word, unpadded
+            if self.klein:
+                embeds = pipe._get_qwen3_prompt_embeds(pipe.text_encoder, pipe.tokenizer, [word], device=self.device,
+                                                       max_sequence_length=length)  # (1, length, 3·D)
+            else:
+                embeds = pipe._get_mistral_3_small_prompt_embeds(pipe.text_encoder, pipe.tokenizer, [word],
+                                                                 device=self.device, max_sequence_length=length,
+                                                                 system_message=pipe.system_message)
             firsts.append(embeds[0, pos])
         first = torch.stack(firsts).to(device=self.device, dtype=self.dtype)  # (K, 3·D)
         with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
@@ -217,29 +229,10 @@ class Flux2Backbone(Backbone):
 
     def guidance(self, batch: int, guidance_scale: float) -> torch.Tensor | None:
         """[dev]'s guidance embedding input; [klein] passes none (pipeline_flux2_klein: `guidance=None`)."""
-        if self.klein or not self.transformer.config.guidance_embeds:
-            return None
-        return torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
+        return None if self.klein else super().guidance(batch, guidance_scale)
 
-    def transformer_inputs(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ) -> dict[str, torch.Tensor]:
-        """Keyword arguments for one transformer forward on packed `latents` (B, N, C) at per-row `sigma` (B,)."""
-        return {
-            "hidden_states": latents.to(self.dtype),
-            "timestep": sigma.to(device=self.device, dtype=self.dtype),
-            "guidance": self.guidance(latents.shape[0], guidance_scale),
-            "encoder_hidden_states": cond["encoder_hidden_states"],
-            "txt_ids": cond["txt_ids"],
-            "img_ids": self.image_ids(height, width),
-            "return_dict": False,
-        }
+    def position_inputs(self, rows: int, height: int, width: int) -> dict[str, Any]:
+        return {"img_ids": self.image_ids(height, width)}
 
     def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
         cfg = self.transformer.config

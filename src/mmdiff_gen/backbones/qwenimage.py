@@ -131,20 +131,10 @@ class QwenImageBackbone(Backbone):
         """The Qwen2 tokenizer: the prompt's tokens open the text sequence (the system prompt is dropped)."""
         return self.pipe.tokenizer, 0, self.max_sequence_length
 
-    @torch.no_grad()
-    def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        """(K, C) initial concept-stream tokens (computed once per word set, then reused).
-
-        Each concept is encoded alone as the pipeline encodes a prompt (chat template, last hidden layer, system
-        prompt dropped); Qwen2.5-VL is causal, so the token kept is the word's last one, then the transformer's
-        text input (`txt_norm`, `txt_in`), like the prompt.
-        """
-        key = (tuple(words), self.device, self.dtype)
-        if key not in self._concept_tokens:
-            self._concept_tokens[key] = self._encode_concepts(key[0])
-        return self._concept_tokens[key]
-
     def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
+        """Each concept encoded alone as the pipeline encodes a prompt (chat template, last hidden layer, system
+        prompt dropped); Qwen2.5-VL is causal, so the token kept is the word's last one, then the transformer's text
+        input (`txt_norm`, `txt_in`), like the prompt."""
         tok, template = self.pipe.tokenizer, self.pipe.prompt_template_encode
         (_,), drop = self._templated([""])
         head = template[: template.index("{}")]
@@ -177,31 +167,8 @@ class QwenImageBackbone(Backbone):
         b, c, h, w = lat.shape
         return self.pipe._pack_latents(lat, b, c, h, w).to(self.dtype)
 
-    def guidance(self, batch: int, guidance_scale: float) -> torch.Tensor | None:
-        if not self.transformer.config.guidance_embeds:
-            return None
-        return torch.full((batch,), float(guidance_scale), device=self.device, dtype=torch.float32)
-
-    def transformer_inputs(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ) -> dict[str, Any]:
-        """Keyword arguments for one transformer forward on packed `latents` (B, N, C) at per-row `sigma` (B,)."""
-        b = latents.shape[0]
-        return {
-            "hidden_states": latents.to(self.dtype),
-            "timestep": sigma.to(device=self.device, dtype=self.dtype),
-            "guidance": self.guidance(b, guidance_scale),
-            "encoder_hidden_states": cond["encoder_hidden_states"],
-            "encoder_hidden_states_mask": cond.get("encoder_hidden_states_mask"),
-            "img_shapes": [[(1, *self.token_grid(height, width))]] * b,
-            "return_dict": False,
-        }
+    def position_inputs(self, rows: int, height: int, width: int) -> dict[str, Any]:
+        return {"img_shapes": [[(1, *self.token_grid(height, width))]] * rows}  # as QwenImagePipeline passes them
 
     def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
         cfg = self.transformer.config

@@ -116,18 +116,14 @@ class SD3Backbone(Backbone):
                                        truncation=True, return_tensors="pt").attention_mask.bool()
         return torch.cat([clip, t5], dim=1)
 
-    @torch.no_grad()
-    def encode_concepts(self, words: Sequence[str]) -> torch.Tensor:
-        """(K, C) initial concept tokens: each word encoded alone, one token kept, through the
-        context embedder (ConceptAttention's recipe). The token is T5's first output when the
-        pipeline has T5, else the first word token of the CLIP part (position 1, after BOS)."""
-        key = (tuple(words), self.device, self.dtype)
-        if key not in self._concept_tokens:
-            embeds = self.encode_prompts(list(key[0]), max_sequence_length=8)["encoder_hidden_states"]  # (K, 77+8, D)
-            pos = self.pipe.tokenizer_max_length if self.pipe.text_encoder_3 is not None else 1
-            with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
-                self._concept_tokens[key] = self.transformer.context_embedder(embeds[:, pos].to(self.dtype))
-        return self._concept_tokens[key]
+    def _encode_concepts(self, words: tuple[str, ...]) -> torch.Tensor:
+        """Each word encoded alone, one token kept, through the context embedder (ConceptAttention's recipe). The
+        token is T5's first output when the pipeline has T5, else the first word token of the CLIP part (position
+        1, after BOS)."""
+        embeds = self.encode_prompts(list(words), max_sequence_length=8)["encoder_hidden_states"]  # (K, 77+8, D)
+        pos = self.pipe.tokenizer_max_length if self.pipe.text_encoder_3 is not None else 1
+        with onloaded(self.transformer):  # model offload: the embedder runs outside the transformer's forward
+            return self.transformer.context_embedder(embeds[:, pos].to(self.dtype))
 
     def concept_temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B, C) modulation for the concept stream: time embedding with a zero pooled projection."""
@@ -142,23 +138,8 @@ class SD3Backbone(Backbone):
         """Clean latents x0 (B, C_vae, H/8, W/8) from images (B, 3, H, W) in [−1, 1]: SD3 patchifies inside."""
         return self.vae_latents(images).to(self.dtype)
 
-    def transformer_inputs(
-        self,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ) -> dict[str, torch.Tensor]:
-        """Keyword arguments for one transformer forward on latents (B, C, h, w) at per-row `sigma` (B,)."""
-        return {
-            "hidden_states": latents.to(self.dtype),
-            "timestep": (sigma * 1000).to(device=self.device, dtype=torch.float32),
-            "pooled_projections": cond["pooled_projections"],
-            "encoder_hidden_states": cond["encoder_hidden_states"],
-            "return_dict": False,
-        }
+    def timestep_input(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma * 1000).to(device=self.device, dtype=torch.float32)  # the 1000 scale, float32 as the pipeline
 
     def meta_inputs(self, rows: int, height: int, width: int, text_tokens: int) -> dict[str, Any]:
         cfg = self.transformer.config

@@ -117,26 +117,39 @@ def build_tiny_flux2(
     vae_channels: Sequence[int] = (16, 32, 32),
     latent_channels: int = 8,
     distilled: bool = True,
+    dev: bool = False,
     seed: int = 0,
 ):
-    """A Flux2KleinPipeline with random weights: a tiny Qwen3ForCausalLM text encoder and a tiny AutoencoderKLFlux2.
+    """A Flux2KleinPipeline ([klein]) or, with `dev`, a Flux2Pipeline ([dev]) with random weights and a tiny
+    AutoencoderKLFlux2: [klein] a tiny Qwen3ForCausalLM text encoder, [dev] a tiny Mistral3ForConditionalGeneration (its
+    vision tower unused) behind a guidance-embedding transformer.
 
-    The pipeline reads Qwen3 hidden states (9, 18, 27) by default, so the text encoder keeps 28 (narrow) layers and
-    the transformer's text width is 3 × `text_width`. The word-level tokenizer carries a chat template that joins the
-    messages' contents (the pipeline calls `apply_chat_template`). Geometry: VAE 4× by default, 2×2 patches per token,
-    so a 64×64 image has 8×8 image tokens. `distilled` sets the pipeline's `is_distilled` ([klein]'s 4-step models).
+    The pipelines read text hidden states (9, 18, 27) / (10, 20, 30) by default, so the text encoder keeps 28 / 31
+    (narrow) layers and the transformer's text width is 3 × `text_width`. The word-level tokenizer carries a chat
+    template that joins the messages' text contents (the pipelines call `apply_chat_template`; [dev]'s messages are
+    structured, with its system message first). Geometry: VAE 4× by default, 2×2 patches per token, so a 64×64 image has
+    8×8 image tokens. `distilled` sets [klein]'s `is_distilled` (its 4-step models).
     """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tok = word_tokenizer(words, model_max_length=512, add_bos=False)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    qwen = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=text_layers,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=text_width // 2, max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )).eval()
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                         "{% for c in m['content'] %}{{ c['text'] }} {% endfor %}{% endif %}{% endfor %}")
+    text = dict(vocab_size=len(tok), hidden_size=text_width, intermediate_size=2 * text_width,
+                num_hidden_layers=31 if dev else text_layers, num_attention_heads=2, num_key_value_heads=2,
+                head_dim=text_width // 2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    if dev:
+        vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                      image_size=32, patch_size=8)
+        encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config={"model_type": "mistral", **text}, vision_config={"model_type": "pixtral", **vision},
+            spatial_merge_size=1)).eval()
+    else:
+        encoder = Qwen3ForCausalLM(Qwen3Config(**text, tie_word_embeddings=True)).eval()
     n = len(vae_channels)
     vae = AutoencoderKLFlux2(
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -147,14 +160,17 @@ def build_tiny_flux2(
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=4 * latent_channels, num_layers=double_blocks, num_single_layers=single_blocks,
         attention_head_dim=dim_head, num_attention_heads=heads, joint_attention_dim=3 * text_width,
-        timestep_guidance_channels=32, axes_dims_rope=(dim_head - 3 * axis, axis, axis, axis), guidance_embeds=False,
+        timestep_guidance_channels=32, axes_dims_rope=(dim_head - 3 * axis, axis, axis, axis), guidance_embeds=dev,
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, use_dynamic_shifting=True,
         shift=3.0,
     )
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
-                              is_distilled=distilled)
+    if dev:
+        pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tok, transformer=transformer)
+    else:
+        pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tok,
+                                  transformer=transformer, is_distilled=distilled)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
