@@ -134,6 +134,23 @@ def test_openseg_finds_each_class_word_among_the_text_tokens_the_transformer_see
         assert [ids[p] for p in found[c]] == tok(word, add_special_tokens=False).input_ids
 
 
+def test_probe_layers_scores_every_attention_block(fam, tmp_path):
+    """Seg4Diff's layer search (`probe-layers`): every attention block × sigma × threshold scored as zero-shot
+    segmentation from the class words' attention, on two toy scenes."""
+    from mmdiff_gen.io.readers import FilesDataset
+    from mmdiff_gen.jobs.probe import describe_layer, probe_layers
+    from mmdiff_gen.toy.render import write_scenes
+    from mmdiff_gen.toy.world import CLASSES
+
+    f, bb = fam
+    write_scenes(tmp_path, 2, seed=0)
+    res = probe_layers(bb, FilesDataset(tmp_path), list(CLASSES), sigmas=(0.78, 0.52), thresholds=(0.4, 0.6),
+                       batch_size=2)
+    n = len(bb.attention_blocks)
+    assert res["miou"].shape == (n, 2, 2) and np.isfinite(res["miou"]).all() and res["samples"] == 2
+    assert 0 <= res["best"]["layer"] < n and describe_layer(bb, n - 1).split()[0] in ("double", "joint", "single")
+
+
 def test_heads_train_on_its_features_and_annotate_a_generate_job(fam, tmp_path):
     """Cache → train → load → generate job: the FLUX head path unchanged, with the family's guidance."""
     from mmdiff_gen.io.dataset import GeneratedDataset

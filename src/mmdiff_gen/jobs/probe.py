@@ -179,8 +179,8 @@ def gather_scores(scores: ProbeScores, json_out: Path, rank: int, world_size: in
 
 
 def describe_layer(backbone: Backbone, index: int) -> str:
-    """A human name for an attention-block index (FLUX: double / single, SD3: joint)."""
+    """A human name for an attention-block index (FLUX.1 / FLUX.2: double / single, SD3 and Qwen-Image: joint)."""
     n_joint = len(backbone.joint_blocks)
     if index < n_joint:
-        return f"{'double' if backbone.family == 'flux' else 'joint'} {index}"
+        return f"{'double' if backbone.family in ('flux', 'flux2') else 'joint'} {index}"
     return f"single {index - n_joint}"
