@@ -53,22 +53,35 @@ def _allowed(b, first, mid, last, image_first=False, text_keys=None):
     return allowed
 
 
-def flux_reference(block, kw, c, temb_c):
-    attn, d = block.attn, block.attn.head_dim
-    heads = lambda t: t.unflatten(-1, (-1, d))  # noqa: E731
-    x, txt, temb = kw["hidden_states"], kw["encoder_hidden_states"], kw["temb"]
-    nx, gx, shx, scx, gmx = block.norm1(x, emb=temb)
-    nt, gt, sht, sct, gmt = block.norm1_context(txt, emb=temb)
-    nc, gc, shc, scc, gmc = block.norm1_context(c, emb=temb_c)
+def _joint_qkv(attn, nt, nx, nc):
+    """Queries, keys and values (B, S + N + K, H, D) of [text; image; concepts]: text and concepts through the added
+    (text) projections and norms, the image through the block's own."""
+    heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731
     q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(nt))), attn.norm_q(heads(attn.to_q(nx))),
                    attn.norm_added_q(heads(attn.add_q_proj(nc)))], 1)
     k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(nt))), attn.norm_k(heads(attn.to_k(nx))),
                    attn.norm_added_k(heads(attn.add_k_proj(nc)))], 1)
     v = torch.cat([heads(attn.add_v_proj(nt)), heads(attn.to_v(nx)), heads(attn.add_v_proj(nc))], 1)
+    return q, k, v
+
+
+def _flux_rope(q, k, rotary, concepts: int):
+    """FLUX.1 / FLUX.2 RoPE: `rotary` (cos, sin) over the call's [text; image]; concepts at text position zero (cos 1,
+    sin 0: the identity)."""
+    cos, sin = rotary
+    rot = (torch.cat([cos, torch.ones(concepts, cos.shape[1])]), torch.cat([sin, torch.zeros(concepts, sin.shape[1])]))
+    return apply_rotary_emb(q, rot, sequence_dim=1), apply_rotary_emb(k, rot, sequence_dim=1)
+
+
+def flux_reference(block, kw, c, temb_c):
+    attn = block.attn
+    x, txt, temb = kw["hidden_states"], kw["encoder_hidden_states"], kw["temb"]
+    nx, gx, shx, scx, gmx = block.norm1(x, emb=temb)
+    nt, gt, sht, sct, gmt = block.norm1_context(txt, emb=temb)
+    nc, gc, shc, scc, gmc = block.norm1_context(c, emb=temb_c)
     s, n, kk = txt.shape[1], x.shape[1], c.shape[1]
-    cos, sin = kw["image_rotary_emb"]  # concepts at text position zero: cos 1, sin 0
-    rot = (torch.cat([cos, torch.ones(kk, cos.shape[1])]), torch.cat([sin, torch.zeros(kk, sin.shape[1])]))
-    q, k = apply_rotary_emb(q, rot, sequence_dim=1), apply_rotary_emb(k, rot, sequence_dim=1)
+    q, k, v = _joint_qkv(attn, nt, nx, nc)
+    q, k = _flux_rope(q, k, kw["image_rotary_emb"], kk)
     out, p_text = _attend(q, k, v, _allowed(x.shape[0], s, n, kk), slice(s, s + n), slice(0, s))
     o_t, o_x, o_c = out.split([s, n, kk], dim=1)
 
@@ -112,21 +125,14 @@ def flux2_reference(block, kw, c, mod_c):
     from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
     attn, x, txt = block.attn, kw["hidden_states"], kw["encoder_hidden_states"]
-    heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731
     (sh, sc, _), _ = Flux2Modulation.split(kw["temb_mod_img"], 2)
     (tsh, tsc, _), _ = Flux2Modulation.split(kw["temb_mod_txt"], 2)
     (csh, csc, cg), (csh2, csc2, cg2) = Flux2Modulation.split(mod_c, 2)
     nx, nt = block.norm1(x) * (1 + sc) + sh, block.norm1_context(txt) * (1 + tsc) + tsh
     nc = block.norm1_context(c) * (1 + csc) + csh
-    q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(nt))), attn.norm_q(heads(attn.to_q(nx))),
-                   attn.norm_added_q(heads(attn.add_q_proj(nc)))], 1)
-    k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(nt))), attn.norm_k(heads(attn.to_k(nx))),
-                   attn.norm_added_k(heads(attn.add_k_proj(nc)))], 1)
-    v = torch.cat([heads(attn.add_v_proj(nt)), heads(attn.to_v(nx)), heads(attn.add_v_proj(nc))], 1)
     s, n, kk = txt.shape[1], x.shape[1], c.shape[1]
-    cos, sin = kw["image_rotary_emb"]  # (S + N, D); concepts at text position zero: the identity
-    rot = (torch.cat([cos, torch.ones(kk, cos.shape[1])]), torch.cat([sin, torch.zeros(kk, sin.shape[1])]))
-    q, k = apply_rotary_emb(q, rot, sequence_dim=1), apply_rotary_emb(k, rot, sequence_dim=1)
+    q, k, v = _joint_qkv(attn, nt, nx, nc)
+    q, k = _flux_rope(q, k, kw["image_rotary_emb"], kk)
     out, p_text = _attend(q, k, v, _allowed(x.shape[0], s, n, kk), slice(s, s + n), slice(0, s))
     _, o_x, o_c = out.split([s, n, kk], dim=1)
     c = c + cg * attn.to_add_out(o_c)
@@ -142,7 +148,6 @@ def _rope_complex(x, freqs):
 
 def qwenimage_reference(block, kw, c, temb_c):
     attn, x, txt = block.attn, kw["hidden_states"], kw["encoder_hidden_states"]
-    heads = lambda t: t.unflatten(-1, (attn.heads, -1))  # noqa: E731
 
     def modulate(normed, mod):  # mod (B, 3C) = shift, scale, gate
         shift, scale, gate = mod[:, None].chunk(3, dim=-1)
@@ -156,11 +161,7 @@ def qwenimage_reference(block, kw, c, temb_c):
     img_f, txt_f = kw["image_rotary_emb"]  # (N, D/2), (S, D/2) complex; concepts at the first text position
     s, n, kk = txt.shape[1], x.shape[1], c.shape[1]
     rot = torch.cat([txt_f[:s], img_f, txt_f[:1].expand(kk, -1)])
-    q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(nt))), attn.norm_q(heads(attn.to_q(nx))),
-                   attn.norm_added_q(heads(attn.add_q_proj(nc)))], 1)
-    k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(nt))), attn.norm_k(heads(attn.to_k(nx))),
-                   attn.norm_added_k(heads(attn.add_k_proj(nc)))], 1)
-    v = torch.cat([heads(attn.add_v_proj(nt)), heads(attn.to_v(nx)), heads(attn.add_v_proj(nc))], 1)
+    q, k, v = _joint_qkv(attn, nt, nx, nc)
     q, k = _rope_complex(q, rot), _rope_complex(k, rot)
     mask = kw.get("encoder_hidden_states_mask")
     out, p_text = _attend(q, k, v, _allowed(x.shape[0], s, n, kk, text_keys=mask), slice(s, s + n), slice(0, s))
@@ -217,10 +218,11 @@ FAMILIES = {
 
 
 class Recorder:
-    """Every transformer call's timestep and the image tokens of every listed block, read from the block's output
-    as diffusers 0.42 returns it: (text, image) pairs, or FLUX.2's single-stream [text; image] tensor (its last N)."""
+    """Reference hooks, independent of mmdiff_gen: every transformer call's timestep and the image tokens of every
+    listed block, read from the block's output as diffusers 0.42 returns it: (text, image) pairs, or FLUX.2's
+    single-stream [text; image] tensor (its last `image_tokens`)."""
 
-    def __init__(self, transformer, blocks, image_tokens: int):
+    def __init__(self, transformer, blocks, image_tokens: int | None = None):
         self.timesteps, self.outputs, self.n = [], [], image_tokens
         self.handles = [transformer.register_forward_pre_hook(self._pre, with_kwargs=True)]
         self.handles += [b.register_forward_hook(self._out(i)) for i, b in enumerate(blocks)]

@@ -53,9 +53,9 @@ def test_features_are_the_block_outputs_at_the_configured_sigmas(tiny, recorder,
     # The contract: received sigmas equal the configured ones (float32 round-off only) ...
     assert torch.allclose(cap.sigmas, torch.tensor([spec.sigmas] * 2), atol=1e-6, rtol=0)
     # ... and the transformer ran N times plus one extra forward for 0.001.
-    assert len(rec.sigmas) == KW["num_inference_steps"] + 1
+    assert len(rec.timesteps) == KW["num_inference_steps"] + 1
     for j, target in enumerate(spec.sigmas):
-        call = next(k for k, s in enumerate(rec.sigmas) if abs(float(s[0]) - target) < 1e-6)
+        call = next(k for k, s in enumerate(rec.timesteps) if abs(float(s[0]) - target) < 1e-6)
         for slot, layer in enumerate(cap.layers):
             ref = rec.outputs[call][layer].to(spec.torch_store_dtype)
             assert torch.equal(cap.features[:, slot, j], ref)
@@ -74,9 +74,9 @@ def test_true_cfg_captures_only_the_conditional_call(tiny, recorder):
     spec = CaptureSpec(layers=(2,), store_dtype="float32", sigmas=(0.78, 0.52))
     rec = recorder(tiny.transformer, tiny.feature_blocks)
     gen = generate(tiny, PROMPTS, spec, seeds=SEEDS, true_cfg_scale=5.0, negative_prompt="", **KW)
-    assert len(rec.sigmas) == 2 * KW["num_inference_steps"]  # no extra forward: both targets on schedule
+    assert len(rec.timesteps) == 2 * KW["num_inference_steps"]  # no extra forward: both targets on schedule
     for j, target in enumerate(spec.sigmas):
-        calls = [k for k, s in enumerate(rec.sigmas) if abs(float(s[0]) - target) < 1e-6]
+        calls = [k for k, s in enumerate(rec.timesteps) if abs(float(s[0]) - target) < 1e-6]
         assert len(calls) == 2  # cond, then uncond
         cond, uncond = (rec.outputs[k][2] for k in calls)
         assert torch.equal(gen.capture.features[:, 0, j], cond)
@@ -127,7 +127,7 @@ def test_joint_block_features_are_the_double_stream_image_outputs(tiny, recorder
     cap = generate(tiny, PROMPTS, spec, seeds=SEEDS, **KW).capture
     assert cap.layers == (0, 1) and cap.features.shape[:3] == (2, 2, 2)
     for j, target in enumerate(spec.sigmas):
-        call = next(k for k, s in enumerate(rec.sigmas) if abs(float(s[0]) - target) < 1e-6)
+        call = next(k for k, s in enumerate(rec.timesteps) if abs(float(s[0]) - target) < 1e-6)
         for slot in range(2):
             assert torch.equal(cap.features[:, slot, j], rec.outputs[call][slot])
     assert tiny.default_layers(blocks="joint") == (0, 1)  # two double-stream blocks: both

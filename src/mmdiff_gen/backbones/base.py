@@ -438,3 +438,22 @@ class Backbone(ABC):
                 if p.device.type != "meta":  # sequential offload keeps them on meta between calls
                     h.update(p.detach().to("cpu", torch.float32).numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+class JointBlocksBackbone(Backbone):
+    """A family whose blocks are all joint (MM-DiT) blocks returning (text, image) — SD3 / SD3.5, Qwen-Image: features
+    and the concept stream both come from `transformer_blocks`."""
+
+    @property
+    def feature_blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
+    @property
+    def joint_blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
+
+    def image_tokens(self, block_output: Any) -> torch.Tensor:
+        return block_output[1]  # (text, image) → image, (B, N, C); SD3's last block returns (None, image)
+
+    # Seg4Diff's expert layer of SD3-medium is block 9 of 24: the same relative depth elsewhere.
+    GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: round(9 * n_blocks / 24))

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from .base import Backbone
+from .base import JointBlocksBackbone
 from .runtime import onloaded
 
 # Qwen/Qwen-Image transformer/config.json (the defaults of diffusers 0.42's QwenImageTransformer2DModel): the real
@@ -18,7 +17,7 @@ QWEN_IMAGE = dict(
 )
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(JointBlocksBackbone):
     """QwenImagePipeline adapter.
 
     Facts it encodes (diffusers 0.42, `transformer_qwenimage.py`, `pipeline_qwenimage.py`):
@@ -43,21 +42,8 @@ class QwenImageBackbone(Backbone):
     # QwenImagePipeline's own defaults (true CFG 4 with an empty negative prompt, as its model card runs it).
     SAMPLING_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 1.0,
                          "true_cfg_scale": 4.0, "negative_prompt": None}
-    # Seg4Diff's expert layer of SD3-medium (block 9 of 24) at the same relative depth: every block is joint here too.
-    GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: round(9 * n_blocks / 24))
     # The text is not padded to max_sequence_length: FLOP counts assume a one-sentence caption's tokens.
     FLOP_TEXT_TOKENS = 64
-
-    @property
-    def feature_blocks(self) -> nn.ModuleList:
-        return self.transformer.transformer_blocks
-
-    @property
-    def joint_blocks(self) -> nn.ModuleList:
-        return self.transformer.transformer_blocks
-
-    def image_tokens(self, block_output: Any) -> torch.Tensor:
-        return block_output[1]  # (text, image) → image, (B, N, C)
 
     def rotate(self, x: torch.Tensor, rotary: Any, part: str) -> torch.Tensor:
         """Complex RoPE as `QwenDoubleStreamAttnProcessor2_0` applies it; concept tokens sit at the first text

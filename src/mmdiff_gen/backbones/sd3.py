@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from .base import Backbone
+from .base import JointBlocksBackbone
 from .runtime import onloaded
 
 # stabilityai/stable-diffusion-3.5-large transformer/config.json: the real architecture on the meta
@@ -19,7 +18,7 @@ SD35_LARGE = dict(
 )
 
 
-class SD3Backbone(Backbone):
+class SD3Backbone(JointBlocksBackbone):
     """StableDiffusion3Pipeline adapter (SD3-medium, SD3.5-medium / large).
 
     Facts it encodes (diffusers 0.42): there are no single-stream blocks, so features and the
@@ -35,17 +34,6 @@ class SD3Backbone(Backbone):
     # SD3's own defaults (guidance_scale is real CFG here), where neither caller nor mmdiff.json says.
     SAMPLING_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 28, "guidance_scale": 7.0,
                          "true_cfg_scale": 1.0, "negative_prompt": None}
-
-    @property
-    def feature_blocks(self) -> nn.ModuleList:
-        return self.transformer.transformer_blocks
-
-    @property
-    def joint_blocks(self) -> nn.ModuleList:
-        return self.transformer.transformer_blocks
-
-    def image_tokens(self, block_output: Any) -> torch.Tensor:
-        return block_output[1]  # (text | None, image) → image, (B, N, C)
 
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
         return timestep / 1000
@@ -72,9 +60,6 @@ class SD3Backbone(Backbone):
     def t5_tokenizer(self):
         """SD3's T5 is its third text input (the second tokenizer is CLIP-G's); None without it."""
         return getattr(self.pipe, "tokenizer_3", None)
-
-    # Seg4Diff's expert layer of SD3-medium is block 9 of 24: the same relative depth elsewhere.
-    GROUNDING_LAYER = staticmethod(lambda n_blocks, n_joint: round(9 * n_blocks / 24))
 
     # --- sampling ---------------------------------------------------------------------------
     def cfg_in_batch(self, sampling: dict) -> bool:
