@@ -247,9 +247,10 @@ def test_compiled_equals_eager(fam):
         torch.testing.assert_close(getattr(ours.capture, name), getattr(eager.capture, name), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("offload, storage", [("model", "full"), ("group", "full"), ("none", "fp8")])
-def test_offload_and_fp8_storage_capture_as_resident(fam, offload, storage):
-    """Model / leaf-level group offload: bit-identical; fp8 (layerwise-cast) storage: close to full precision."""
+@pytest.mark.parametrize("offload, storage", [("model", "full"), ("group", "full"), ("none", "fp8"), ("none", "int8")])
+def test_offload_and_quantized_storage_capture_as_resident(fam, offload, storage):
+    """Model / leaf-level group offload: bit-identical; fp8 (layerwise-cast) and int8 (torchao weight-only) storage:
+    close to full precision."""
     from mmdiff_gen.backbones.runtime import apply_runtime
 
     f, bb = fam
