@@ -443,9 +443,15 @@ def toy_case(dtype, device: str, smoke: bool, batch: int, steps: int, blocks: tu
     return Case("toy", name, about, build, spec, kw, prompts, _images(b, kw["height"]))
 
 
-MAKERS = {"flux1024": flux_1024_case, "toy": toy_case,
-          **{key: (lambda dtype, device, smoke, batch, steps, blocks, key=key:
-                   family_case(key, dtype, device, smoke, batch, steps)) for key in ("flux2_1024", "qwen1024")}}
+def flux2_case(dtype, device: str, smoke: bool, batch: int, steps: int, blocks: tuple[int, int]) -> Case:
+    return family_case("flux2_1024", dtype, device, smoke, batch, steps)
+
+
+def qwen_case(dtype, device: str, smoke: bool, batch: int, steps: int, blocks: tuple[int, int]) -> Case:
+    return family_case("qwen1024", dtype, device, smoke, batch, steps)
+
+
+MAKERS = {"flux1024": flux_1024_case, "flux2_1024": flux2_case, "qwen1024": qwen_case, "toy": toy_case}
 
 
 def sync(device: str) -> None:

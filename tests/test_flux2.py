@@ -94,3 +94,21 @@ def test_inspect_reads_a_distilled_klein_at_its_own_sigma(klein, tmp_path):
     assert "4 sampler steps + 1 extra" in res.output and "0.78" not in res.output
     res = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path / "klein"), "--size", "64", "--sigmas", "0.5,0.2"])
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "never samples below" in res.output, res.output
+
+
+def test_a_concept_token_is_the_words_even_where_the_template_repeats_it(klein):
+    """The word's place comes from the template's opening, never from searching the text: Qwen3's generation prompt
+    closes with `<|im_start|>assistant`, which holds "star", "art", "ant"…"""
+    tok = klein.pipe.tokenizer
+    template = tok.chat_template
+    tok.chat_template = template + " assistant star"
+    try:
+        klein._concept_tokens.clear()
+        got = klein.encode_concepts(("star",))
+        text = klein._templated("star")  # "star assistant star"
+        embeds = klein.pipe._get_qwen3_prompt_embeds(klein.pipe.text_encoder, tok, ["star"],
+                                                     max_sequence_length=len(tok(text).input_ids))
+        torch.testing.assert_close(got, klein.transformer.context_embedder(embeds[0, :1]))  # the first token's
+    finally:
+        tok.chat_template = template
+        klein._concept_tokens.clear()

@@ -92,3 +92,8 @@ def test_contract_with_a_terminal_stretch(steps, tokens):
     assert np.allclose([live[i] for i in plan.steps.values()], list(plan.steps), atol=1e-6, rtol=0)
     assert set(plan.steps) == {0.78, 0.52, 0.26} and steps - 1 not in plan.steps.values()
     assert np.all(np.diff(live) < 0)
+
+
+def test_a_terminal_stretch_needs_two_steps():
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        contract_schedule(FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), 1, (0.5,), 0.5)

@@ -277,8 +277,8 @@ class Backbone(ABC):
         fast tokenizer). Class 0 (the background) is never looked up.
         """
         tok, offset, length = self.grounding_tokenizer()
-        enc = tok(list(prompts), padding="max_length", max_length=length, truncation=True,
-                  return_offsets_mapping=True)
+        enc = tok(list(prompts), padding="max_length", padding_side="right", max_length=length, truncation=True,
+                  return_offsets_mapping=True)  # right: token i of the prompt is position i
         patterns = {c: _class_pattern(name) for c, name in enumerate(classes) if c > 0}
         out = []
         for prompt, spans in zip(prompts, enc["offset_mapping"]):

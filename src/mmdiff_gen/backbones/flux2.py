@@ -154,6 +154,13 @@ class Flux2Backbone(Backbone):
         return tok.apply_chat_template(format_input([prompt], self.pipe.system_message)[0], tokenize=False,
                                        add_generation_prompt=False)
 
+    def _prompt_start(self) -> str:
+        """The templated text before a prompt's first character (its opening, [dev]'s system message): found with a
+        placeholder, never by searching for the prompt, which the template's closing tokens may contain ("star" in
+        `<|im_start|>`)."""
+        mark = "\ue000"  # a private-use character no template holds
+        return self._templated(mark).split(mark)[0]
+
     @property
     def _text_tokenizer(self) -> Any:
         tok = self.pipe.tokenizer
@@ -176,8 +183,10 @@ class Flux2Backbone(Backbone):
         """The text tokenizer and where a prompt's own tokens start in the templated sequence (after the template's
         opening, [dev]'s system message), less the special tokens the tokenizer puts before a prompt alone."""
         inner = self._text_tokenizer
-        text = self._templated("x")
-        before = len(inner(text[: text.rindex("x")], add_special_tokens=False).input_ids)
+        if getattr(inner, "padding_side", "right") == "left":  # the prompt's place would depend on its length
+            raise ValueError("FLUX.2 openseg: this text tokenizer pads on the left, so a prompt's tokens move with "
+                             "its length; set tokenizer.padding_side = 'right' (the pipeline's masks follow it)")
+        before = len(inner(self._prompt_start(), add_special_tokens=False).input_ids)
         alone, bare = inner("x").input_ids, inner("x", add_special_tokens=False).input_ids
         return inner, before - alone.index(bare[0]), self.max_sequence_length
 
@@ -185,11 +194,10 @@ class Flux2Backbone(Backbone):
         """Each concept encoded alone as the pipeline encodes a prompt (chat template, the same hidden layers); the
         text encoder is causal, so the token kept is the word's last one (it has read the whole word, where FLUX.1
         keeps T5's token 0), then the transformer's context embedder, like the prompt."""
-        pipe, firsts = self.pipe, []
+        pipe, firsts, start = self.pipe, [], self._prompt_start()
         for word in words:
             text = self._templated(word)
-            end = text.rindex(word) + len(word)  # the user's turn: after any system message
-            pos = len(self._text_tokenizer(text[:end], add_special_tokens=False).input_ids) - 1  # the word's last token
+            pos = len(self._text_tokenizer(start + word, add_special_tokens=False).input_ids) - 1  # the word's last token
             length = len(self._tokenize([text]).input_ids[0])  # the whole templated word, unpadded
             if self.klein:
                 embeds = pipe._get_qwen3_prompt_embeds(pipe.text_encoder, pipe.tokenizer, [word], device=self.device,

@@ -32,14 +32,15 @@ class QwenImageBackbone(JointBlocksBackbone):
     - latents: a 16-channel video VAE (`AutoencoderKLQwenImage`, one frame, per-channel mean / std), packed 2×2
       into (B, N, 64) tokens: pixels per token = VAE scale (2^len(temperal_downsample)) × patch 2;
     - true CFG is a second, unconditional call (conditional first) when `true_cfg_scale > 1` with a negative
-      prompt; `guidance_scale` only feeds a guidance-distilled transformer (`guidance_embeds`; none is released);
+      prompt (the pipeline's default negative prompt is None: CFG off; ours is "", CFG on as its model card runs
+      it); `guidance_scale` is never passed (no released model embeds guidance);
     - the scheduler ends every schedule at `shift_terminal` 0.02 (`backbones.schedule` keeps that last step);
     - float16: diffusers clips both streams to ±65504 after every block, as for FLUX: refused.
     """
 
     family = "qwenimage"
     FLOAT16_OK = False
-    # QwenImagePipeline's own defaults (true CFG 4 with an empty negative prompt, as its model card runs it).
+    # QwenImagePipeline's steps and true_cfg_scale, with an empty negative prompt so that CFG runs (its model card's).
     SAMPLING_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 1.0,
                          "true_cfg_scale": 4.0, "negative_prompt": None}
     # The text is not padded to max_sequence_length: FLOP counts assume a one-sentence caption's tokens.
@@ -73,11 +74,12 @@ class QwenImageBackbone(JointBlocksBackbone):
 
     # --- sampling ---------------------------------------------------------------------------
     def pipeline_kwargs(self, sampling: dict) -> dict:
-        """`guidance_scale` only where the transformer embeds guidance (the pipeline warns and ignores it otherwise)."""
-        out = dict(sampling)
-        if not self.transformer.config.guidance_embeds:
-            out["guidance_scale"] = None
-        return out
+        """No `guidance_scale`: no released Qwen-Image embeds guidance (the pipeline warns and ignores it), and
+        diffusers 0.42's guidance path cannot run (`time_text_embed` takes no guidance argument)."""
+        return dict(sampling, guidance_scale=None)
+
+    def guidance(self, batch: int, guidance_scale: float) -> None:
+        return None  # as `pipeline_kwargs`
 
     @property
     def max_sequence_length(self) -> int:
@@ -86,11 +88,17 @@ class QwenImageBackbone(JointBlocksBackbone):
 
     @property
     def t5_tokenizer(self) -> Any:
-        """The Qwen2 tokenizer: a prompt's tokens alone are those the template's drop leaves (plus 5 closing ones)."""
-        return getattr(self.pipe, "tokenizer", None)
+        return None  # no T5: `overlong_prompts` counts the templated prompt as the pipeline truncates it
+
+    def overlong_prompts(self, prompts: Sequence[str], max_len: int) -> list[tuple[int, int]]:
+        """(prompt index, text tokens) of the prompts the pipeline truncates at `max_len`: the templated prompt's
+        tokens after the dropped system prompt, its closing template tokens included, as `encode_prompt` cuts them."""
+        texts, drop = self._templated_texts(prompts)
+        counts = [len(ids) - drop for ids in self.pipe.tokenizer(texts).input_ids]
+        return [(i, n) for i, n in enumerate(counts) if n > max_len]
 
     # --- text side --------------------------------------------------------------------------
-    def _templated(self, prompts: Sequence[str]) -> tuple[list[str], int]:
+    def _templated_texts(self, prompts: Sequence[str]) -> tuple[list[str], int]:
         pipe = self.pipe
         return [pipe.prompt_template_encode.format(p) for p in prompts], int(pipe.prompt_template_encode_start_idx)
 
@@ -106,7 +114,7 @@ class QwenImageBackbone(JointBlocksBackbone):
     def text_token_mask(self, prompts: Sequence[str], max_sequence_length: int = 1024) -> torch.Tensor:
         """(B, S) bool, S the batch's longest templated prompt after the dropped system prompt (at most
         `max_sequence_length`): the mask the pipeline builds (`_get_qwen_prompt_embeds`)."""
-        texts, drop = self._templated(prompts)
+        texts, drop = self._templated_texts(prompts)
         enc = self.pipe.tokenizer(texts, max_length=self.max_sequence_length + drop, padding=True, truncation=True,
                                   return_tensors="pt")
         lengths = (enc.attention_mask.sum(dim=1) - drop).clamp(min=0)  # (B,)
@@ -122,7 +130,7 @@ class QwenImageBackbone(JointBlocksBackbone):
         prompt dropped); Qwen2.5-VL is causal, so the token kept is the word's last one, then the transformer's text
         input (`txt_norm`, `txt_in`), like the prompt."""
         tok, template = self.pipe.tokenizer, self.pipe.prompt_template_encode
-        (_,), drop = self._templated([""])
+        (_,), drop = self._templated_texts([""])
         head = template[: template.index("{}")]
         firsts = []
         for word in words:
@@ -138,7 +146,7 @@ class QwenImageBackbone(JointBlocksBackbone):
         """(B, C) time embedding as `QwenImageTransformer2DModel.forward` computes it (in the compute `dtype`); each
         block's `txt_mod` turns it into the text branch's modulation (`concepts._qwen_block_update`)."""
         t = timestep.to(dtype)
-        return self.transformer.time_text_embed(t, torch.empty(0, device=t.device, dtype=dtype))
+        return self.transformer.time_text_embed(t, t)  # its second argument only gives the dtype
 
     # --- latents ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,6 +172,5 @@ class QwenImageBackbone(JointBlocksBackbone):
             return torch.empty(*shape, device="meta")
 
         return {"hidden_states": e(rows, h * w, cfg.in_channels), "timestep": e(rows),
-                "guidance": e(rows) if cfg.guidance_embeds else None,
                 "encoder_hidden_states": e(rows, text_tokens, cfg.joint_attention_dim),
                 "img_shapes": [[(1, h, w)]] * rows, "return_dict": False}

@@ -123,6 +123,8 @@ def contract_schedule(
     n = int(num_inference_steps)
     if n < 1:
         raise ValueError("num_inference_steps must be ≥ 1")
+    if n < 2 and scheduler.config.get("shift_terminal"):
+        raise ValueError("this scheduler stretches its schedule to end at shift_terminal: it needs at least 2 steps")
     defaults_in = np.linspace(1.0, 1.0 / n, n).astype(np.float32)  # what FluxPipeline passes by default
     default = _shifted(scheduler, defaults_in, mu)
 

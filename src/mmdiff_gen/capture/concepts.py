@@ -51,13 +51,13 @@ def concept_block_update(
     if hasattr(block, "txt_mod"):  # Qwen-Image: each block modulates its text from the shared time embedding
         return _qwen_block_update(block, concepts, temb, image_keys, image_values, rotate)
     if isinstance(block.norm1_context, nn.LayerNorm):  # FLUX.2: modulation (B, 6C) from the transformer
-        return _flux2_block_update(block, concepts, temb, image_keys, image_values)
+        return _flux2_block_update(block, concepts, temb, image_keys, image_values, rotate)
     last = getattr(block, "context_pre_only", False)
     if last:
         normed = block.norm1_context(concepts, temb)
     else:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=temb)
-    out = _concept_attention(attn, normed, image_keys, image_values)  # (B, K, H·D)
+    out = _concept_attention(attn, normed, image_keys, image_values, rotate)  # (B, K, H·D)
     if last:
         return concepts, out
 
@@ -85,14 +85,14 @@ def _concept_attention(attn: nn.Module, normed: torch.Tensor, image_keys: torch.
 
 
 def _flux2_block_update(block: nn.Module, concepts: torch.Tensor, mod: torch.Tensor, image_keys: torch.Tensor,
-                        image_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        image_values: torch.Tensor, rotate: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The text branch of diffusers 0.42 `Flux2TransformerBlock.forward` on the concept stream: plain LayerNorms
     modulated by `mod` (B, 6C), the transformer's `double_stream_modulation_txt` output shared by every block."""
     attn = block.attn
     mod = mod.unsqueeze(1)  # (B, 1, 6C), as Flux2Modulation.split
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     normed = (1 + scale_msa) * block.norm1_context(concepts) + shift_msa
-    out = _concept_attention(attn, normed, image_keys, image_values)  # (B, K, H·D)
+    out = _concept_attention(attn, normed, image_keys, image_values, rotate)  # (B, K, H·D)
     concepts = concepts + gate_msa * attn.to_add_out(out)
     normed = block.norm2_context(concepts) * (1 + scale_mlp) + shift_mlp
     concepts = concepts + gate_mlp * block.ff_context(normed)
