@@ -19,6 +19,11 @@ def _class_pattern(name: str) -> re.Pattern:
     return re.compile(r"(?<![^\W\d_])" + r"[\s_-]?".join(letters) + r"(?:e?s)?(?![^\W\d_])", re.IGNORECASE)
 
 
+def meta(*shape: int) -> torch.Tensor:
+    """An empty tensor on the meta device: the shape of a transformer argument, for `Backbone.meta_inputs`."""
+    return torch.empty(*shape, device="meta")
+
+
 class Backbone(ABC):
     """A frozen diffusers pipeline plus the facts capture needs about its transformer.
 

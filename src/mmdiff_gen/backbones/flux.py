@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, meta
 from .runtime import onloaded
 
 # black-forest-labs/FLUX.1-dev transformer/config.json: builds the real architecture on the meta
@@ -108,11 +108,8 @@ class FluxBackbone(Backbone):
         cfg = self.transformer.config
         n = math.prod(self.token_grid(height, width))  # packed image tokens
 
-        def e(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, device="meta")
-
-        return {"hidden_states": e(rows, n, cfg.in_channels), "timestep": e(rows),
-                "guidance": e(rows) if cfg.guidance_embeds else None,
-                "pooled_projections": e(rows, cfg.pooled_projection_dim),
-                "encoder_hidden_states": e(rows, text_tokens, cfg.joint_attention_dim),
-                "txt_ids": e(text_tokens, 3), "img_ids": e(n, 3), "return_dict": False}
+        return {"hidden_states": meta(rows, n, cfg.in_channels), "timestep": meta(rows),
+                "guidance": meta(rows) if cfg.guidance_embeds else None,
+                "pooled_projections": meta(rows, cfg.pooled_projection_dim),
+                "encoder_hidden_states": meta(rows, text_tokens, cfg.joint_attention_dim),
+                "txt_ids": meta(text_tokens, 3), "img_ids": meta(n, 3), "return_dict": False}

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, meta
 from .runtime import onloaded
 
 # black-forest-labs/FLUX.2-dev transformer/config.json (the defaults of diffusers 0.42's Flux2Transformer2DModel):
@@ -246,10 +246,7 @@ class Flux2Backbone(Backbone):
         cfg = self.transformer.config
         n = math.prod(self.token_grid(height, width))  # packed image tokens
 
-        def e(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, device="meta")
-
-        return {"hidden_states": e(rows, n, cfg.in_channels), "timestep": e(rows),
-                "guidance": e(rows) if cfg.guidance_embeds and not self.klein else None,
-                "encoder_hidden_states": e(rows, text_tokens, cfg.joint_attention_dim),
-                "txt_ids": e(text_tokens, 4), "img_ids": e(n, 4), "return_dict": False}
+        return {"hidden_states": meta(rows, n, cfg.in_channels), "timestep": meta(rows),
+                "guidance": meta(rows) if cfg.guidance_embeds and not self.klein else None,
+                "encoder_hidden_states": meta(rows, text_tokens, cfg.joint_attention_dim),
+                "txt_ids": meta(text_tokens, 4), "img_ids": meta(n, 4), "return_dict": False}

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import JointBlocksBackbone
+from .base import JointBlocksBackbone, meta
 from .runtime import onloaded
 
 # Qwen/Qwen-Image transformer/config.json (the defaults of diffusers 0.42's QwenImageTransformer2DModel): the real
@@ -168,9 +168,6 @@ class QwenImageBackbone(JointBlocksBackbone):
         cfg = self.transformer.config
         h, w = self.token_grid(height, width)
 
-        def e(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, device="meta")
-
-        return {"hidden_states": e(rows, h * w, cfg.in_channels), "timestep": e(rows),
-                "encoder_hidden_states": e(rows, text_tokens, cfg.joint_attention_dim),
+        return {"hidden_states": meta(rows, h * w, cfg.in_channels), "timestep": meta(rows),
+                "encoder_hidden_states": meta(rows, text_tokens, cfg.joint_attention_dim),
                 "img_shapes": [[(1, h, w)]] * rows, "return_dict": False}

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import JointBlocksBackbone
+from .base import JointBlocksBackbone, meta
 from .runtime import onloaded
 
 # stabilityai/stable-diffusion-3.5-large transformer/config.json: the real architecture on the meta
@@ -132,9 +132,6 @@ class SD3Backbone(JointBlocksBackbone):
         p = int(cfg.patch_size)
         clip = int(getattr(self.pipe, "tokenizer_max_length", 77))  # the CLIP tokens before T5's in the context
 
-        def e(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, device="meta")
-
-        return {"hidden_states": e(rows, cfg.in_channels, h * p, w * p), "timestep": e(rows),
-                "pooled_projections": e(rows, cfg.pooled_projection_dim),
-                "encoder_hidden_states": e(rows, clip + text_tokens, cfg.joint_attention_dim), "return_dict": False}
+        return {"hidden_states": meta(rows, cfg.in_channels, h * p, w * p), "timestep": meta(rows),
+                "pooled_projections": meta(rows, cfg.pooled_projection_dim),
+                "encoder_hidden_states": meta(rows, clip + text_tokens, cfg.joint_attention_dim), "return_dict": False}
