@@ -95,7 +95,10 @@ def test_overlong_prompt_is_warned(heads, tmp_path):
 
 
 def _spawn(args, env=None):
-    code = "import sys; from mmdiff_gen.cli import main; sys.argv = ['mmdiff-gen'] + sys.argv[1:]; main()"
+    # The child computes at this process's thread count: CPU sums, and so a sample's bytes, depend on it (a CI
+    # machine showing more cores than conftest's two gave a resumed shard other bytes than the in-process run).
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); from mmdiff_gen.cli import main; "
+            "sys.argv = ['mmdiff-gen'] + sys.argv[1:]; main()")
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
 
