@@ -174,7 +174,9 @@ def test_ray_engine_smoke(tmp_path):
 
 def test_families_smoke(tmp_path):
     res = bench("families").main(["--smoke", "--json", str(tmp_path / "families.json")])
-    assert set(res) == {"FLUX.2-dev", "Qwen-Image"}
-    for r in res.values():
-        s = r["sizes"][512]
+    assert set(res) == {"FLUX.2-dev", "Qwen-Image", "Wan2.1-T2V-1.3B"}
+    for name in ("FLUX.2-dev", "Qwen-Image"):
+        s = res[name]["sizes"][512]
         assert s["tokens"] == 1024 and s["extra_forwards"] == 1 and 0 < s["heads_share"] < 0.01
+    s = res["Wan2.1-T2V-1.3B"]["clips"]["81×480×832"]  # 21 latent frames × 30 × 52 tokens
+    assert s["tokens"] == 32760 and s["extra_forwards"] == 1 and 0 < s["heads_share"] < 0.01

@@ -7,6 +7,7 @@ from .qwenimage import QwenImageBackbone
 from .loading import BackboneNotFound, load_backbone, wrap_pipeline
 from .schedule import ContractSchedule, contract_schedule
 from .sd3 import SD3Backbone
+from .wan import WanBackbone
 
 __all__ = [
     "Backbone",
@@ -16,6 +17,7 @@ __all__ = [
     "FluxBackbone",
     "QwenImageBackbone",
     "SD3Backbone",
+    "WanBackbone",
     "contract_schedule",
     "load_backbone",
     "wrap_pipeline",

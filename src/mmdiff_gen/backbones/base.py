@@ -93,6 +93,11 @@ class Backbone(ABC):
 
     #: Whether the family's activations fit float16 (FLUX's do not).
     FLOAT16_OK = True
+    #: Whether the family generates clips (tokens frames' × h' × w', `token_grid(..., frames)`) rather than images.
+    VIDEO = False
+    #: Whether text reaches the image tokens through cross-attention (Wan: the text is never updated, no joint
+    #: attention, no concept stream) rather than joint attention.
+    CROSS_ATTENTION = False
     #: Text tokens a FLOP count assumes where the family does not pad its text to `max_sequence_length` (None: it does).
     FLOP_TEXT_TOKENS: int | None = None
 
@@ -111,6 +116,11 @@ class Backbone(ABC):
         if kind not in ("feature", "joint"):
             raise ValueError(f"blocks must be feature or joint, got {kind!r}")
         return self.feature_blocks if kind == "feature" else self.joint_blocks
+
+    def block_attention(self, block: nn.Module) -> nn.Module:
+        """The attention module of a joint / attention block in which image queries meet text keys (the one capture's
+        hooks read)."""
+        return block.attn
 
     @property
     def attention_blocks(self) -> list[nn.Module]:
@@ -182,6 +192,10 @@ class Backbone(ABC):
     #: offload, where it runs).
     CONCEPT_EMBEDDERS: tuple[str, ...] = ("time_text_embed",)
 
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """(B, 3, H, W) in [−1, 1] from PIL images or a (B, 3, H, W) tensor in [0, 1] (a video family: clips)."""
+        return self.pipe.image_processor.preprocess(images)
+
     @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Clean latents x0, laid out as the transformer takes them, from images (B, 3, H, W) in [−1, 1]."""
@@ -231,6 +245,8 @@ class Backbone(ABC):
     def sampling_kwargs(self, **overrides) -> dict:
         """Complete sampling kwargs for `generate`: the caller's values (None = unset) over the backbone's
         recommendation over SAMPLING_DEFAULTS; the text length never exceeds the tokenizer's limit."""
+        if overrides.get("num_frames") is not None and not self.VIDEO:
+            raise ValueError(f"{self.family} generates images: a frame count ({overrides['num_frames']}) is for video")
         out = {**self.SAMPLING_DEFAULTS, **{k: v for k, v in self.sampling.items() if k != "max_sequence_length"}}
         out.update({k: v for k, v in overrides.items() if v is not None})
         rec_len = self.sampling.get("max_sequence_length", self.max_sequence_length)
@@ -327,7 +343,10 @@ class Backbone(ABC):
         native = int(getattr(self.pipe, "default_sample_size", 128)) * int(self.pipe.vae_scale_factor)
         return 2 * self.pixels_per_token, 2 * native
 
-    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+    def token_grid(self, height: int, width: int, frames: int | None = None) -> tuple[int, ...]:
+        """(h', w') image tokens; a video family's (f', h', w') for a clip of `frames` frames."""
+        if frames is not None:
+            raise ValueError(f"{self.family} generates images, not clips of {frames} frames")
         p = self.pixels_per_token
         if height % p or width % p:
             raise ValueError(f"height and width must be multiples of {p} for this backbone, got {height}×{width}")
@@ -392,6 +411,11 @@ class Backbone(ABC):
     def pipeline_kwargs(self, sampling: dict) -> dict:
         """`sampling_kwargs` output → the keyword arguments this family's pipeline call accepts."""
         return dict(sampling)
+
+    def run_pipeline(self, **kwargs) -> Any:
+        """One call of the family's pipeline on `sampling_kwargs`-style arguments (`sigmas=`: the contract's pre-shift
+        inputs) → its images (a video family's: the frames of each clip)."""
+        return self.pipe(**self.pipeline_kwargs(kwargs)).images
 
     # --- identity ---------------------------------------------------------------------------
     def identity(self) -> dict:

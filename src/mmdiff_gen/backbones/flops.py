@@ -30,18 +30,20 @@ def meta_transformer(transformer: nn.Module) -> nn.Module:
         return type(transformer).from_config(transformer.config)
 
 
-def forward_flops(backbone: Backbone, *, rows: int, height: int, width: int, text_tokens: int | None = None) -> int:
+def forward_flops(backbone: Backbone, *, rows: int, height: int, width: int, text_tokens: int | None = None,
+                  frames: int | None = None) -> int:
     """FLOPs of one forward of the backbone's transformer on `rows` rows of height × width latents (real-image
     extraction passes images × sigmas rows in one forward), the text padded to `text_tokens` (None: as extraction
     pads it, the backbone's sampling `max_sequence_length`; a family whose text is not padded, its
-    `FLOP_TEXT_TOKENS`). Counted on a meta copy built from its config: the
+    `FLOP_TEXT_TOKENS`); a video family's clips of `frames` frames (None: its default). Counted on a meta copy built
+    from its config: the
     loaded backbone and `loading.meta_backbone` give the same count. Linear in `rows`."""
     if rows < 1:
         raise ValueError(f"rows must be ≥ 1, got {rows}")
     if text_tokens is None:
         text_tokens = backbone.FLOP_TEXT_TOKENS or backbone.sampling_kwargs()["max_sequence_length"]
     model = meta_transformer(backbone.transformer)
-    inputs = backbone.meta_inputs(rows, height, width, text_tokens)
+    inputs = backbone.meta_inputs(rows, height, width, text_tokens, **({"frames": frames} if frames else {}))
     with torch.no_grad():
         return count_flops(lambda: model(**inputs))
 

@@ -16,6 +16,7 @@ from .flux import FluxBackbone
 from .flux2 import Flux2Backbone
 from .qwenimage import QwenImageBackbone
 from .sd3 import SD3Backbone
+from .wan import WanBackbone
 
 # Optional file beside model_index.json: recommended sampling settings and capture defaults.
 SETTINGS_FILE = "mmdiff.json"
@@ -28,6 +29,7 @@ _ADAPTERS: dict[str, type[Backbone]] = {
     "Flux2KleinPipeline": Flux2Backbone,
     "QwenImagePipeline": QwenImageBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
+    "WanPipeline": WanBackbone,
 }
 
 
@@ -129,9 +131,10 @@ def _tiny_random(build: str):
 
 
 # Short names. "toy" is the embedded default, shipped in the package and loaded like any folder;
-# "tiny-random" (FLUX) and "tiny-random-sd3" have random weights: for smoke tests only.
+# "tiny-random" (FLUX), "tiny-random-sd3" and "tiny-random-wan" (video) have random weights: for smoke tests only.
 BUILTIN_FOLDERS = {"toy": ASSETS / "toy"}
-BUILTIN = {"tiny-random": _tiny_random("build_tiny_flux"), "tiny-random-sd3": _tiny_random("build_tiny_sd3")}
+BUILTIN = {"tiny-random": _tiny_random("build_tiny_flux"), "tiny-random-sd3": _tiny_random("build_tiny_sd3"),
+           "tiny-random-wan": _tiny_random("build_tiny_wan")}
 # The heads a short name uses when `generate` is given none.
 DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
 

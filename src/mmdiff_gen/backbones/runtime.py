@@ -277,9 +277,11 @@ def group_offloaded(model: nn.Module) -> bool:
 
 def block_offloaded(blocks: list[nn.Module]) -> bool:
     """Whether any of these blocks is a group of diffusers' block-level group offload (its weights leave the
-    device when the block returns)."""
+    device when the block returns). Leaf-level offload hooks a block itself only for parameters it holds directly
+    (Wan's `scale_shift_table`): a group of no modules."""
     for b in blocks:
         registry = getattr(b, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook("group_offloading") is not None:
+        hook = None if registry is None else registry.get_hook("group_offloading")
+        if hook is not None and hook.group.modules:
             return True
     return False

@@ -14,6 +14,11 @@ The scheduler applies its resolution shift to any `sigmas=` it is given, so the 
 passed pre-inverted, refined to the float32 input whose shifted value is the target exactly. A scheduler with a
 `shift_terminal` (Qwen-Image: 0.02) ends every schedule at that sigma: its last step stays where it is and the
 targets below it are extra forwards.
+
+A multistep flow scheduler (Wan's UniPCMultistepScheduler with `use_flow_sigmas`) shifts given sigmas elementwise
+too, but draws its default inputs from linspace(1, 1/1000, N + 1) and casts its timesteps to integers: the transformer
+receives floor(σ·1000). There a target must be a whole number of thousandths, and it is placed so that the floor is
+exactly it (`ContractSchedule.sigmas` are then what the transformer receives, timestep / 1000).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class ContractSchedule:
 
     Attributes:
         pipeline_sigmas: what to pass as `pipe(sigmas=...)` (pre-shift inputs, length N).
-        sigmas: the N sigmas the transformer will receive, after the scheduler's shift.
+        sigmas: the N sigmas the transformer will receive, after the scheduler's shift (an integer-timestep
+            scheduler's: timestep / num_train_timesteps).
         steps: target sigma → step index for targets placed on the schedule.
         extra: targets evaluated by one extra forward on the final latent.
         default_sigmas: the N sigmas of the untouched default schedule (for reports).
@@ -49,14 +55,45 @@ class ContractSchedule:
         return len(self.extra)
 
 
-_NON_ELEMENTWISE = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+_NON_ELEMENTWISE = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def scheduler_sigmas(scheduler: Any, inputs: Sequence[float]) -> Any:
+    """`sigmas=` as this scheduler takes them: a list, or for UniPC (whose flow branch does arithmetic on it
+    directly) a float64 array — the same values either way."""
+    values = [float(x) for x in inputs]
+    return np.asarray(values, dtype=np.float64) if _integer_timesteps(scheduler) else values
+
+
+def _probe(scheduler: Any, inputs: np.ndarray, mu: float | None) -> Any:
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(sigmas=scheduler_sigmas(scheduler, inputs), mu=mu)
+    return probe
 
 
 def _shifted(scheduler: Any, inputs: np.ndarray, mu: float | None) -> np.ndarray:
     """The sigmas a scheduler derives from `inputs` (float32), without touching the live scheduler."""
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(sigmas=[float(x) for x in inputs], mu=mu)
+    return _probe(scheduler, inputs, mu).sigmas[: len(inputs)].double().cpu().numpy()
+
+
+def _received(scheduler: Any, inputs: np.ndarray, mu: float | None) -> np.ndarray:
+    """The sigmas the transformer receives: the shifted ones, or an integer-timestep scheduler's timestep / T."""
+    probe = _probe(scheduler, inputs, mu)
+    if _integer_timesteps(scheduler):
+        return probe.timesteps[: len(inputs)].double().cpu().numpy() / _train_steps(scheduler)
     return probe.sigmas[: len(inputs)].double().cpu().numpy()
+
+
+def _integer_timesteps(scheduler: Any) -> bool:
+    return bool(scheduler.config.get("use_flow_sigmas"))  # UniPC / DPM-Solver: timesteps cast to int64
+
+
+def _train_steps(scheduler: Any) -> int:
+    return int(scheduler.config.get("num_train_timesteps", 1000))
+
+
+def _shift_param(cfg: Any) -> float:
+    return float(cfg.get("flow_shift") if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0))
 
 
 def _inverse_shift(scheduler: Any, target: float, mu: float | None) -> float:
@@ -65,7 +102,7 @@ def _inverse_shift(scheduler: Any, target: float, mu: float | None) -> float:
         if cfg.get("time_shift_type", "exponential") == "linear":
             return 1.0 / (1.0 + mu * (1.0 / target - 1.0))
         return 1.0 / (1.0 + math.exp(mu) * (1.0 / target - 1.0))
-    s = float(cfg.get("shift", 1.0))
+    s = _shift_param(cfg)
     return target / (s - (s - 1.0) * target)
 
 
@@ -76,7 +113,7 @@ def _shift(scheduler: Any, u: float, mu: float | None) -> float:
         if cfg.get("time_shift_type", "exponential") == "linear":
             return mu / (mu + (1.0 / u - 1.0))
         return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
-    s = float(cfg.get("shift", 1.0))
+    s = _shift_param(cfg)
     return s * u / (1.0 + (s - 1.0) * u)
 
 
@@ -98,9 +135,13 @@ def _place(scheduler: Any, target: float, mu: float | None, last_input: np.float
         up, down = np.nextafter(up, np.float32(2)), np.nextafter(down, np.float32(-1))
         cands += [up, down]
     cands = np.array([c for c in cands if 0 < c <= 1], dtype=np.float32)
-    got = _shifted(scheduler, np.append(cands, last_input), mu)[:-1] if terminal else _shifted(scheduler, cands, mu)
+    probe = np.append(cands, last_input) if terminal else cands
+    got = _shifted(scheduler, probe, mu)[: len(cands)]
     want = float(np.float32(target))
-    return float(cands[int(np.argmin(np.abs(got - want)))])
+    miss = np.abs(got - want)
+    if _integer_timesteps(scheduler):  # only inputs whose timestep floors to the target's qualify
+        miss[np.abs(_received(scheduler, probe, mu)[: len(cands)] - target) > 1e-9] = np.inf
+    return float(cands[int(np.argmin(miss))])
 
 
 def contract_schedule(
@@ -125,7 +166,15 @@ def contract_schedule(
         raise ValueError("num_inference_steps must be ≥ 1")
     if n < 2 and scheduler.config.get("shift_terminal"):
         raise ValueError("this scheduler stretches its schedule to end at shift_terminal: it needs at least 2 steps")
-    defaults_in = np.linspace(1.0, 1.0 / n, n).astype(np.float32)  # what FluxPipeline passes by default
+    if _integer_timesteps(scheduler):  # UniPC's own default inputs; its timesteps are whole thousandths
+        defaults_in = np.linspace(1.0, 1.0 / _train_steps(scheduler), n + 1)[:-1].astype(np.float32)
+        steps_of = _train_steps(scheduler)
+        off = [t for t in targets if abs(round(t * steps_of) - t * steps_of) > 1e-6]
+        if off:
+            raise ValueError(f"this scheduler hands the transformer whole timesteps (σ·{steps_of}): capture sigmas "
+                             f"must be multiples of {1 / steps_of:g}, got {off}")
+    else:
+        defaults_in = np.linspace(1.0, 1.0 / n, n).astype(np.float32)  # what FluxPipeline passes by default
     default = _shifted(scheduler, defaults_in, mu)
 
     inputs = defaults_in.copy()
@@ -146,7 +195,7 @@ def contract_schedule(
         if i < n - 1 or not scheduler.config.get("shift_terminal"):
             inputs[i] = _place(scheduler, t, mu, defaults_in[-1])
 
-    final = _shifted(scheduler, inputs, mu)
+    final = _received(scheduler, inputs, mu)
     if np.any(np.diff(final) >= 0):
         raise ValueError(f"placing {sorted(targets, reverse=True)} into {n} steps breaks the schedule's order; use more steps")
     for t, i in steps.items():

@@ -1,4 +1,4 @@
-"""Tiny FLUX.1, FLUX.2, Qwen-Image and SD3 pipelines built from configs: word-level tokenizers, random weights, no downloads.
+"""Tiny FLUX.1, FLUX.2, Qwen-Image, SD3 and Wan pipelines built from configs: word-level tokenizers, random weights, no downloads.
 
 Used by the tests and benchmarks, and as the skeleton the toy backbone is trained from. The
 pitfalls each choice avoids are in the comments.
@@ -232,6 +232,40 @@ def build_tiny_qwenimage(
     head = pipe.prompt_template_encode[: pipe.prompt_template_encode.index("{}")]
     if len(tok(head).input_ids) != pipe.prompt_template_encode_start_idx:
         raise AssertionError("the tiny tokenizer must count the template's system prompt as QwenImagePipeline drops it")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_wan(
+    *,
+    words: Sequence[str] = BASIC_WORDS + CONCEPT_WORDS,
+    dim_head: int = 12,
+    heads: int = 2,
+    blocks: int = 4,
+    text_width: int = 32,
+    latent_channels: int = 8,
+    seed: int = 0,
+):
+    """A WanPipeline (text-to-video) with random weights: a tiny T5 encoder (Wan's umT5 is a T5 encoder) and an
+    AutoencoderKLWan that downsamples 4× in space and 4× in time, so a 64×64 clip of 4k + 1 frames has k + 1 latent
+    frames of 8×8 video tokens (patch (1, 2, 2)). The 3-D RoPE splits the head dim into t, h, w parts (Wan: h = w =
+    2·(dim_head // 6)). The scheduler is Wan 2.1's UniPC with flow sigmas and flow_shift 3 (its 480p setting)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(words, model_max_length=512, add_bos=False)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[True, True], latents_mean=[0.0] * latent_channels,
+                           latents_std=[1.0] * latent_channels, scale_factor_temporal=4, scale_factor_spatial=4).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim_head, in_channels=latent_channels,
+        out_channels=latent_channels, text_dim=text_width, freq_dim=32, ffn_dim=2 * heads * dim_head,
+        num_layers=blocks, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=_t5(tok, text_width, 2), vae=vae, transformer=transformer,
+                       scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..backbones.runtime import Held, check_compilable, describe
-from .concepts import concept_block_update, concept_map, cross_attention_map
+from .concepts import concept_block_update, concept_map, concept_query_map, cross_attention_map
 from .text_attention import _heads, _norm, image_text_qk, text_attention
 
 
@@ -152,7 +152,7 @@ class CaptureHooks:
             self.handles.append(blk.register_forward_hook(self._on_block_end(w)))
             if w.joint is None and w.attention is None:
                 continue
-            attn = blk.attn
+            attn = bb.block_attention(blk)
             self.handles.append(blk.register_forward_pre_hook(self._on_block_start(w), with_kwargs=True))
             for name in ("to_q", "to_k", "to_v", "add_k_proj"):
                 if getattr(attn, name, None) is not None:
@@ -185,7 +185,7 @@ class CaptureHooks:
                 self._release()  # whatever a failed call left held
             timestep = kwargs["timestep"]
             self.out["timestep"] = timestep
-            if cfg.init is not None:
+            if cfg.init is not None and not self.backbone.CROSS_ATTENTION:  # a concept stream through joint blocks
                 rows = timestep.shape[0]
                 self._stream = cfg.init.unsqueeze(0).expand(rows, -1, -1)  # (R, K, C)
                 # The modulation is computed in the first joint block's hook, from the time embedder the forward
@@ -207,7 +207,8 @@ class CaptureHooks:
     def _reuses(self, w: _Where) -> bool:
         """Whether the armed hooks call this block's layers after it returned."""
         cfg = self.config
-        return (w.joint is not None and w.joint < cfg.concept_depth) or (
+        concepts = cfg.concept_layers if self.backbone.CROSS_ATTENTION else range(cfg.concept_depth)
+        return (w.joint is not None and w.joint in concepts) or (
             w.attention is not None and w.attention in cfg.text_layers)
 
     def _on_block_start(self, w: _Where) -> Callable:
@@ -271,7 +272,10 @@ class CaptureHooks:
             if reuses and cfg.hold:
                 self._reuse()  # the block's layers (and the time embedder) still on the device: call them again
             if w.joint is not None and w.joint < cfg.concept_depth:
-                self._concepts(block, w.joint)
+                if self.backbone.CROSS_ATTENTION:
+                    self._cross_concepts(self.backbone.block_attention(block), w.joint)
+                else:
+                    self._concepts(block, w.joint)
             if w.attention is not None and w.attention in cfg.text_layers:
                 self.out[("text", w.attention)] = self._text_attention(block)
             if reuses and cfg.hold:
@@ -301,9 +305,28 @@ class CaptureHooks:
                 mask = mask.repeat(q.shape[0] // mask.shape[0], 1)
             self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask, sc["key_mask"])  # (R, N)
 
+    def _cross_concepts(self, attn: nn.Module, idx: int) -> None:
+        """Concept and cross-attention maps of one cross-attention block (Wan's `attn2`), where no concept stream can
+        run (the text is never updated). Concept map: the block's image queries against the concept words' keys
+        alone — each concept token through the block's own `to_k` and `norm_k`, as a prompt token's key —, softmax
+        over the concepts, mean over heads; the block's own attention is untouched."""
+        cfg = self.config
+        if idx not in cfg.concept_layers:
+            return
+        q, text_keys, _ = image_text_qk(attn, self._scratch, self.backbone.rotate)  # (R, N, H, D), (R, S, H, D)
+        if cfg.init is not None:
+            concept_keys = _heads(attn, _norm(attn.norm_k, attn.to_k(cfg.init)))  # (K, H, D)
+            self.out[("concepts", idx)] = concept_query_map(q, concept_keys)  # (R, N, K)
+        if cfg.cross:
+            mask = cfg.text_mask
+            if mask is not None and mask.shape[0] != q.shape[0]:
+                mask = mask.repeat(q.shape[0] // mask.shape[0], 1)
+            self.out[("cross", idx)] = cross_attention_map(q, text_keys, None, mask)  # (R, N)
+
     def _text_attention(self, block: nn.Module) -> torch.Tensor:
         """(R, N, S) image→text attention per text token, recomputed from the block's own q and k."""
-        return text_attention(*image_text_qk(block.attn, self._scratch, self.backbone.rotate), self._scratch["key_mask"])
+        attn = self.backbone.block_attention(block)
+        return text_attention(*image_text_qk(attn, self._scratch, self.backbone.rotate), self._scratch["key_mask"])
 
 
 def _eager_when_called_alone(*functions) -> None:

@@ -7,6 +7,9 @@ block runs unchanged: capture's hooks (`_hooks.py`) keep the image projections a
 computes, and the concept update below reuses them. The families' attention modules share these projection names;
 SD3-medium has no q/k norms (None) and its last block is `context_pre_only` (no text output); what differs is the text
 branch's modulation (one function per family below).
+
+A cross-attention DiT (Wan) updates no text, so no stream can run: its concept maps come from the image queries of
+each cross-attention against the concept words' keys (`concept_query_map`, called by `_hooks`).
 """
 
 from __future__ import annotations
@@ -128,10 +131,23 @@ def concept_map(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Ten
     return sim.softmax(dim=-1)
 
 
+def concept_query_map(image_queries: torch.Tensor, concept_keys: torch.Tensor) -> torch.Tensor:
+    """(B, N, K) concept maps of a cross-attention block: softmax over concepts of the image queries' scaled dot
+    products with the concept keys, mean over heads.
+
+    Args:
+        image_queries: (B, N, H, D) after the block's q norm.
+        concept_keys: (K, H, D) the concept tokens through the block's own key projection and k norm.
+    """
+    d = image_queries.shape[-1]
+    logits = torch.einsum("bnhd,khd->bhnk", image_queries.float(), concept_keys.float()) / d**0.5
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
 def cross_attention_map(
     image_queries: torch.Tensor,
     text_keys: torch.Tensor,
-    image_keys: torch.Tensor,
+    image_keys: torch.Tensor | None,
     text_mask: torch.Tensor | None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -143,7 +159,7 @@ def cross_attention_map(
     Args:
         image_queries: (B, N, H, D) after `norm_q` (and RoPE).
         text_keys: (B, S, H, D) after `norm_added_k` (and RoPE).
-        image_keys: (B, N, H, D) after `norm_k` (and RoPE).
+        image_keys: (B, N, H, D) after `norm_k` (and RoPE); None in a cross-attention block (softmax over the text).
         text_mask: (B, S), 1 (True) on prompt tokens; None = every text token. Capture hands it over float32 on
             the attention's device already, so nothing moves inside an armed call.
         key_mask: (B, S) bool, the text keys the block attends to (`text_attention`); None: every one.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,7 +20,8 @@ class Generation:
     """Images of one batch with what the pass captured.
 
     Attributes:
-        images: the pipeline's output (PIL images by default), one per prompt.
+        images: the pipeline's output (PIL images by default), one per prompt; a video backbone's: the frames of
+            one clip per prompt.
         capture: features, sigmas received and maps, per image.
         schedule: the contract schedule the sampler followed (pass its `pipeline_sigmas` as
             `sigmas=` to a plain pipeline call to reproduce the images bit for bit).
@@ -32,11 +34,12 @@ class Generation:
     seeds: list[int]
 
 
-def plan_schedule(backbone: Backbone, spec: CaptureSpec, num_inference_steps: int, height: int, width: int) -> ContractSchedule:
-    """The contract schedule for this size and step count (see backbones.schedule)."""
-    h, w = backbone.token_grid(height, width)
+def plan_schedule(backbone: Backbone, spec: CaptureSpec, num_inference_steps: int, height: int, width: int,
+                  frames: int | None = None) -> ContractSchedule:
+    """The contract schedule for this size (and clip length) and step count (see backbones.schedule)."""
+    tokens = math.prod(backbone.token_grid(height, width, frames))
     schedule = contract_schedule(backbone.pipe.scheduler, num_inference_steps, spec.sigmas,
-                                 backbone.schedule_mu(h * w, num_inference_steps))
+                                 backbone.schedule_mu(tokens, num_inference_steps))
     backbone.check_schedule(schedule)
     return schedule
 
@@ -55,6 +58,7 @@ def generate(
     true_cfg_scale: float | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     max_sequence_length: int | None = None,
+    num_frames: int | None = None,
     output_type: str = "pil",
 ) -> Generation:
     """Generate one image per prompt and capture features at the spec's sigmas in the same pass.
@@ -73,6 +77,7 @@ def generate(
         num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt, output_type: as in FluxPipeline
             (SD3: guidance_scale is its classifier-free guidance and true_cfg_scale must stay 1).
         max_sequence_length: text tokens.
+        num_frames: a video backbone's clip length (4k + 1 for Wan; None: its default); not for images.
         Sampling settings left None are the backbone's (`Backbone.sampling_kwargs`: its mmdiff.json
         recommendation, else the FLUX defaults); true CFG without a negative prompt uses "".
     """
@@ -80,13 +85,15 @@ def generate(
     seeds = [int(s) for s in seeds]
     s = backbone.sampling_kwargs(height=height, width=width, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
-                                 negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
+                                 negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
+                                 num_frames=num_frames)
     height, width, num_inference_steps = s["height"], s["width"], s["num_inference_steps"]
+    frames = s.get("num_frames")  # None for an image backbone
     guidance_scale, true_cfg_scale, max_sequence_length = s["guidance_scale"], s["true_cfg_scale"], s["max_sequence_length"]
     negative_prompt = s["negative_prompt"] if true_cfg_scale > 1 else None
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-    schedule = plan_schedule(backbone, spec, num_inference_steps, height, width)
+    schedule = plan_schedule(backbone, spec, num_inference_steps, height, width, frames)
     generators = generators_for(seeds)
     text_mask = backbone.text_token_mask(prompts, max_sequence_length) if spec.cross_attention else None
 
@@ -110,10 +117,10 @@ def generate(
             final["latents"] = kwargs["latents"]
         return kwargs
 
-    with Capture(backbone, spec, batch_size=b, height=height, width=width, text_mask=text_mask,
+    with Capture(backbone, spec, batch_size=b, height=height, width=width, frames=frames, text_mask=text_mask,
                  cfg_in_batch=cfg, planned=True) as cap:
         before_step(cap, 0)
-        out = backbone.pipe(**backbone.pipeline_kwargs(dict(
+        images = backbone.run_pipeline(
             prompt=prompts,
             negative_prompt=negative_prompt,
             true_cfg_scale=true_cfg_scale,
@@ -126,13 +133,14 @@ def generate(
             max_sequence_length=max_sequence_length,
             output_type=output_type,
             callback_on_step_end=after_step,
-        )))
+            **({} if frames is None else {"num_frames": frames}),
+        )
         if schedule.extra:
-            x0 = final["latents"]  # clean latents: (B, N, C) packed (FLUX) or (B, C, h, w) (SD3)
+            x0 = final["latents"]  # clean latents: (B, N, C) packed (FLUX), (B, C, h, w) (SD3), (B, C, f, h, w) (Wan)
             noise = per_sample_noise(tuple(x0.shape[1:]), generators, x0.device, x0.dtype)
             for sigma in schedule.extra:
                 cap.forward_at(noise_to(x0, noise, sigma), sigma)
             # Under model offload the pipeline freed its models as it returned; the extra forward moved the
             # transformer back in: free it again, or the next batch's text encoders join it on the GPU.
             backbone.pipe.maybe_free_model_hooks()
-    return Generation(images=out.images, capture=cap.result(), schedule=schedule, seeds=seeds)
+    return Generation(images=images, capture=cap.result(), schedule=schedule, seeds=seeds)

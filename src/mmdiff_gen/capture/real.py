@@ -31,14 +31,16 @@ def extract(
     Args:
         backbone: the wrapped pipeline.
         images: a list of PIL images or a (B, 3, H, W) tensor in [0, 1]; all of one size, a multiple
-            of the backbone's pixels per token.
+            of the backbone's pixels per token. A video backbone's: clips (lists of PIL frames, or a (B, F, 3, H, W)
+            tensor in [0, 1]), real-video mode.
         spec: what to capture.
         captions: one caption per image (the prompt the features are conditioned on); None = empty.
         seeds: one noise seed per image; None = 0, 1, 2, …
         guidance_scale: FLUX.1-dev's distilled guidance value, as used in generation (None: the backbone's).
     """
-    pixels = backbone.pipe.image_processor.preprocess(images)  # (B, 3, H, W) in [−1, 1]
-    b, _, height, width = pixels.shape
+    pixels = backbone.preprocess(images)  # (B, 3, H, W) in [−1, 1]; a video backbone's (B, 3, F, H, W)
+    b, height, width = pixels.shape[0], *pixels.shape[-2:]
+    frames = pixels.shape[2] if backbone.VIDEO else None
     captions = [""] * b if captions is None else list(captions)
     seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
     if len(captions) != b or len(seeds) != b:
@@ -57,7 +59,8 @@ def extract(
     cond = {k: (v.repeat(t, *[1] * (v.dim() - 1)) if k != "txt_ids" else v) for k, v in cond.items()}
     text_mask = backbone.text_token_mask(captions, max_sequence_length) if spec.cross_attention else None
     inputs = backbone.transformer_inputs(latents, sigma, cond, guidance_scale, height, width)
-    with Capture(backbone, spec, batch_size=b, height=height, width=width, text_mask=text_mask, planned=True) as cap:
+    with Capture(backbone, spec, batch_size=b, height=height, width=width, frames=frames, text_mask=text_mask,
+                 planned=True) as cap:
         cap.arm([s for s in spec.sigmas for _ in range(b)])  # sigma-major rows: target j is rows j·B … (j+1)·B − 1
         backbone.transformer(**inputs)
         cap.collect()

@@ -23,7 +23,8 @@ class CaptureResult:
         sigmas: (B, T) float32, the sigma each sample's transformer call actually received.
         layers: feature-block indices, in the order of the L axis.
         target_sigmas: the configured sigmas, in the order of the T axis.
-        grid: (h, w) image tokens; N = h·w, row-major.
+        grid: (h, w) image tokens; N = h·w, row-major. A video backbone's: (f, h, w) latent frames × tokens,
+            N = f·h·w, frame-major.
         concepts: concept words, in the order of the K axis.
         concept_maps: (B, T, K, N) float32 softmax-over-concepts maps, mean over concept layers.
         cross_attention: (B, T, N) float32 averaged image→prompt attention, mean over concept layers.
@@ -43,7 +44,7 @@ class CaptureResult:
     text_attention_layers: tuple[int, ...] = ()
 
     def mean_concept_maps(self) -> torch.Tensor | None:
-        """(B, K, h, w): concept maps averaged over the captured sigmas (MMDiff §3.2)."""
+        """(B, K, h, w) (video: (B, K, f, h, w)): concept maps averaged over the captured sigmas (MMDiff §3.2)."""
         if self.concept_maps is None:
             return None
         b, t, k, n = self.concept_maps.shape
@@ -84,6 +85,7 @@ class Capture:
         spec: what to capture.
         batch_size: samples per run; each target sigma must be received by exactly that many rows.
         height, width: image size in pixels (gives the token grid).
+        frames: a video backbone's clip length in frames (the grid gains its latent frames); None for images.
         text_mask: (B, S) bool prompt-token mask, only used by the cross-attention baseline.
         cfg_in_batch: the pipeline runs CFG as [uncond; cond] rows of one call (Backbone.cfg_in_batch).
         planned: calls are armed by the caller (`arm`, `collect`) instead of matched by the sigma received.
@@ -97,6 +99,7 @@ class Capture:
         batch_size: int,
         height: int,
         width: int,
+        frames: int | None = None,
         text_mask: torch.Tensor | None = None,
         cfg_in_batch: bool = False,
         planned: bool = False,
@@ -104,7 +107,7 @@ class Capture:
         backbone.check_capture()
         self.backbone = backbone
         self.spec = spec
-        self.grid = backbone.token_grid(height, width)
+        self.grid = backbone.token_grid(height, width, frames)
         self.layers = spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)
         self.concept_layers = spec.concept_layers if spec.concept_layers is not None else backbone.default_concept_layers()
         self.planned = planned
@@ -115,7 +118,7 @@ class Capture:
                 raise ValueError(f"{name} layers {tuple(layers)} out of range: the backbone has {len(blocks)} such blocks")
         stream = bool(spec.concepts or spec.cross_attention)
         if (stream or spec.text_attention_layers) and any(
-                getattr(b.attn, "fused_projections", False) for b in backbone.attention_blocks):
+                getattr(backbone.block_attention(b), "fused_projections", False) for b in backbone.attention_blocks):
             raise ValueError("concept and text-attention capture need unfused QKV projections: call "
                              "transformer.unfuse_qkv_projections()")
         if (stream or spec.text_attention_layers) and block_offloaded(backbone.attention_blocks):

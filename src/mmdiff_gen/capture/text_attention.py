@@ -39,6 +39,8 @@ def image_text_qk(attn: nn.Module, kept: dict,
             `image_rotary_emb` (or None); "text_len": S of a FLUX single-stream block.
         rotate: the backbone's `Backbone.rotate` (how its family applies `rotary` to text and image tokens).
     """
+    if getattr(attn, "is_cross_attention", False):  # Wan's attn2: keys from the text alone; q / k norms across heads
+        return _heads(attn, attn.norm_q(kept["to_q"])), _heads(attn, attn.norm_k(kept["to_k"])), None
     q = _norm(attn.norm_q, _heads(attn, kept["to_q"]))
     k = _norm(attn.norm_k, _heads(attn, kept["to_k"]))
     if "add_k_proj" in kept:  # a joint block: image projections here, text through the added projections
@@ -58,23 +60,24 @@ def text_logits(image_queries: torch.Tensor, text_keys: torch.Tensor) -> torch.T
     return torch.einsum("bnhd,bshd->bns", image_queries.float(), text_keys.float()) / (math.sqrt(d) * image_queries.shape[2])
 
 
-def text_attention(image_queries: torch.Tensor, text_keys: torch.Tensor, image_keys: torch.Tensor,
+def text_attention(image_queries: torch.Tensor, text_keys: torch.Tensor, image_keys: torch.Tensor | None,
                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N, S) float32: for each image query, the attention probability of each text key, mean over heads.
 
     Args:
         image_queries: (B, N, H, D) after the q norm (and RoPE).
         text_keys: (B, S, H, D) after the added-k norm (and RoPE).
-        image_keys: (B, N, H, D) after the k norm (and RoPE).
+        image_keys: (B, N, H, D) after the k norm (and RoPE); None in a cross-attention block (the image queries see
+            the text keys alone).
         key_mask: (B, S) bool, the text keys the block attends to (Qwen-Image masks the padding of a batch's
             shorter prompts: `encoder_hidden_states_mask`); None: every one (FLUX, SD3).
     """
     b, n, h, d = image_queries.shape
     s = text_keys.shape[1]
-    keys = torch.cat([text_keys, image_keys], dim=1)  # (B, S+N, H, D)
+    keys = text_keys if image_keys is None else torch.cat([text_keys, image_keys], dim=1)  # (B, S[+N], H, D)
     bias = None
     if key_mask is not None:  # −inf on masked text keys, as the block's own attention mask
-        bias = torch.zeros(b, 1, s + n, device=keys.device, dtype=torch.float32)
+        bias = torch.zeros(b, 1, keys.shape[1], device=keys.device, dtype=torch.float32)
         bias[:, 0, :s].masked_fill_(~key_mask.to(keys.device, torch.bool), float("-inf"))
     total = image_queries.new_zeros(b, n, s, dtype=torch.float32)
     for head in range(h):  # one head at a time: (B, N, S+N) stays small at 1024²

@@ -1,0 +1,222 @@
+"""The Wan (text-to-video) adapter on a tiny WanPipeline built from configs (random weights; 64×64 clips of 9 frames =
+3 latent frames × 8×8 tokens), and the released Wan configs on the meta device.
+
+What the image families' contract (`test_families.py`) checks, for clips: video bit-identical with capture on and off
+under Wan's CFG; the sigmas received (UniPC's integer timesteps) are the contract's; features are the blocks' outputs;
+real-video mode is one forward at x_σ; concept, cross-attention and per-token image→text maps equal a hand-written
+cross-attention reference; compile, offload and LoRA leave capture as it is.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from _families import Recorder
+from mmdiff_gen.backbones import WanBackbone, wrap_pipeline
+from mmdiff_gen.backbones.tiny import build_tiny_wan
+from mmdiff_gen.capture import CaptureSpec, compile_backbone, extract, generate, plan_schedule
+from mmdiff_gen.capture._noise import generators_for
+
+PROMPTS = ["a red circle on the left", "a small blue star"]
+SEEDS = [3, 4]
+FRAMES = 9
+KW = dict(height=64, width=64, num_frames=FRAMES, num_inference_steps=12, guidance_scale=5.0, max_sequence_length=16)
+GRID = (3, 8, 8)
+N_TOKENS = math.prod(GRID)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return wrap_pipeline(build_tiny_wan(seed=0), name="tiny-wan")
+
+
+@pytest.fixture
+def record():
+    made = []
+    yield lambda b: made.append(Recorder(b.transformer, b.feature_blocks, N_TOKENS)) or made[-1]
+    for r in made:
+        r.close()
+
+
+def test_geometry_and_sampling(bb):
+    assert isinstance(bb, WanBackbone) and bb.identity()["family"] == "wan"
+    assert bb.pixels_per_token == 8 and bb.token_grid(64, 64, FRAMES) == GRID and bb.token_grid(64, 64) == (8, 8)
+    assert bb.latent_frames(1) == 1 and bb.latent_frames(81) == 21
+    with pytest.raises(ValueError, match=r"4·n \+ 1"):
+        bb.token_grid(64, 64, 8)
+    s = bb.sampling_kwargs()
+    assert (s["num_frames"], s["height"], s["width"], s["guidance_scale"], s["max_sequence_length"]) == (81, 480, 832,
+                                                                                                       5.0, 512)
+    with pytest.raises(ValueError, match="generates images"):  # an image family is never handed a frame count
+        wrap_pipeline(__import__("mmdiff_gen.backbones.tiny", fromlist=["x"]).build_tiny_flux(seed=0)).sampling_kwargs(
+            num_frames=9)
+
+
+def test_the_contract_on_unipc_integer_timesteps(bb):
+    plan = plan_schedule(bb, CaptureSpec(), 12, 64, 64, FRAMES)
+    # The transformer receives floor(σ·1000) / 1000: each placed target exactly, 0.001 as one extra forward.
+    assert {plan.sigmas[i] for i in plan.steps.values()} == {0.78, 0.52, 0.26} and plan.extra == (0.001,)
+    assert all(round(s * 1000) == s * 1000 for s in plan.sigmas)
+    with pytest.raises(ValueError, match="multiples of 0.001"):
+        plan_schedule(bb, CaptureSpec(sigmas=(0.7805,)), 12, 64, 64, FRAMES)
+
+
+def test_video_bit_identical_the_contract_sigmas_and_the_block_outputs(bb, record):
+    spec = CaptureSpec(layers=(1, 3), concepts=("object", "edges"), cross_attention=True, text_attention_layers=(1,),
+                       store_dtype="float32")
+    rec = record(bb)
+    ours = generate(bb, PROMPTS, spec, seeds=SEEDS, output_type="np", **KW)
+    calls = list(rec.timesteps)
+    plan = plan_schedule(bb, spec, KW["num_inference_steps"], 64, 64, FRAMES)
+    plain = bb.run_pipeline(prompt=PROMPTS, generator=generators_for(SEEDS), sigmas=list(plan.pipeline_sigmas),
+                            output_type="np", **KW)
+    assert ours.images.shape == (2, FRAMES, 64, 64, 3) and np.array_equal(ours.images, plain)
+    cap = ours.capture
+    assert cap.grid == GRID and cap.features.shape == (2, 2, 4, N_TOKENS, bb.feature_dim)
+    assert torch.equal(cap.sigmas, torch.tensor([spec.sigmas] * 2))  # whole thousandths: exact
+    assert len(calls) == 2 * KW["num_inference_steps"] + len(plan.extra)  # CFG: a second, unconditional call
+    for j, target in enumerate(spec.sigmas):
+        call = next(k for k, t in enumerate(calls) if int(t[0]) == round(target * 1000))  # the conditional, first
+        for slot, layer in enumerate(cap.layers):
+            assert torch.equal(cap.features[:, slot, j], rec.outputs[call][layer])
+    torch.testing.assert_close(cap.concept_maps.sum(2), torch.ones(2, 4, N_TOKENS))
+    assert cap.mean_concept_maps().shape == (2, 2, *GRID)
+    assert cap.cross_attention.shape == (2, 4, N_TOKENS) and torch.all(cap.cross_attention > 0)
+    assert cap.text_attention.shape == (2, 4, 1, N_TOKENS, 16)
+
+
+def test_real_video_mode_is_one_forward_at_x_sigma(bb, record):
+    clips = torch.rand(2, FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # (B, F, 3, H, W) in [0, 1]
+    res = extract(bb, clips, CaptureSpec(layers=(0, 2), store_dtype="float32"), captions=PROMPTS, seeds=[5, 6],
+                  max_sequence_length=16)
+    assert res.grid == GRID and res.features.shape == (2, 2, 4, N_TOKENS, bb.feature_dim)
+    x0 = bb.encode_images(clips.permute(0, 2, 1, 3, 4) * 2 - 1)  # (B, z, f, h, w)
+    assert x0.shape == (2, 8, 3, 16, 16)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators_for([5, 6])])
+    rec = record(bb)
+    bb.transformer(hidden_states=(1 - 0.52) * x0 + 0.52 * noise, timestep=torch.tensor([520, 520]),
+                   encoder_hidden_states=bb.encode_prompts(PROMPTS, 16)["encoder_hidden_states"], return_dict=False)
+    torch.testing.assert_close(res.features[:, 1, 1], rec.outputs[-1][2], atol=1e-5, rtol=1e-5)
+
+
+def _reference(attn, x, text, concepts, prompt_mask):
+    """Wan's cross-attention written out from diffusers 0.42's WanAttnProcessor: q / k RMS-normed across heads, then
+    split; softmax over the text keys alone. Returns the block's attention output (to check the reference is the
+    block), the per-token image→text probabilities (B, N, S), the averaged prompt attention (B, N) and the concept
+    maps (B, N, K): the image queries against the concepts' keys alone, softmax over concepts, mean over heads."""
+    heads = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731  (B, H, L, D)
+    q, k, v = heads(attn.norm_q(attn.to_q(x))), heads(attn.norm_k(attn.to_k(text))), heads(attn.to_v(text))
+    probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, H, N, S)
+    out = attn.to_out[0]((probs @ v).transpose(1, 2).flatten(2))
+    ck = heads(attn.norm_k(attn.to_k(concepts)))  # (1, H, K, D)
+    maps = (q @ ck.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1).mean(1)
+    p_text = probs.mean(1)
+    m = prompt_mask.float()[:, None]
+    return out, p_text, (p_text * m).sum(-1) / m.sum(-1), maps
+
+
+def test_concept_cross_and_text_attention_maps_equal_the_reference(bb):
+    words, layers = ("object", "background", "edges"), (1, 3)
+    spec = CaptureSpec(sigmas=(0.6,), concepts=words, concept_layers=layers, text_attention_layers=layers,
+                       cross_attention=True, store_dtype="float32")
+    seen = {}
+
+    def keep(i):
+        def hook(_m, args, out):
+            seen[i] = (args[0], args[1], out)
+        return hook
+
+    hooks = [bb.joint_blocks[i].attn2.register_forward_hook(keep(i)) for i in layers]
+    try:
+        res = extract(bb, torch.rand(2, FRAMES, 3, 64, 64), spec, captions=PROMPTS, max_sequence_length=16)
+    finally:
+        for h in hooks:
+            h.remove()
+    # The concept tokens by hand: each word alone through the pipeline's T5, token 0, the transformer's text input.
+    tok = bb.pipe.tokenizer(list(words), padding="max_length", max_length=8, return_tensors="pt")
+    t5 = bb.pipe.text_encoder(tok.input_ids, tok.attention_mask).last_hidden_state[:, 0]
+    concepts = bb.transformer.condition_embedder.text_embedder(t5)[None]  # (1, K, C)
+    torch.testing.assert_close(bb.encode_concepts(words), concepts[0])
+    mask = bb.text_token_mask(PROMPTS, 16)
+    maps = cross = 0
+    for slot, i in enumerate(layers):
+        x, text, block_out = seen[i]
+        out, p_text, c, m = _reference(bb.joint_blocks[i].attn2, x, text, concepts, mask)
+        torch.testing.assert_close(out, block_out, atol=1e-5, rtol=1e-5)  # the reference is the block
+        torch.testing.assert_close(res.text_attention[:, 0, slot], p_text, atol=1e-6, rtol=1e-5)
+        maps, cross = maps + m / len(layers), cross + c / len(layers)
+    torch.testing.assert_close(res.concept_maps[:, 0], maps.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res.cross_attention[:, 0], cross, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_and_offloaded_capture_as_eager_and_resident():
+    """torch.compile by blocks (aot_eager) with capture's hooks inside, and leaf-level group offload: the same video,
+    features and concept maps."""
+    import torch._dynamo
+
+    from mmdiff_gen.backbones.runtime import apply_runtime
+
+    spec = CaptureSpec(layers=(0, 3), concepts=("object",), cross_attention=True, store_dtype="float32")
+    kw = dict(output_type="np", **KW)
+    eager = generate(wrap_pipeline(build_tiny_wan(seed=0)), PROMPTS, spec, seeds=SEEDS, **kw)
+    compiled = wrap_pipeline(build_tiny_wan(seed=0))
+    torch._dynamo.reset()
+    try:
+        compile_backbone(compiled, "blocks", backend="aot_eager")
+        ours = generate(compiled, PROMPTS, spec, seeds=SEEDS, **kw)
+    finally:
+        torch._dynamo.reset()
+    pipe = build_tiny_wan(seed=0)
+    apply_runtime(pipe, offload="group", storage="full", dtype=torch.float32, device="cpu")
+    offloaded = generate(wrap_pipeline(pipe), PROMPTS, spec, seeds=SEEDS, **kw)
+    for run in (ours, offloaded):
+        assert np.array_equal(run.images, eager.images)
+        for name in ("features", "concept_maps", "cross_attention"):
+            torch.testing.assert_close(getattr(run.capture, name), getattr(eager.capture, name), atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_folder_is_recognised_and_loaded(tmp_path):
+    from mmdiff_gen.backbones import load_backbone
+    from mmdiff_gen.backbones.loading import meta_backbone
+
+    build_tiny_wan(seed=0).save_pretrained(tmp_path / "wan")
+    loaded = load_backbone(str(tmp_path / "wan"), dtype=torch.float32, device="cpu")
+    assert isinstance(loaded, WanBackbone) and loaded.token_grid(64, 64, FRAMES) == GRID
+    meta = meta_backbone(str(tmp_path / "wan"))
+    assert meta.pixels_per_token == 8 and len(meta.feature_blocks) == 4
+
+
+def test_two_transformer_wan_is_refused():
+    pipe = build_tiny_wan(seed=0)
+    pipe.transformer_2 = pipe.transformer
+    with pytest.raises(ValueError, match="second .*transformer"):
+        WanBackbone(pipe, "a14b")
+
+
+REAL = {  # name: (config, blocks, width, default layers)
+    "Wan2.1-T2V-1.3B": ("WAN_2_1_T2V_1_3B", 30, 1536, (3, 12, 20, 29)),
+    "Wan2.1-T2V-14B": ("WAN_2_1_T2V_14B", 40, 5120, (4, 16, 27, 39)),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_the_real_config_on_the_meta_device(name):
+    """Wan 2.1 as released, no weights: 81 frames at 480×832 are 21 latent frames × 30×52 tokens = 32 760 tokens per
+    clip; capture takes them all at a block."""
+    from mmdiff_gen.backbones import wan
+    from mmdiff_gen.backbones.flops import config_backbone
+    from mmdiff_gen.capture import Capture
+
+    attr, blocks, width, layers = REAL[name]
+    bb = config_backbone(WanBackbone, "WanTransformer3DModel", getattr(wan, attr), vae_scale_factor=8, name=name)
+    assert (len(bb.feature_blocks), bb.feature_dim, bb.default_layers()) == (blocks, width, layers)
+    assert bb.pixels_per_token == 16 and bb.token_grid(480, 832, 81) == (21, 30, 52)
+    kwargs = bb.meta_inputs(1, 480, 832, 512, frames=81)
+    with Capture(bb, CaptureSpec(sigmas=(0.5,)), batch_size=1, height=480, width=832, frames=81, planned=True) as cap, \
+            torch.device("meta"):
+        assert cap.arm([0.5])
+        bb.transformer(**kwargs)
+        cap.collect()
+    assert cap.features.shape == (1, 4, 1, 21 * 30 * 52, width)
