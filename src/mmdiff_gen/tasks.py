@@ -57,6 +57,11 @@ class Task:
         object.__setattr__(self, "aliases", tuple(self.aliases))
 
     @property
+    def video_member(self) -> str:
+        """The member of a clip's labels, every frame in one array (io.members: "seg.npz")."""
+        return self.member.rsplit(".", 1)[0] + ".npz"
+
+    @property
     def trained(self) -> bool:
         """Whether a head is trained for it (False: zero-shot)."""
         return self.decoder is not None

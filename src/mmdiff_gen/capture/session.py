@@ -30,6 +30,7 @@ class CaptureResult:
         cross_attention: (B, T, N) float32 averaged image→prompt attention, mean over concept layers.
         text_attention: (B, T, L', N, S) float32 image→text attention per text token at the spec's
             text-attention layers (Backbone.attention_blocks indices), mean over heads.
+        frames: a clip's decoded frames (grid[0] latent frames hold them); None for images.
     """
 
     features: torch.Tensor
@@ -42,6 +43,7 @@ class CaptureResult:
     cross_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
     text_attention_layers: tuple[int, ...] = ()
+    frames: int | None = None
 
     def mean_concept_maps(self) -> torch.Tensor | None:
         """(B, K, h, w) (video: (B, K, f, h, w)): concept maps averaged over the captured sigmas (MMDiff §3.2)."""
@@ -64,6 +66,7 @@ class CaptureResult:
             cross_attention=None if self.cross_attention is None else self.cross_attention[pick],
             text_attention=None if self.text_attention is None else self.text_attention[pick],
             text_attention_layers=self.text_attention_layers,
+            frames=self.frames,
         )
 
 
@@ -108,6 +111,7 @@ class Capture:
         self.backbone = backbone
         self.spec = spec
         self.grid = backbone.token_grid(height, width, frames)
+        self.frames = frames
         self.layers = spec.layers if spec.layers is not None else backbone.default_layers(blocks=spec.blocks)
         self.concept_layers = spec.concept_layers if spec.concept_layers is not None else backbone.default_concept_layers()
         self.planned = planned
@@ -323,4 +327,5 @@ class Capture:
             cross_attention=cross,
             text_attention=text,
             text_attention_layers=self.spec.text_attention_layers,
+            frames=self.frames,
         )

@@ -35,6 +35,8 @@ def generate(
     guidance: Annotated[float | None, typer.Option(help="FLUX distilled guidance [recommendation, else 3.5].")] = None,
     true_cfg: Annotated[float | None, typer.Option(help="True CFG scale, 1 = off [recommendation, else 1].")] = None,
     size: Annotated[int | None, typer.Option(help="Image side in pixels [recommendation, else 512].")] = None,
+    frames: Annotated[int | None, typer.Option(help="A video backbone's frames per clip, 4k + 1 for Wan (clips are "
+                                                    "written as KEY.mp4 with per-frame labels) [its default].")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation pass.")] = 4,
     image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
     fmt: Annotated[str, typer.Option("--format", help="webdataset (tar shards) or files (folders).")] = "webdataset",
@@ -103,7 +105,8 @@ def generate(
             job = GenerateJob(out=out_dir, tasks=task_list, images_per_prompt=images_per_prompt, seed=seed,
                               batch_size=batch_size, image_format=image_format, format=fmt, shard_size=shard_size,
                               height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                              true_cfg_scale=true_cfg, overwrite=overwrite, retry_failed=retry_failed,
+                              true_cfg_scale=true_cfg, num_frames=frames, overwrite=overwrite,
+                              retry_failed=retry_failed,
                               min_quality=min_quality, write_workers=write_workers)
             config = GenerateConfig(
                 prompts=texts, job=job, model=model, heads=heads, lora=lora, lora_scale=lora_scale, dino=dino,
@@ -145,7 +148,8 @@ def generate(
 def export(
     src: Annotated[str, typer.Option("--in", help="A `generate` output folder or URL (s3://…, gs://…).")],
     dest: Annotated[Path, typer.Option("--out", help="Export folder.")],
-    fmt: Annotated[str, typer.Option("--format", help="coco.")] = "coco",
+    fmt: Annotated[str, typer.Option("--format", help="coco (images) or youtube-vis (clips: frames and tracked "
+                                                      "instances).")] = "coco",
     include_background: Annotated[bool, typer.Option(help="Annotate class 0 too.")] = False,
     min_quality: Annotated[float | None, typer.Option(help="Export only samples whose quality score is at "
                                                            "least this.")] = None,
@@ -159,11 +163,13 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an export folder that holds anything (the new export "
                                                  "takes its place whole).")] = False,
 ) -> None:
-    """Export a generated dataset: COCO annotations.json (one mask per instance) + images, labels, saliency, depth."""
+    """Export a generated dataset: COCO annotations.json (one mask per instance) + images, labels, saliency, depth; a
+    dataset of clips: YouTube-VIS instances.json (instances tracked over frames) + frames, labels per frame."""
     from ..io.coco import MASK_FORMATS, export_coco
+    from ..io.youtube_vis import export_youtube_vis
 
-    if fmt != "coco":
-        fail(f"unknown export format {fmt!r}; supported: coco", code=2)
+    if fmt not in ("coco", "youtube-vis"):
+        fail(f"unknown export format {fmt!r}; supported: coco, youtube-vis", code=2)
     if mask_format not in MASK_FORMATS:
         fail(f"--mask-format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}", code=2)
     if min_area < 0:
@@ -174,6 +180,13 @@ def export(
         fail(f"--out {dest} is not empty: choose another folder, or --overwrite to replace it", code=2)
     with clean_errors():
         _say_missing(src, allow_partial)
+        if fmt == "youtube-vis":
+            counts = export_youtube_vis(src, dest, include_background=include_background, min_quality=min_quality,
+                                        min_area=min_area, allow_partial=allow_partial, overwrite=overwrite)
+            out.print(f"{dest}: {counts['videos']} videos ({counts['frames']} frames), {counts['annotations']} "
+                      f"tracked instances, {counts['categories']} categories (instances.json)", highlight=False,
+                      soft_wrap=True)
+            return
         counts = export_coco(src, dest, include_background=include_background, min_quality=min_quality,
                              min_area=min_area, allow_partial=allow_partial, mask_format=mask_format,
                              overwrite=overwrite)
@@ -189,7 +202,10 @@ def preview(
     n: Annotated[int, typer.Option("--n", "-n", help="Samples (rows).")] = 16,
     allow_partial: AllowPartial = False,
 ) -> None:
-    """A contact sheet: image | segmentation overlay | saliency | depth colormap | openseg overlay per sample."""
+    """A contact sheet: image | segmentation overlay | saliency | depth colormap | openseg overlay per sample (a clip:
+    per frame, beside an animated GIF)."""
+    from ..io.dataset import read_info
+    from ..io.members import VIDEO_FORMAT
     from ..io.preview import contact_sheet
 
     if n < 1:
@@ -197,7 +213,9 @@ def preview(
     with clean_errors():
         _say_missing(src, allow_partial)
         rows = contact_sheet(src, sheet, n=n, allow_partial=allow_partial)
-    out.print(f"{sheet}: {rows} samples", highlight=False, soft_wrap=True)
+    gif = sheet.with_suffix(".gif")
+    clips = f" (clips: their frames, and every frame in {gif})" if read_info(src)["image_format"] == VIDEO_FORMAT else ""
+    out.print(f"{sheet}: {rows} samples{clips}", highlight=False, soft_wrap=True)
 
 
 

@@ -6,6 +6,7 @@ decoder of MMDiff App. C): the aggregation, by far the heavier part, runs once f
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +41,9 @@ class HeadConfig:
             FLUX.1-dev widths one module is ~30 M parameters, so only the shared variant matches
             the paper's "~36 M in total"; per layer (the default) is ~4× that.
         agg_depth, agg_heads, dropout, layer_scale, skip_init: the aggregation module's settings.
+        frame_mixing: for clips, the kernel (in latent frames, odd) of a depthwise convolution over time on each
+            layer's aggregated map before the decoders, a residual branch that starts at zero (so the head starts as
+            the per-frame one); 0: every latent frame is read alone.
     """
 
     tasks: tuple[str, ...]
@@ -59,6 +63,7 @@ class HeadConfig:
     dropout: float = 0.1
     layer_scale: float = 1e-4  # MMDiff §3.1 (App. F gives 1e-6)
     skip_init: float = 0.1  # MMDiff App. F
+    frame_mixing: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks))
@@ -75,6 +80,8 @@ class HeadConfig:
         if self.classes_task is None and self.num_classes != 1:
             raise ValueError(f"{', '.join(self.tasks)} has one output channel")
         object.__setattr__(self, "aspp_rates", tuple(self.aspp_rates))
+        if self.frame_mixing < 0 or (self.frame_mixing and self.frame_mixing % 2 == 0):
+            raise ValueError(f"frame_mixing is an odd kernel size in latent frames or 0, got {self.frame_mixing}")
 
     @property
     def name(self) -> str:
@@ -107,12 +114,31 @@ class _MeanFusion(nn.Module):
         return proj.reshape(b, *grid, -1).permute(0, 3, 1, 2)
 
 
+class FrameMixing(nn.Module):
+    """x + proj(depthwise conv over latent frames of x) on one layer's aggregated maps of a clip, proj zero-initialised
+    (the identity at first): (B, D, f, h, w) → same."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv3d(dim, dim, (kernel, 1, 1), padding=(kernel // 2, 0, 0), groups=dim)
+        self.proj = nn.Conv3d(dim, dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(torch.nn.functional.gelu(self.conv(x)))
+
+
 class MMDiffHead(nn.Module):
     """Dense prediction of its tasks from captured DiT features.
 
     forward(features (B, L, T, N, C), grid (h, w), size (H, W), concepts (B, K, h, w) | None,
     extra (B, E, h, w) | None) → {task: (B, num_classes, H, W)}: class logits, a probability logit or a
     positive value (depth, ≥ 0), as the task's kind says.
+
+    Clips (a video backbone's grid (f, h, w), N = f·h·w frame-major, concepts (B, K, f, h, w)): each latent frame
+    is aggregated and decoded as an image, after the optional `FrameMixing` over frames → {task: (B, f, classes,
+    H, W)}, one prediction per latent frame (`heads.frames.to_frames` spreads them over the decoded frames).
     """
 
     def __init__(self, config: HeadConfig):
@@ -135,6 +161,8 @@ class MMDiffHead(nn.Module):
             return DPTDecoder(widths, side, task.kind, channels=c.decoder_channels)
 
         self.decoders = nn.ModuleDict({t: decoder(registry.get(t)) for t in c.tasks})
+        if c.frame_mixing:
+            self.mixing = nn.ModuleList(FrameMixing(c.width, c.frame_mixing) for _ in range(c.num_layers))
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
                 concepts: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -143,23 +171,35 @@ class MMDiffHead(nn.Module):
             raise ValueError(f"expected (B, {c.num_layers}, {c.num_timesteps}, N, C) features, got {tuple(features.shape)}")
         if (concepts is None) != (c.num_concepts == 0) or (extra is None) != (c.extra_channels == 0):
             raise ValueError("concept maps / extra maps must be given exactly when the head was built for them")
+        clip = len(grid) == 3
+        if clip:  # latent frames into the batch: (B, L, T, f·h·w, C) → (B·f, L, T, h·w, C)
+            b, f = features.shape[0], grid[0]
+            features = features.unflatten(3, (f, -1)).movedim(3, 1).flatten(0, 1)
+            concepts, extra = (None if x is None else x.movedim(2, 1).flatten(0, 1) for x in (concepts, extra))
+            grid = tuple(grid[1:])
+        elif c.frame_mixing:
+            raise ValueError("a head with frame mixing reads clips: its grid is (frames, h, w)")
         maps = [self.aggregators[0 if c.shared_aggregation else i](features[:, i], grid) for i in range(c.num_layers)]
+        if clip and c.frame_mixing:  # (B·f, D, h, w) per layer, mixed along f
+            maps = [m(x.unflatten(0, (b, f)).movedim(1, 2)).movedim(2, 1).flatten(0, 1) for m, x in zip(self.mixing, maps)]
         sides = [x.float() for x in (concepts, extra) if x is not None]
         side = torch.cat(sides, 1) if sides else None
-        return {t: d(maps, side, size) for t, d in self.decoders.items()}
+        out = {t: d(maps, side, size) for t, d in self.decoders.items()}
+        return {t: x.unflatten(0, (b, f)) for t, x in out.items()} if clip else out
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def head_flops(config: HeadConfig, grid: tuple[int, int], size: tuple[int, int]) -> int:
-    """FLOPs of one forward of a head built from `config` on one image's features (L, T, N, C) and side maps on a
-    `grid` of tokens, outputs at `size`: counted on the meta device (no weights, no memory, any backbone's width)."""
+    """FLOPs of one forward of a head built from `config` on one image's (or clip's: grid (f, h, w)) features
+    (L, T, N, C) and side maps on a `grid` of tokens, outputs at `size`: counted on the meta device (no weights, no
+    memory, any backbone's width)."""
     from ..backbones.flops import count_flops
 
     with torch.device("meta"):
         head = MMDiffHead(config)
-        feats = torch.empty(1, config.num_layers, config.num_timesteps, grid[0] * grid[1], config.feature_dim)
+        feats = torch.empty(1, config.num_layers, config.num_timesteps, math.prod(grid), config.feature_dim)
         side = torch.empty(1, config.num_concepts, *grid) if config.num_concepts else None
         extra = torch.empty(1, config.extra_channels, *grid) if config.extra_channels else None
     with torch.no_grad():

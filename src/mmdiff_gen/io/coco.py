@@ -31,7 +31,7 @@ from scipy import ndimage
 from .dataset import GeneratedDataset
 from ..tasks import class_task
 from ..tasks import get as get_task
-from .members import IGNORE_INDEX, encode_gray, encode_label
+from .members import IGNORE_INDEX, VIDEO_FORMAT, encode_gray, encode_label
 from .._atomic import atomic_folder
 
 
@@ -110,6 +110,8 @@ def export_coco(src: "Path | str", out: Path, include_background: bool = False, 
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
     ds = GeneratedDataset(src, min_quality=min_quality, allow_partial=allow_partial)
+    if ds.info["image_format"] == VIDEO_FORMAT:
+        raise ValueError(f"{src} holds clips: export it with --format youtube-vis")
     named = class_task(ds.tasks)  # the task whose ids are COCO's categories
     if named is None:
         raise ValueError(f"{src} has no segmentation: generate it with --tasks seg to export COCO")

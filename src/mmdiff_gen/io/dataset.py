@@ -12,8 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..tasks import get as get_task
-from .members import DEPTH_SCALE, decode_image, decode_label
+from .members import DEPTH_SCALE, VIDEO_FORMAT, decode_image, decode_label, decode_label_stack, decode_video, label_member
 from .shards import (DATASET_FILE, SIZES_FILE, WIDS_INDEX, files_layout, read_json, read_stats, shard_name,
                      shard_problem, stats_name, write_indexes)
 from .store import Store, open_store
@@ -150,7 +149,8 @@ def read_info(root: "Path | str | Store") -> dict:
 @dataclass
 class GeneratedSample:
     """One generated sample: image (H, W, 3) uint8 and its stored encoded bytes, prompt, per-sample metadata and the label maps
-    it carries (seg (H, W) uint8 ids, 255 = ignore; saliency (H, W) uint8; depth (H, W) float32)."""
+    it carries (seg (H, W) uint8 ids, 255 = ignore; saliency (H, W) uint8; depth (H, W) float32). A clip's: frames
+    (F, H, W, 3) and labels (F, H, W)."""
 
     key: str
     image: np.ndarray
@@ -226,11 +226,11 @@ class GeneratedDataset:
 
     def _decode(self, shard: int, key: str, members: dict[str, bytes]) -> GeneratedSample:
         try:
-            img = members.get("jpg", members.get("png"))
-            labels = {}
-            for task in self.tasks:
-                labels[task] = decode_label(task, members[get_task(task).member], self.scale(task))
-            return GeneratedSample(key=key, image=decode_image(img), image_bytes=img,
+            clip = self.info["image_format"] == VIDEO_FORMAT
+            img = members[VIDEO_FORMAT] if clip else members.get("jpg", members.get("png"))
+            decode = decode_label_stack if clip else decode_label
+            labels = {task: decode(task, members[label_member(task, clip)], self.scale(task)) for task in self.tasks}
+            return GeneratedSample(key=key, image=decode_video(img) if clip else decode_image(img), image_bytes=img,
                                    prompt=members["txt"].decode("utf-8"), meta=json.loads(members["json"]),
                                    labels=labels)
         except Exception as e:  # noqa: BLE001 — any member that does not decode: name where
@@ -273,7 +273,7 @@ class GeneratedDataset:
         image = self.info["image_format"]
         files = self.stats[shard].get("files", {})
         for suffix, (folder, ext) in files_layout().items():
-            if suffix in ("jpg", "png") and suffix != image:
+            if suffix in ("jpg", "png", VIDEO_FORMAT) and suffix != image:
                 continue
             rel = f"{folder}/{key}.{ext}"
             try:

@@ -5,6 +5,7 @@ captioned image grid (prompt fidelity)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -143,13 +144,18 @@ def _colour_bar(draw: ImageDraw.ImageDraw, sheet: Image.Image, y: int, width: in
         draw.text((tx, y + _LINE + _SWATCH + 2), label, fill="black")
 
 
+FRAMES_SHOWN = 5  # a clip's rows on the sheet: this many frames, evenly spaced from the first to the last
+
+
 def contact_sheet(src: "Path | str", out: Path, n: int = 16, cell: int = 128, allow_partial: bool = False) -> int:
-    """Write a PNG sheet of the first `n` samples of a `generate` folder; returns the rows drawn.
+    """Write a PNG sheet of the first `n` samples of a `generate` folder; returns the samples drawn.
 
     Under the rows: a legend of the classes that appear in them (palette swatch and name, per class task) and,
     per positive-valued task (depth), a colour bar in its unit: the rows' depth maps share its [min, max].
     Captions too long for the row end in "…". An incomplete dataset is refused unless `allow_partial` (see
-    GeneratedDataset)."""
+    GeneratedDataset). A dataset of clips: each clip takes FRAMES_SHOWN rows (frames evenly spaced, "frame i"
+    before its caption), and `out` with the suffix .gif is the animation of every frame, the clips one under
+    another, each frame's image beside its labels."""
     ds = GeneratedDataset(src, allow_partial=allow_partial)
     cols = ["image"] + list(ds.tasks)
     kinds = {t: get_task(t).kind for t in ds.tasks}
@@ -162,18 +168,31 @@ def contact_sheet(src: "Path | str", out: Path, n: int = 16, cell: int = 128, al
         raise ValueError(f"{src} has no finished samples yet")
     ranges = {t: depth_range([s.labels[t] for s in samples]) for t in ds.tasks if kinds[t] == "positive"}
     classes = {t: task_classes(ds.info, t) for t in ds.tasks if kinds[t] == "classes"}
-    rows = []
-    for sample in samples:
-        cells = [sample.image]
+
+    def cells(image: np.ndarray, labels: dict[str, np.ndarray]) -> list[Image.Image]:
+        """One row: the image (H, W, 3) and each task's label map (H, W), drawn cell × cell."""
+        out = [image]
         for t in cols[1:]:
-            lab = sample.labels[t]
+            lab = labels[t]
             if kinds[t] == "classes":
-                cells.append(overlay_seg(sample.image, lab, classes[t][1]))
+                out.append(overlay_seg(image, lab, classes[t][1]))
             elif kinds[t] == "probability":
-                cells.append(np.repeat(lab[..., None], 3, 2))
+                out.append(np.repeat(lab[..., None], 3, 2))
             else:
-                cells.append(colorize_depth(lab, *(ranges[t] or (None, None))))
-        rows.append((sample.prompt, [Image.fromarray(c).resize((cell, cell), Image.NEAREST) for c in cells]))
+                out.append(colorize_depth(lab, *(ranges[t] or (None, None))))
+        return [Image.fromarray(c).resize((cell, cell), Image.NEAREST) for c in out]
+
+    rows = []
+    clip = samples[0].image.ndim == 4  # (F, H, W, 3)
+    for sample in samples:
+        if not clip:
+            rows.append((sample.prompt, cells(sample.image, sample.labels)))
+            continue
+        frames = sample.image.shape[0]
+        for i in sorted({int(round(x)) for x in np.linspace(0, frames - 1, min(frames, FRAMES_SHOWN))}):
+            rows.append((f"frame {i}: {sample.prompt}", cells(sample.image[i], {t: v[i] for t, v in sample.labels.items()})))
+    if clip:
+        _animation(samples, cells, Path(out).with_suffix(".gif"), cell * len(cols), cell)
 
     width = cell * len(cols)
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # measures text before the sheet's height is known
@@ -211,7 +230,22 @@ def contact_sheet(src: "Path | str", out: Path, n: int = 16, cell: int = 128, al
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    return len(rows)
+    return len(samples)
+
+
+def _animation(samples: list, cells: Callable, path: Path, width: int, cell: int) -> None:
+    """An animated GIF (looping, at the clips' frame rate): frame i shows every clip's frame i beside its labels."""
+    frames = min(s.image.shape[0] for s in samples)
+    fps = samples[0].meta.get("fps", 16)
+    pages = []
+    for i in range(frames):
+        page = Image.new("RGB", (width, cell * len(samples)), "white")
+        for r, s in enumerate(samples):
+            for j, im in enumerate(cells(s.image[i], {t: v[i] for t, v in s.labels.items()})):
+                page.paste(im, (j * cell, r * cell))
+        pages.append(page)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pages[0].save(path, save_all=True, append_images=pages[1:], duration=round(1000 / fps), loop=0)
 
 
 def caption_grid(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 8, side: int = 192) -> None:

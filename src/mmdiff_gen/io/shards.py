@@ -44,9 +44,11 @@ FORMATS = ("webdataset", "files")
 
 
 def files_layout() -> dict[str, tuple[str, str]]:
-    """The `--format files` layout: member suffix → (folder, extension); each task's label PNGs in its folder."""
-    return {"jpg": ("images", "jpg"), "png": ("images", "png"), "json": ("meta", "json"), "txt": ("prompts", "txt"),
-            **{t.member: (t.folder, "png") for t in TASKS.values()}}
+    """The `--format files` layout: member suffix → (folder, extension); each task's label PNGs (a clip's npz) in its
+    folder."""
+    return {"jpg": ("images", "jpg"), "png": ("images", "png"), "mp4": ("videos", "mp4"), "json": ("meta", "json"),
+            "txt": ("prompts", "txt"), **{t.member: (t.folder, "png") for t in TASKS.values()},
+            **{t.video_member: (t.folder, "npz") for t in TASKS.values()}}
 # A claim whose holder stopped refreshing it this long ago is taken over (holders refresh it every batch).
 CLAIM_TIMEOUT_S = 3600.0
 

@@ -15,6 +15,7 @@ import torch
 from ..backbones.dino import DinoFeatures, images_tensor
 from ..capture import CaptureResult, CaptureSpec
 from ..heads.checkpoint import HeadMeta, HeadMismatch, head_paths, load_head, read_meta
+from ..heads.frames import to_frames
 from ..heads.inputs import reads_concepts, reads_cross, run_head
 from ..heads.model import MMDiffHead, head_precision, predictions
 from ..heads.openseg import OpenSegConfig, class_maps, segment
@@ -212,6 +213,10 @@ class Annotator:
         `prompts` locate the class words for openseg."""
         labels, signals = {}, {}
         extra = None
+        clip = cap.frames is not None  # a video backbone's: per-latent-frame outputs spread over the decoded frames
+        if clip and (self.openseg is not None or any(h.meta.dino for h in self.heads.values())):
+            raise ValueError("openseg and DINOv3 features read images: a video backbone's clips take trained heads "
+                             "only")
         if any(h.meta.dino for h in self.heads.values()):
             if images is None:
                 raise ValueError("these heads read DINOv3 features of the images: pass the images")
@@ -227,10 +232,15 @@ class Annotator:
                 out = run_head(h.model, m.side, inputs, cap.grid, size, timesteps=steps,
                                extra=extra if m.dino else None, source="the capture")
             for task in h.tasks:
-                labels[task] = predictions(task, out[task]).cpu()
+                x = to_frames(out[task], cap.frames).flatten(0, 1) if clip else out[task]  # (B[·F], ch, H, W)
+                labels[task] = predictions(task, x).cpu()
                 t = get_task(task)
                 if t.confidence:
-                    signals[t.confidence] = CONFIDENCE[t.kind](out[task]).cpu()
+                    signals[t.confidence] = CONFIDENCE[t.kind](x).cpu()
+                if clip:  # (B, F, H, W) labels; a clip's confidence is its frames' mean
+                    labels[task] = labels[task].unflatten(0, (-1, cap.frames))
+                    if t.confidence:
+                        signals[t.confidence] = signals[t.confidence].view(-1, cap.frames).mean(1)
         if self.openseg is not None:
             if prompts is None:
                 raise ValueError("openseg reads the prompts' class words: pass the prompts")

@@ -5,8 +5,6 @@ sampling recipe against the heads that read its features (MMDiff's claim: the he
 
 from __future__ import annotations
 
-import math
-
 from ..backbones.base import Backbone
 from ..backbones.flops import forward_flops
 from ..heads.model import HeadConfig, head_flops
@@ -27,8 +25,8 @@ def generation_cost(backbone: Backbone, *, size: int, steps: int, rows_per_step:
         extra_forwards: the contract's forwards below the schedule's last sigma (conditional only: one row each).
         text_tokens: as `flops.forward_flops`.
         tasks, num_classes: the heads (the paper's, at its defaults: 4 layers × 4 sigmas, the task's concepts).
-        width, frames: a non-square size; a video family's clip length (the heads run once per latent frame, each
-            on that frame's tokens; spreading labels to the decoded frames is element-wise, not counted).
+        width, frames: a non-square size; a video family's clip length (the heads run once per latent frame;
+            spreading their outputs over the decoded frames is element-wise, not counted).
 
     Returns {"forward": one forward of one row, "generation", "heads": {task (and "seg+saliency+depth", one unified
     head reading every task's concepts): FLOPs}, "heads_share": the separate heads over the generation,
@@ -36,7 +34,6 @@ def generation_cost(backbone: Backbone, *, size: int, steps: int, rows_per_step:
     """
     width = width or size
     grid = backbone.token_grid(size, width, frames)
-    per_frame = grid[-2:]  # (h', w'): heads read one (latent) frame at a time
     forward = forward_flops(backbone, rows=1, height=size, width=width, text_tokens=text_tokens, frames=frames)
     generation = (steps * rows_per_step + extra_forwards) * forward  # FLOPs are linear in rows
 
@@ -44,7 +41,7 @@ def generation_cost(backbone: Backbone, *, size: int, steps: int, rows_per_step:
         concepts = list(dict.fromkeys(w for t in names for w in get_task(t).concepts))
         cfg = HeadConfig(tasks=names, feature_dim=backbone.feature_dim, num_layers=4, num_timesteps=4,
                          num_concepts=len(concepts), num_classes=num_classes if "seg" in names else 1)
-        return head_flops(cfg, per_frame, (size, width)) * math.prod(grid[:-2])
+        return head_flops(cfg, grid, (size, width))
 
     heads = {t: cost((t,)) for t in tasks} | {"+".join(tasks): cost(tuple(tasks))}
     return {"forward": forward, "generation": generation, "heads": heads,

@@ -30,7 +30,7 @@ from ..backbones.base import Backbone
 from ..capture import generate
 from ..errors import SettingsError
 from ..io.dataset import index_entries
-from ..io.members import IGNORE_INDEX, encode_sample, label_info
+from ..io.members import IGNORE_INDEX, VIDEO_FORMAT, encode_sample, label_info, label_member
 from ..io.shards import (DATASET_FILE, PipelinedWriter, ShardClaim, ShardWriter, changed_files, clear_dataset,
                          file_digest, files_layout,
                          read_json, read_stats, recover_replacements, remove_dead_temporaries,
@@ -104,7 +104,9 @@ class GenerateJob:
         height, width, num_inference_steps, guidance_scale, true_cfg_scale, negative_prompt,
             max_sequence_length: sampling settings, as in FluxPipeline; None: the backbone's (`run_generate`
             fills them in from `Backbone.sampling_kwargs` before anything is written).
-        image_format: "jpg" (quality 95, 4:4:4) or "png".
+        image_format: "jpg" (quality 95, 4:4:4) or "png"; a video backbone's clips are "mp4" (io.members), set by
+            `resolved`.
+        num_frames: a video backbone's clip length (4k + 1 for Wan); None: its default; images: must stay None.
         format: "webdataset" (NNNNN.tar shards) or "files" (images/, seg/, saliency/, depth/, meta/).
         shard_size: samples per shard; None: plan.default_shard_size at the image size (minutes of GPU time).
         store_dtype: dtype of the captured features (bfloat16 keeps FLUX's large activations).
@@ -129,6 +131,7 @@ class GenerateJob:
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
     image_format: str = "jpg"
+    num_frames: int | None = None
     format: str = "webdataset"
     shard_size: int | None = 1000
     store_dtype: str = "bfloat16"
@@ -147,23 +150,34 @@ class GenerateJob:
         check_sampling(**{k: getattr(self, k) for k in ("images_per_prompt", "batch_size", "shard_size",
                                                           "num_inference_steps", "height", "width", "guidance_scale",
                                                           "true_cfg_scale", "min_quality")})
-        if self.image_format not in ("jpg", "png"):
+        if self.image_format not in ("jpg", "png", VIDEO_FORMAT):
             raise SettingsError(f"image format must be jpg or png, got {self.image_format!r}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise SettingsError(f"--frames must be ≥ 1, got {self.num_frames}")
         if self.format not in ("webdataset", "files"):
             raise SettingsError(f"format must be webdataset or files, got {self.format!r}")
 
     def resolved(self, backbone: Backbone) -> "GenerateJob":
         """This job with its unset sampling settings (None) filled in by the backbone (`sampling_kwargs`)."""
         keys = ("height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
-                "max_sequence_length")
+                "max_sequence_length", "num_frames")
+        if self.num_frames is not None and not backbone.VIDEO:
+            raise SettingsError(f"--frames {self.num_frames}: {backbone.family} generates images, not clips")
         job = replace(self, **backbone.sampling_kwargs(**{k: getattr(self, k) for k in keys}))
+        if backbone.VIDEO:
+            try:
+                backbone.latent_frames(job.num_frames)
+            except ValueError as e:
+                raise SettingsError(f"--frames {job.num_frames}: {e}") from None
+            job = replace(job, image_format=VIDEO_FORMAT)
         return job if job.shard_size else replace(job, shard_size=default_shard_size(job.height, job.width))
 
     def sampling(self) -> dict:
         """The settings that change the pixels (part of the fingerprint)."""
         keys = ("images_per_prompt", "seed", "height", "width", "num_inference_steps", "guidance_scale",
                 "true_cfg_scale", "negative_prompt", "max_sequence_length", "store_dtype")
-        return {k: getattr(self, k) for k in keys}
+        clip = {"num_frames": self.num_frames} if self.num_frames is not None else {}  # images' fingerprints unchanged
+        return {k: getattr(self, k) for k in keys} | clip
 
 
 @dataclass
@@ -208,7 +222,7 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
               "shard_size": job.shard_size, "format": job.format, "image_format": job.image_format}
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     n = len(prompts) * job.images_per_prompt
-    members = [job.image_format, "txt", "json"] + [get_task(t).member for t in job.tasks]
+    members = [job.image_format, "txt", "json"] + [label_member(t, job.image_format == VIDEO_FORMAT) for t in job.tasks]
     return {
         "format_version": FORMAT_VERSION,
         "code_version": __version__,
@@ -233,7 +247,7 @@ def dataset_info(job: GenerateJob, prompts: list[str], backbone: Backbone, annot
         "ignore_index": IGNORE_INDEX,
         "config": job_config(job),
         # per task: how its member is encoded (openseg: also its config; its ids index openseg.classes)
-        **{t: label_info(t, annotator.depth_unit) for t in job.tasks},
+        **{t: label_info(t, annotator.depth_unit, job.image_format == VIDEO_FORMAT) for t in job.tasks},
         **({"openseg": annotator.openseg.to_dict() | {
             "encoding": "uint8 PNG of ids into openseg.classes, 0 = background"}} if annotator.openseg else {}),
         "quality": {"field": "json member's quality.score (mean of the signals beside it)",
@@ -330,7 +344,8 @@ class _Runner:
         gen = generate(self.bb, [s.prompt for s in samples], self.spec, seeds=[s.seed for s in samples],
                        height=j.height, width=j.width, num_inference_steps=j.num_inference_steps,
                        guidance_scale=j.guidance_scale, true_cfg_scale=j.true_cfg_scale,
-                       negative_prompt=j.negative_prompt, max_sequence_length=j.max_sequence_length)
+                       negative_prompt=j.negative_prompt, max_sequence_length=j.max_sequence_length,
+                       num_frames=j.num_frames)
         t1 = time.perf_counter()
         cap = gen.capture
         ann = self.ann(cap, (j.height, j.width), images=gen.images, prompts=[s.prompt for s in samples])
@@ -343,7 +358,9 @@ class _Runner:
             if not finite[i]:
                 results.append("non-finite features (float16 overflow? use bfloat16 or float32)")
                 continue
-            results.append((np.asarray(image.convert("RGB")), {t: v[i].numpy() for t, v in ann.labels.items()},
+            pixels = np.stack([np.asarray(f.convert("RGB")) for f in image]) if j.num_frames else np.asarray(
+                image.convert("RGB"))  # (F, H, W, 3) for a clip
+            results.append((pixels, {t: v[i].numpy() for t, v in ann.labels.items()},
                             [float(x) for x in cap.sigmas[i]], ann.quality[i]))
         return results
 
