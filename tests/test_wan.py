@@ -152,8 +152,8 @@ def test_concept_cross_and_text_attention_maps_equal_the_reference(bb):
 
 
 def test_compiled_and_offloaded_capture_as_eager_and_resident():
-    """torch.compile by blocks (aot_eager) with capture's hooks inside, and leaf-level group offload: the same video,
-    features and concept maps."""
+    """torch.compile by blocks (aot_eager) with capture's hooks inside, model and leaf-level group offload: the same
+    video, features and concept maps."""
     import torch._dynamo
 
     from mmdiff_gen.backbones.runtime import apply_runtime
@@ -168,13 +168,43 @@ def test_compiled_and_offloaded_capture_as_eager_and_resident():
         ours = generate(compiled, PROMPTS, spec, seeds=SEEDS, **kw)
     finally:
         torch._dynamo.reset()
-    pipe = build_tiny_wan(seed=0)
-    apply_runtime(pipe, offload="group", storage="full", dtype=torch.float32, device="cpu")
-    offloaded = generate(wrap_pipeline(pipe), PROMPTS, spec, seeds=SEEDS, **kw)
-    for run in (ours, offloaded):
+    runs = [ours]
+    for offload in ("model", "group"):
+        pipe = build_tiny_wan(seed=0)
+        apply_runtime(pipe, offload=offload, storage="full", dtype=torch.float32, device="cpu")
+        runs.append(generate(wrap_pipeline(pipe), PROMPTS, spec, seeds=SEEDS, **kw))
+    for run in runs:
         assert np.array_equal(run.images, eager.images)
         for name in ("features", "concept_maps", "cross_attention"):
             torch.testing.assert_close(getattr(run.capture, name), getattr(eager.capture, name), atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_changes_the_features_and_enters_the_identity(bb, tmp_path):
+    """A LoRA on the self- and cross-attention projections, saved by WanPipeline and loaded by `--lora`'s path."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from mmdiff_gen.backbones.loading import load_lora
+
+    spec = CaptureSpec(layers=(0, 3), concepts=("object", "edges"), store_dtype="float32")
+    kw = dict(output_type="np", **KW)
+    before = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)
+    donor = build_tiny_wan(seed=0)
+    donor.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():  # peft starts B at zero: a trained adapter does not
+        for name, p in donor.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    type(donor).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(donor.transformer))
+    pipe = build_tiny_wan(seed=0)
+    load_lora(pipe, tmp_path, scale=1.0, name="style")
+    adapted = wrap_pipeline(pipe, name="tiny-wan")
+    after = generate(adapted, PROMPTS, spec, seeds=SEEDS, **kw)
+    assert [x["name"] for x in adapted.identity()["lora"]] == ["style"]
+    assert not torch.allclose(after.capture.features, before.capture.features)
+    assert not torch.allclose(after.capture.concept_maps, before.capture.concept_maps)  # hooks on the adapted attn2
+    pipe.set_adapters(["style"], adapter_weights=[0.0])
+    again = generate(adapted, PROMPTS, spec, seeds=SEEDS, **kw)
+    torch.testing.assert_close(again.capture.features, before.capture.features, atol=1e-5, rtol=1e-5)
 
 
 def test_a_saved_folder_is_recognised_and_loaded(tmp_path):

@@ -120,23 +120,25 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None, download
         return None
 
 
-def _tiny_random(build: str):
+def _tiny_random(build: str, adapter: type[Backbone]):
     def load(dtype: torch.dtype) -> Any:
         """The pipeline in `dtype`, on the CPU (load_backbone places it)."""
         from . import tiny
 
         pipe = getattr(tiny, build)(seed=0)  # float32 weights
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    load.adapter = adapter  # what `adapter_class` answers before anything is built
     return load
 
 
 # Short names. "toy" is the embedded default, shipped in the package and loaded like any folder;
 # "tiny-random" (FLUX), "tiny-random-sd3" and "tiny-random-wan" (video) have random weights: for smoke tests only.
-BUILTIN_FOLDERS = {"toy": ASSETS / "toy"}
-BUILTIN = {"tiny-random": _tiny_random("build_tiny_flux"), "tiny-random-sd3": _tiny_random("build_tiny_sd3"),
-           "tiny-random-wan": _tiny_random("build_tiny_wan")}
+BUILTIN_FOLDERS = {"toy": ASSETS / "toy", "toy-video": ASSETS / "toy_video"}
+BUILTIN = {"tiny-random": _tiny_random("build_tiny_flux", FluxBackbone),
+           "tiny-random-sd3": _tiny_random("build_tiny_sd3", SD3Backbone),
+           "tiny-random-wan": _tiny_random("build_tiny_wan", WanBackbone)}
 # The heads a short name uses when `generate` is given none.
-DEFAULT_HEADS = {"toy": ASSETS / "toy_heads"}
+DEFAULT_HEADS = {"toy": ASSETS / "toy_heads", "toy-video": ASSETS / "toy_video_heads"}
 
 
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # 1 MiB read per weight file, whatever its size
@@ -244,7 +246,7 @@ def _pipeline_folder(model: str) -> tuple[str, dict]:
         source = str(BUILTIN_FOLDERS[model])
         if not (BUILTIN_FOLDERS[model] / "model_index.json").is_file():
             raise BackboneNotFound(f"the embedded {model!r} backbone is not in this install ({source}); "
-                                   f"train it with `mmdiff-gen toy train`")
+                                   f"train it with `mmdiff-gen toy {'train' if model == 'toy' else 'train-video'}`")
     folder, index = _read_model_index(source)
     _adapter_for(index.get("_class_name", "?"))
     return folder, index
@@ -254,7 +256,7 @@ def adapter_class(model: str) -> type[Backbone]:
     """The family adapter `load_backbone(model)` will use, read from the pipeline's model_index.json (nothing
     loads): lets settings a family cannot run be refused before minutes of loading."""
     if model in BUILTIN:
-        return SD3Backbone if model.endswith("sd3") else FluxBackbone
+        return BUILTIN[model].adapter
     return _adapter_for(_pipeline_folder(model)[1].get("_class_name", "?"))
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from .._atomic import atomic_path
 from ..backbones.base import Backbone
 from ..capture import CaptureSpec, extract
+from ..heads.frames import to_frames
 from ..heads.openseg import class_maps, segment
 from ..train.feature_cache import check_one_size
 from ..train.metrics import SegMetrics
@@ -88,7 +89,9 @@ def probe_scores(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
 
     Args:
         backbone: the wrapped pipeline.
-        samples: a dataset reader (Sample with image, seg and a caption naming the classes present).
+        samples: a dataset reader (Sample with image, seg and a caption naming the classes present); for a video
+            backbone, clips: image (F, H, W, 3), seg (F, H, W), each frame scored (the latent frames' class maps
+            spread over the decoded frames as a video head's outputs are, `heads.frames.to_frames`).
         classes: class names, id i = classes[i], 0 = background.
         sigmas: the sigmas to probe.
         thresholds: background thresholds to try.
@@ -117,17 +120,22 @@ def probe_scores(backbone: Backbone, samples, classes: Sequence[str], *, sigmas:
         if top >= len(classes):
             raise ValueError(f"the labels hold class id {top} but {len(classes)} class names were given")
         captions = [x.caption for x in batch]
-        res = extract(backbone, [Image.fromarray(x.image) for x in batch], spec, captions=captions,
-                      seeds=[seed + start + i for i in range(len(batch))])
+        clip = backbone.VIDEO
+        images = [[Image.fromarray(f) for f in x.image] if clip else Image.fromarray(x.image) for x in batch]
+        res = extract(backbone, images, spec, captions=captions, seeds=[seed + start + i for i in range(len(batch))])
+        if clip:
+            gts = [f for g in gts for f in g]  # every frame of every clip
         positions = backbone.class_token_positions(captions, classes)
         named += sum(bool(p) for p in positions)
         done += len(batch)
-        size = batch[0].image.shape[:2]
+        size, grid = batch[0].image.shape[-3:-1], res.grid[-2:]
         for li in range(len(layers)):
             for ti in range(len(sig)):
-                maps = class_maps(res.text_attention[:, ti, li], positions, len(classes))
+                maps = class_maps(res.text_attention[:, ti, li], positions, len(classes))  # (B, K, N)
+                if clip:  # (B, K, f·h·w) → (B·F, K, h·w), per decoded frame
+                    maps = to_frames(maps.unflatten(2, (res.grid[0], -1)).transpose(1, 2), res.frames).flatten(0, 1)
                 for ri, tau in enumerate(thresholds):
-                    ids, _ = segment(maps, res.grid, size, tau)
+                    ids, _ = segment(maps, grid, size, tau)
                     for p, g in zip(ids.numpy(), gts):
                         meters[li][ti][ri].update(p, g)
         if on_batch is not None:

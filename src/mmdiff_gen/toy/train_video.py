@@ -1,0 +1,258 @@
+"""The toy video backbone's recipe as resumable phases: data → vae → dit (transformer + text encoder) → export.
+
+Each phase resumes from its checkpoint in the work folder (`_loop.Phase`), as the image toy's do.
+
+- data: `train_clips` clips of the toy video world (`video_world.render_clip`), rendered once into work/clips.npz.
+- vae: the AutoencoderKLWan, L1 + L2 reconstruction weighted up on label boundaries (as the image toy's keeps star
+  points and ring holes), a small KL; then its per-channel latent mean and std are recorded in its config
+  (`latents_mean`, `latents_std`: what WanPipeline un-normalises with before decoding).
+- dit: rectified flow on the normalised latents (B, z, f, h, w): x_σ = (1 − σ)·x0 + σ·ε, the transformer predicts
+  ε − x0 at timestep σ·1000 (what UniPC's flow prediction reads), σ logit-normal; the T5 encoder learns jointly at a
+  lower rate; the text is encoded as WanPipeline encodes it (padded to `max_sequence_length`, embeddings past the
+  prompt zeroed), with caption dropout for classifier-free guidance; EMA weights are what is exported.
+- export: the EMA pipeline as a diffusers folder (safetensors) with mmdiff.json (sampling, classes, palette).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .._atomic import atomic_path
+from ..backbones.loading import SETTINGS_FILE
+from ..io.state import load_state, save_state
+from ..train.trainer import ema_update
+from ._loop import Checkpoint, Phase, conv_autocast
+from .data import boundary_weight
+from .video_recipe import ASSET_DIR, VideoToyRecipe
+from .video_world import render_clip
+from .world import CLASSES, PALETTE
+
+PHASES = ("vae", "dit", "export")
+DEFAULT_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-video"
+
+
+@dataclass
+class ClipArrays:
+    """N clips: frames (N, F, 64, 64, 3) uint8, seg (N, F, 64, 64) uint8, depth (N, F, 64, 64) float16, captions."""
+
+    frames: np.ndarray
+    seg: np.ndarray
+    depth: np.ndarray
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_or_render_clips(cache: Path, start: int, n: int, frames: int) -> ClipArrays:
+    """Clips start … start + n − 1 of `frames` frames, from `cache` (.npz) when it holds exactly those."""
+    cache = Path(cache)
+    if cache.is_file():
+        z = np.load(cache, allow_pickle=False)
+        if (int(z["start"]), len(z["captions"]), z["frames"].shape[1]) == (start, n, frames):
+            return ClipArrays(z["frames"], z["seg"], z["depth"], [str(c) for c in z["captions"]])
+    clips = [render_clip(s, frames=frames) for s in range(start, start + n)]
+    arrays = ClipArrays(np.stack([c.frames for c in clips]), np.stack([c.seg for c in clips]),
+                        np.stack([c.depth for c in clips]).astype(np.float16), [c.caption for c in clips])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, frames=arrays.frames, seg=arrays.seg, depth=arrays.depth, captions=np.array(arrays.captions),
+                 start=np.array(start))
+    return arrays
+
+
+def to_video(frames: np.ndarray) -> torch.Tensor:
+    """(N, F, H, W, 3) uint8 → (N, 3, F, H, W) float in [−1, 1], as the VAE takes clips."""
+    return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def train_video_toy(work: Path = DEFAULT_WORK, recipe: VideoToyRecipe = VideoToyRecipe(),
+                    phases: Sequence[str] = PHASES, steps: int | None = None, out: Path | None = None) -> dict:
+    """Run the chosen phases in order, each resuming from its checkpoint in `work`; `steps` overrides every phase's
+    step count (smoke runs), `out` where export writes (default: the packaged toy-video folder). Returns wall seconds
+    per phase (also appended to work/timings.jsonl)."""
+    bad = [p for p in phases if p not in PHASES]
+    if bad:
+        raise KeyError(f"unknown phase {bad[0]!r}; phases: {', '.join(PHASES)}")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    saved, current = work / "recipe.json", json.loads(json.dumps(recipe.to_dict()))
+    if saved.is_file():
+        differ = sorted(k for k, v in current.items() if v != json.loads(saved.read_text()).get(k))
+        if differ:
+            raise ValueError(f"{work} holds a run of another recipe (it differs in {', '.join(differ)}); "
+                             "start in another --work folder")
+    saved.write_text(json.dumps(current, indent=1))
+    torch.manual_seed(recipe.seed)
+    timings = {}
+    t = time.time()
+    data = load_or_render_clips(work / "clips.npz", recipe.data_seed, recipe.train_clips, recipe.frames)
+    timings["data"] = time.time() - t
+    pipe = recipe.build_pipeline()
+    for phase in [p for p in PHASES if p in phases]:
+        t = time.time()
+        if phase == "vae":
+            train_vae(pipe.vae, data, recipe, work, steps)
+        else:
+            _load_vae(pipe.vae, work, data)
+            if phase == "dit":
+                train_dit(pipe, data, recipe, work, steps)
+            else:
+                export(pipe, recipe, work, out)
+        timings[phase] = time.time() - t
+    with open(work / "timings.jsonl", "a") as f:
+        f.write(json.dumps(timings) + "\n")
+    return timings
+
+
+def train_vae(vae, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps: int | None = None) -> None:
+    steps = recipe.vae_steps if steps is None else steps
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    phase = Phase(work, "vae", {"model": vae, "opt": opt}, steps, lr=recipe.vae_lr, warmup=100)
+    gen = torch.Generator().manual_seed(recipe.seed + 1 + phase.start)
+    vae.train().requires_grad_(True)
+    for _ in phase:
+        idx = torch.randint(0, len(data), (recipe.vae_batch,), generator=gen).numpy()
+        x = to_video(data.frames[idx])  # (B, 3, F, H, W)
+        seg = data.seg[idx]  # (B, F, H, W)
+        weight = torch.from_numpy(boundary_weight(seg.reshape(-1, *seg.shape[2:]), recipe.vae_edge_weight))
+        weight = weight.view(*seg.shape).unsqueeze(1)  # (B, 1, F, H, W)
+        with conv_autocast():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rec = vae.decode(z).sample
+        err = rec.float() - x
+        kl = post.kl().float().mean() / z[0].numel()
+        phase.step((weight * err.abs()).mean() + (weight * err.square()).mean() + recipe.vae_kl * kl)
+    vae.eval().requires_grad_(False)
+    set_latent_stats(vae, data)
+
+
+@torch.no_grad()
+def encode_clips(vae, frames: np.ndarray, batch: int = 32) -> torch.Tensor:
+    """(N, z, f, h, w) float32 posterior means of uint8 clips, before normalisation."""
+    out = []
+    for i in range(0, len(frames), batch):
+        with conv_autocast():
+            out.append(vae.encode(to_video(frames[i : i + batch])).latent_dist.mean.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def set_latent_stats(vae, data: ClipArrays, n: int = 512) -> None:
+    """Record the per-channel latent mean and std in the VAE's config (WanPipeline's `latents_mean` / `latents_std`)."""
+    lat = encode_clips(vae, data.frames[:n]).transpose(0, 1).flatten(1)  # (z, N·f·h·w)
+    vae.register_to_config(latents_mean=lat.mean(1).tolist(), latents_std=lat.std(1).tolist())
+
+
+def _load_vae(vae, work: Path, data: ClipArrays) -> None:
+    state = Checkpoint(work, "vae").load()
+    if state is None:
+        raise FileNotFoundError(f"no trained VAE in {work}: run the vae phase first")
+    vae.load_state_dict(state["model"])
+    vae.eval().requires_grad_(False)
+    set_latent_stats(vae, data)
+
+
+@torch.no_grad()
+def cached_latents(vae, data: ClipArrays, work: Path) -> torch.Tensor:
+    """(N, z, f, h, w) float16 normalised posterior means of every clip, cached in work/latents.safetensors."""
+    path = Path(work) / "latents.safetensors"
+    key = {"n": len(data), "mean": vae.config.latents_mean, "std": vae.config.latents_std}
+    if path.is_file():
+        try:
+            saved = load_state(path)
+        except ValueError:
+            saved = None  # a damaged or foreign file is only a cache miss
+        if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("latents"), torch.Tensor):
+            return saved["latents"]
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    lat = ((encode_clips(vae, data.frames) - mean) / std).half()
+    save_state(path, {"key": key, "latents": lat})
+    return lat
+
+
+def encode_text(pipe, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) T5 embeddings with the positions past each prompt zeroed, as WanPipeline's `_get_t5_prompt_embeds`."""
+    return pipe.text_encoder(ids, mask).last_hidden_state * mask[..., None]
+
+
+def train_dit(pipe, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps: int | None = None) -> None:
+    """Train the transformer and the text encoder in place; leaves the EMA weights in the pipeline."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    steps = recipe.dit_steps if steps is None else steps
+    lat = cached_latents(pipe.vae, data, work)
+    tok = pipe.tokenizer([prompt_clean(c) for c in data.captions + [""]], padding="max_length", truncation=True,
+                         max_length=recipe.max_sequence_length, return_tensors="pt")
+    empty = len(data)  # the empty caption (caption dropout)
+    tr, text = pipe.transformer, pipe.text_encoder
+    models = torch.nn.ModuleDict({"transformer": tr, "t5": text})
+    ema = copy.deepcopy(models).eval().requires_grad_(False)
+    opt = torch.optim.AdamW([{"params": tr.parameters()},
+                             {"params": text.parameters(), "lr_scale": recipe.text_lr_scale}], lr=recipe.dit_lr,
+                            weight_decay=0.0)
+    phase = Phase(work, "dit", {"models": models, "ema": ema, "opt": opt}, steps, lr=recipe.dit_lr,
+                  warmup=recipe.dit_warmup)
+    gen = torch.Generator().manual_seed(recipe.seed + 2 + phase.start)
+    models.train().requires_grad_(True)
+    for step in phase:
+        for g in opt.param_groups:  # the text encoder at its fraction of the scheduled rate
+            g["lr"] *= g.get("lr_scale", 1.0)
+        b = recipe.dit_batch
+        idx = torch.randint(0, len(data), (b,), generator=gen)
+        x0 = lat[idx].float()  # (B, z, f, h, w)
+        cap = torch.where(torch.rand(b, generator=gen) < recipe.caption_dropout, empty, idx)
+        sigma = torch.sigmoid(torch.randn(b, generator=gen) + recipe.t_logit_mean)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        pred = tr(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000,
+                  encoder_hidden_states=encode_text(pipe, tok.input_ids[cap], tok.attention_mask[cap]),
+                  return_dict=False)[0]
+        phase.step(F.mse_loss(pred, noise - x0), clip=models.parameters())
+        ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
+    models.load_state_dict(ema.state_dict())
+    models.eval().requires_grad_(False)
+
+
+def export(pipe, recipe: VideoToyRecipe, work: Path, out: Path | None = None) -> Path:
+    """The EMA transformer and text encoder of work/dit.state.safetensors, with the trained VAE, as a diffusers folder
+    (safetensors) and its mmdiff.json; written beside `out` and renamed into place."""
+    state = Checkpoint(work, "dit").load()
+    if state is None:
+        raise FileNotFoundError(f"no trained transformer in {work}: run the dit phase first")
+    models = torch.nn.ModuleDict({"transformer": pipe.transformer, "t5": pipe.text_encoder})
+    models.load_state_dict(state["ema"])
+    models.eval().requires_grad_(False)
+    out = Path(out) if out is not None else ASSET_DIR
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.tokenizer.backend_tokenizer.no_padding()  # training's padded calls must not reach tokenizer.json
+    pipe.tokenizer.backend_tokenizer.no_truncation()
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    settings = {
+        "name": "toy-video",
+        "sampling": {"height": 64, "width": 64, "num_frames": recipe.frames, "num_inference_steps": recipe.sample_steps,
+                     "guidance_scale": recipe.guidance_scale, "max_sequence_length": recipe.max_sequence_length},
+        "classes": list(CLASSES),
+        "palette": [list(c) for c in PALETTE],
+        "depth_unit": "metre",
+        "trained_steps": {"dit": state["step"]},
+        "recipe": recipe.to_dict(),
+    }
+    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
