@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated
 
@@ -64,21 +66,24 @@ def inspect(
         bb = load_backbone(model, dtype=torch_dtype(dtype, dev), device=dev)
         spec = CaptureSpec(sigmas=targets or bb.default_sigmas or CaptureSpec().sigmas)
         kw = bb.sampling_kwargs(height=size, width=size, num_inference_steps=steps)
-        size, steps = kw["height"], kw["num_inference_steps"]
-        plan = plan_schedule(bb, spec, steps, size, size)
-        h, w = bb.token_grid(size, size)
+        height, width, steps, frames = kw["height"], kw["width"], kw["num_inference_steps"], kw.get("num_frames")
+        plan = plan_schedule(bb, spec, steps, height, width, frames)
+        grid = bb.token_grid(height, width, frames)  # (h, w), a clip's (f, h, w)
+    at = f"{height}×{width}" + (f", {frames} frames" if frames else "")
     t = Table(title=f"{bb.name} ({bb.family})", show_header=False)
     t.add_row("feature blocks", str(len(bb.feature_blocks)))
     t.add_row("joint blocks", str(len(bb.joint_blocks)))
     t.add_row("default capture layers", ", ".join(map(str, bb.default_layers())))
     t.add_row("default concept layers", ", ".join(map(str, bb.default_concept_layers())))
     t.add_row("feature width", str(bb.feature_dim))
-    t.add_row(f"tokens at {size}²", f"{h}×{w} = {h * w} ({bb.pixels_per_token} px per token)")
+    n = math.prod(grid)
+    t.add_row(f"tokens at {at}", f"{'×'.join(map(str, grid))} = {n} ({bb.pixels_per_token} px per token)")
     n_layers = len(bb.default_layers())
-    per_image = n_layers * len(spec.sigmas) * h * w * bb.feature_dim * 2
-    t.add_row("bf16 features per image", f"{per_image / 2**20:.2f} MiB ({n_layers} layers × {len(spec.sigmas)} sigmas)")
+    per = n_layers * len(spec.sigmas) * n * bb.feature_dim * 2
+    t.add_row(f"bf16 features per {'clip' if frames else 'image'}",
+              f"{per / 2**20:.2f} MiB ({n_layers} layers × {len(spec.sigmas)} sigmas)")
     out.print(t)
-    s = Table(title=f"timestep contract, {steps} steps at {size}²")
+    s = Table(title=f"timestep contract, {steps} steps at {at}")
     for col in ("target σ", "default nearest σ", "captured at"):
         s.add_column(col)
     for target in spec.sigmas:
