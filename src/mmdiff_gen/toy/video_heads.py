@@ -27,6 +27,7 @@ from ..tasks import get as get_task
 from ..train.losses import LOSSES
 from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from ..train.trainer import ema_update
+from ._loop import Progress
 from .video_world import label_flicker, render_clip
 from .world import CLASSES, PALETTE
 
@@ -84,7 +85,7 @@ def train_video_heads(backbone: Backbone, out: Path | None = None, *, clips: int
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, progress = [], Progress("video-heads", steps)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, clips, (batch,), generator=gen)
@@ -97,6 +98,7 @@ def train_video_heads(backbone: Backbone, out: Path | None = None, *, clips: int
         sched.step()
         ema_update(ema, model, 0.99 if step > steps // 10 else 0.0)
         losses.append(loss.item())
+        progress.update(step, losses[-1])
     metrics = evaluate(backbone, ema, range(HELD_OUT_SEED, HELD_OUT_SEED + held_out), frames)
     metrics["train"] = {"clips": clips, "steps": steps, "batch": batch, "frames": frames,
                         "frame_mixing": frame_mixing, "final_loss": float(np.mean(losses[-50:]))}
