@@ -164,9 +164,6 @@ class WanBackbone(Backbone):
         finally:
             del scheduler.set_timesteps  # the class's method again
 
-    def cfg_in_batch(self, sampling: dict) -> bool:
-        return False
-
     @property
     def max_sequence_length(self) -> int:
         return 512  # WanPipeline's default; umT5 positions the cross-attention always sees
