@@ -42,6 +42,15 @@ class Checkpoint:
             obj.load_state_dict(state[key])
         return int(state["step"])
 
+    def restore(self, model: torch.nn.Module) -> None:
+        """The phase's trained "model" into `model`, frozen (eval); FileNotFoundError before the phase has run."""
+        state = self.load()
+        if state is None:
+            phase = self.path.name.split(".")[0]
+            raise FileNotFoundError(f"no trained {phase} in {self.path.parent}: run the {phase} phase first")
+        model.load_state_dict(state["model"])
+        model.eval().requires_grad_(False)
+
     def maybe_save(self, step: int, total: int, parts: dict[str, Any], every: int = 250) -> None:
         """Save after `step` (0-based) every `every` steps and at the end."""
         if (step + 1) % every == 0 or step + 1 == total:

@@ -11,8 +11,24 @@ from .world import vocabulary
 ASSET_DIR = BUILTIN_FOLDERS["toy"]  # the shipped pipeline folder
 
 
+class JsonFields:
+    """A frozen dataclass recipe as JSON: its fields, and the default recipe with some of them replaced (a work
+    folder's recipe.json; lists back to tuples)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """The default recipe with `values` (some or all of to_dict()'s fields, e.g. a work folder's recipe.json)."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise KeyError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        return replace(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 @dataclass(frozen=True)
-class ToyRecipe:
+class ToyRecipe(JsonFields):
     """Everything that defines the toy backbone and how it is trained.
 
     Architecture: a FLUX transformer of width 128 (4 heads × 32) with 2 double-stream and 8
@@ -61,17 +77,6 @@ class ToyRecipe:
     sample_steps: int = 24
     true_cfg_scale: float = 5.0
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ToyRecipe:
-        """The default recipe with `values` (some or all of to_dict()'s fields, e.g. a work folder's recipe.json)."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise KeyError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
-        return replace(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def build_pipeline(self):
         """An untrained FluxPipeline of this architecture (random weights, word-level tokenizers)."""

@@ -93,9 +93,5 @@ def _load_vae(vae, work: Path, data) -> None:
     from ._loop import Checkpoint
     from .train_vae import set_latent_stats
 
-    state = Checkpoint(work, "vae").load()
-    if state is None:
-        raise FileNotFoundError(f"no trained VAE in {work}: run the vae phase first")
-    vae.load_state_dict(state["model"])
-    vae.eval().requires_grad_(False)
+    Checkpoint(work, "vae").restore(vae)
     set_latent_stats(vae, data)

@@ -28,15 +28,20 @@ def train_vae(vae, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int 
         idx = torch.randint(0, len(data), (recipe.vae_batch,), generator=gen).numpy()
         x = to_pixels(data.images[idx])
         weight = torch.from_numpy(boundary_weight(data.seg[idx], recipe.vae_edge_weight))[:, None]
-        with conv_autocast():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-            rec = vae.decode(z).sample
-        err = rec.float() - x
-        loss = (weight * err.abs()).mean() + (weight * err.square()).mean() + recipe.vae_kl * post.kl().float().mean() / z[0].numel()
-        phase.step(loss)
+        phase.step(vae_loss(vae, x, weight, recipe.vae_kl, gen))
     vae.eval()
     set_latent_stats(vae, data)
+
+
+def vae_loss(vae, x: torch.Tensor, weight: torch.Tensor, kl: float, gen: torch.Generator) -> torch.Tensor:
+    """Boundary-weighted L1 + L2 reconstruction of a posterior sample, plus `kl` × the KL per latent element: pixels x
+    (B, 3, H, W) or clips (B, 3, F, H, W) in [−1, 1], `weight` broadcast over the channels."""
+    with conv_autocast():
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+    err = rec.float() - x
+    return (weight * err.abs()).mean() + (weight * err.square()).mean() + kl * post.kl().float().mean() / z[0].numel()
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from .._atomic import atomic_path
-from ..backbones.loading import SETTINGS_FILE
 from ..io.state import load_state, save_state
 from ..train.trainer import ema_update
 from ._loop import Checkpoint, Phase, conv_autocast
 from .data import boundary_weight
+from .export import load_ema, save_pipeline
+from .train_vae import vae_loss
 from .video_recipe import ASSET_DIR, VideoToyRecipe
 from .video_world import render_clip
-from .world import CLASSES, PALETTE
 
 PHASES = ("vae", "dit", "export")
 DEFAULT_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-video"
@@ -127,13 +126,7 @@ def train_vae(vae, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps: 
         seg = data.seg[idx]  # (B, F, H, W)
         weight = torch.from_numpy(boundary_weight(seg.reshape(-1, *seg.shape[2:]), recipe.vae_edge_weight))
         weight = weight.view(*seg.shape).unsqueeze(1)  # (B, 1, F, H, W)
-        with conv_autocast():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-            rec = vae.decode(z).sample
-        err = rec.float() - x
-        kl = post.kl().float().mean() / z[0].numel()
-        phase.step((weight * err.abs()).mean() + (weight * err.square()).mean() + recipe.vae_kl * kl)
+        phase.step(vae_loss(vae, x, weight, recipe.vae_kl, gen))
     vae.eval().requires_grad_(False)
     set_latent_stats(vae, data)
 
@@ -156,11 +149,7 @@ def set_latent_stats(vae, data: ClipArrays, n: int = 512) -> None:
 
 
 def _load_vae(vae, work: Path, data: ClipArrays) -> None:
-    state = Checkpoint(work, "vae").load()
-    if state is None:
-        raise FileNotFoundError(f"no trained VAE in {work}: run the vae phase first")
-    vae.load_state_dict(state["model"])
-    vae.eval().requires_grad_(False)
+    Checkpoint(work, "vae").restore(vae)
     set_latent_stats(vae, data)
 
 
@@ -229,30 +218,12 @@ def train_dit(pipe, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps:
 def export(pipe, recipe: VideoToyRecipe, work: Path, out: Path | None = None) -> Path:
     """The EMA transformer and text encoder of work/dit.state.safetensors, with the trained VAE, as a diffusers folder
     (safetensors) and its mmdiff.json; written beside `out` and renamed into place."""
-    state = Checkpoint(work, "dit").load()
-    if state is None:
-        raise FileNotFoundError(f"no trained transformer in {work}: run the dit phase first")
-    models = torch.nn.ModuleDict({"transformer": pipe.transformer, "t5": pipe.text_encoder})
-    models.load_state_dict(state["ema"])
-    models.eval().requires_grad_(False)
-    out = Path(out) if out is not None else ASSET_DIR
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.tokenizer.backend_tokenizer.no_padding()  # training's padded calls must not reach tokenizer.json
-    pipe.tokenizer.backend_tokenizer.no_truncation()
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    step = load_ema(torch.nn.ModuleDict({"transformer": pipe.transformer, "t5": pipe.text_encoder}), work)
     settings = {
         "name": "toy-video",
         "sampling": {"height": 64, "width": 64, "num_frames": recipe.frames, "num_inference_steps": recipe.sample_steps,
                      "guidance_scale": recipe.guidance_scale, "max_sequence_length": recipe.max_sequence_length},
-        "classes": list(CLASSES),
-        "palette": [list(c) for c in PALETTE],
-        "depth_unit": "metre",
-        "trained_steps": {"dit": state["step"]},
+        "trained_steps": {"dit": step},
         "recipe": recipe.to_dict(),
     }
-    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return save_pipeline(pipe, Path(out) if out is not None else ASSET_DIR, settings, (pipe.tokenizer,))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 from ..backbones.loading import BUILTIN_FOLDERS
 from ..backbones.tiny import CONCEPT_WORDS, build_tiny_wan
+from .recipe import JsonFields
 from .video_world import video_vocabulary
 
 ASSET_DIR = BUILTIN_FOLDERS["toy-video"]  # the shipped pipeline folder
 
 
 @dataclass(frozen=True)
-class VideoToyRecipe:
+class VideoToyRecipe(JsonFields):
     """Everything that defines the toy video backbone and how it is trained.
 
     Architecture: a WanTransformer3DModel of width 128 (4 heads × 32) with 8 blocks, an AutoencoderKLWan of 16
@@ -55,17 +56,6 @@ class VideoToyRecipe:
     sample_steps: int = 24
     guidance_scale: float = 5.0
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> VideoToyRecipe:
-        """The default recipe with `values` over it (a work folder's recipe.json)."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise KeyError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
-        return replace(cls(), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def build_pipeline(self):
         """An untrained WanPipeline of this architecture (random weights, a word-level tokenizer)."""
