@@ -300,10 +300,13 @@ class CaptureHooks:
         if cfg.cross and idx in cfg.concept_layers:
             q = rotate(_norm(attn.norm_q, _heads(attn, sc["to_q"])), rotary, "image")
             tk = rotate(_norm(attn.norm_added_k, _heads(attn, sc["add_k_proj"])), rotary, "text")
-            mask = cfg.text_mask
-            if mask is not None and mask.shape[0] != q.shape[0]:  # the call also carries other rows
-                mask = mask.repeat(q.shape[0] // mask.shape[0], 1)
-            self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, mask, sc["key_mask"])  # (R, N)
+            self.out[("cross", idx)] = cross_attention_map(q, tk, image_keys, self._text_mask(q.shape[0]),
+                                                          sc["key_mask"])  # (R, N)
+
+    def _text_mask(self, rows: int) -> torch.Tensor | None:
+        """The prompt-token mask (B, S) for a call of `rows` rows (repeated when the call also carries other rows)."""
+        mask = self.config.text_mask
+        return mask if mask is None or mask.shape[0] == rows else mask.repeat(rows // mask.shape[0], 1)
 
     def _cross_concepts(self, attn: nn.Module, idx: int) -> None:
         """Concept and cross-attention maps of one cross-attention block (Wan's `attn2`), where no concept stream can
@@ -318,10 +321,7 @@ class CaptureHooks:
             concept_keys = _heads(attn, _norm(attn.norm_k, attn.to_k(cfg.init)))  # (K, H, D)
             self.out[("concepts", idx)] = concept_query_map(q, concept_keys)  # (R, N, K)
         if cfg.cross:
-            mask = cfg.text_mask
-            if mask is not None and mask.shape[0] != q.shape[0]:
-                mask = mask.repeat(q.shape[0] // mask.shape[0], 1)
-            self.out[("cross", idx)] = cross_attention_map(q, text_keys, None, mask)  # (R, N)
+            self.out[("cross", idx)] = cross_attention_map(q, text_keys, None, self._text_mask(q.shape[0]))  # (R, N)
 
     def _text_attention(self, block: nn.Module) -> torch.Tensor:
         """(R, N, S) image→text attention per text token, recomputed from the block's own q and k."""
