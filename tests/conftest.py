@@ -24,8 +24,8 @@ def tiny(tiny_pipe):
 def recorder():
     made = []
 
-    def make(transformer, blocks):
-        r = Recorder(transformer, blocks)
+    def make(transformer, blocks, image_tokens=None):
+        r = Recorder(transformer, blocks, image_tokens)
         made.append(r)
         return r
 

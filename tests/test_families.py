@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _families import FAMILIES, Recorder
+from _families import FAMILIES
 from _helpers import make_heads
 from mmdiff_gen.backbones import wrap_pipeline
 from mmdiff_gen.capture import CaptureSpec, compile_backbone, extract, generate, plan_schedule
@@ -32,33 +32,25 @@ def fam(request):
     return f, wrap_pipeline(f.build(), name=f"tiny-{f.name}")
 
 
-@pytest.fixture
-def record():
-    made = []
-    yield lambda bb: made.append(Recorder(bb.transformer, bb.feature_blocks, N_TOKENS)) or made[-1]
-    for r in made:
-        r.close()
-
-
-def test_the_adapter_and_the_block_outputs_it_reads(fam, record):
+def test_the_adapter_and_the_block_outputs_it_reads(fam, recorder):
     from mmdiff_gen.backbones.loading import _adapter_for
 
     f, bb = fam
     assert _adapter_for(f.pipeline) is f.adapter and bb.identity()["family"] == f.family
     assert bb.pixels_per_token == 8 and bb.token_grid(64, 64) == (8, 8)
     # diffusers 0.42's block outputs, as the recorder reads them independently of the adapter.
-    rec = record(bb)
+    rec = recorder(bb.transformer, bb.feature_blocks, N_TOKENS)
     x0 = bb.encode_images(torch.zeros(1, 3, 64, 64))
     bb.transformer(**bb.transformer_inputs(x0, torch.full((1,), 0.5), bb.encode_prompts(PROMPTS[:1], 16), 3.5, 64, 64))
     assert [rec.outputs[-1][i].shape for i in range(len(bb.feature_blocks))] == \
         [(1, N_TOKENS, bb.feature_dim)] * len(bb.feature_blocks)
 
 
-def test_images_bit_identical_the_contract_sigmas_and_the_block_outputs(fam, record):
+def test_images_bit_identical_the_contract_sigmas_and_the_block_outputs(fam, recorder):
     f, bb = fam
     spec = CaptureSpec(layers=(1, 3), concepts=("object", "edges"), cross_attention=True, text_attention_layers=(1,),
                        store_dtype="float32")
-    rec = record(bb)
+    rec = recorder(bb.transformer, bb.feature_blocks, N_TOKENS)
     ours = generate(bb, PROMPTS, spec, seeds=SEEDS, output_type="np", **f.cfg, **KW)
     calls = list(rec.timesteps)
     plan = plan_schedule(bb, spec, KW["num_inference_steps"], 64, 64)
@@ -80,7 +72,7 @@ def test_images_bit_identical_the_contract_sigmas_and_the_block_outputs(fam, rec
     assert cap.text_attention.shape[:4] == (2, 4, 1, N_TOKENS)
 
 
-def test_real_image_mode_is_one_forward_at_x_sigma(fam, record):
+def test_real_image_mode_is_one_forward_at_x_sigma(fam, recorder):
     f, bb = fam
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     res = extract(bb, images, CaptureSpec(layers=(0, 2), store_dtype="float32"), captions=PROMPTS, seeds=[5, 6],
@@ -89,7 +81,7 @@ def test_real_image_mode_is_one_forward_at_x_sigma(fam, record):
     # One sigma by hand: x_σ = (1 − σ)·x0 + σ·ε, the image's own noise draw, through the transformer.
     x0 = bb.encode_images(images * 2 - 1)
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators_for([5, 6])])
-    rec = record(bb)
+    rec = recorder(bb.transformer, bb.feature_blocks, N_TOKENS)
     cond = bb.encode_prompts(PROMPTS, 16)
     bb.transformer(**bb.transformer_inputs((1 - 0.52) * x0 + 0.52 * noise, torch.full((2,), 0.52), cond,
                                            bb.sampling_kwargs()["guidance_scale"], 64, 64))

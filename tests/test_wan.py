@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from _families import Recorder
 from mmdiff_gen.backbones import WanBackbone, wrap_pipeline
 from mmdiff_gen.backbones.tiny import build_tiny_wan
 from mmdiff_gen.capture import CaptureSpec, compile_backbone, extract, generate, plan_schedule
@@ -30,14 +29,6 @@ N_TOKENS = math.prod(GRID)
 @pytest.fixture(scope="module")
 def bb():
     return wrap_pipeline(build_tiny_wan(seed=0), name="tiny-wan")
-
-
-@pytest.fixture
-def record():
-    made = []
-    yield lambda b: made.append(Recorder(b.transformer, b.feature_blocks, N_TOKENS)) or made[-1]
-    for r in made:
-        r.close()
 
 
 def test_geometry_and_sampling(bb):
@@ -63,10 +54,10 @@ def test_the_contract_on_unipc_integer_timesteps(bb):
         plan_schedule(bb, CaptureSpec(sigmas=(0.7805,)), 12, 64, 64, FRAMES)
 
 
-def test_video_bit_identical_the_contract_sigmas_and_the_block_outputs(bb, record):
+def test_video_bit_identical_the_contract_sigmas_and_the_block_outputs(bb, recorder):
     spec = CaptureSpec(layers=(1, 3), concepts=("object", "edges"), cross_attention=True, text_attention_layers=(1,),
                        store_dtype="float32")
-    rec = record(bb)
+    rec = recorder(bb.transformer, bb.feature_blocks, N_TOKENS)
     ours = generate(bb, PROMPTS, spec, seeds=SEEDS, output_type="np", **KW)
     calls = list(rec.timesteps)
     plan = plan_schedule(bb, spec, KW["num_inference_steps"], 64, 64, FRAMES)
@@ -87,7 +78,7 @@ def test_video_bit_identical_the_contract_sigmas_and_the_block_outputs(bb, recor
     assert cap.text_attention.shape == (2, 4, 1, N_TOKENS, 16)
 
 
-def test_real_video_mode_is_one_forward_at_x_sigma(bb, record):
+def test_real_video_mode_is_one_forward_at_x_sigma(bb, recorder):
     clips = torch.rand(2, FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # (B, F, 3, H, W) in [0, 1]
     res = extract(bb, clips, CaptureSpec(layers=(0, 2), store_dtype="float32"), captions=PROMPTS, seeds=[5, 6],
                   max_sequence_length=16)
@@ -95,7 +86,7 @@ def test_real_video_mode_is_one_forward_at_x_sigma(bb, record):
     x0 = bb.encode_images(clips.permute(0, 2, 1, 3, 4) * 2 - 1)  # (B, z, f, h, w)
     assert x0.shape == (2, 8, 3, 16, 16)
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators_for([5, 6])])
-    rec = record(bb)
+    rec = recorder(bb.transformer, bb.feature_blocks, N_TOKENS)
     bb.transformer(hidden_states=(1 - 0.52) * x0 + 0.52 * noise, timestep=torch.tensor([520, 520]),
                    encoder_hidden_states=bb.encode_prompts(PROMPTS, 16)["encoder_hidden_states"], return_dict=False)
     torch.testing.assert_close(res.features[:, 1, 1], rec.outputs[-1][2], atol=1e-5, rtol=1e-5)

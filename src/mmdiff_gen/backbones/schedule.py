@@ -65,23 +65,16 @@ def scheduler_sigmas(scheduler: Any, inputs: Sequence[float]) -> Any:
     return np.asarray(values, dtype=np.float64) if _integer_timesteps(scheduler) else values
 
 
-def _probe(scheduler: Any, inputs: np.ndarray, mu: float | None) -> Any:
+def _probe(scheduler: Any, inputs: np.ndarray, mu: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the sigmas a scheduler derives from `inputs` (float32), the sigmas the transformer then receives: the same,
+    or an integer-timestep scheduler's timestep / T), from one copy of the scheduler (the live one is untouched)."""
     probe = copy.deepcopy(scheduler)
     probe.set_timesteps(sigmas=scheduler_sigmas(scheduler, inputs), mu=mu)
-    return probe
-
-
-def _shifted(scheduler: Any, inputs: np.ndarray, mu: float | None) -> np.ndarray:
-    """The sigmas a scheduler derives from `inputs` (float32), without touching the live scheduler."""
-    return _probe(scheduler, inputs, mu).sigmas[: len(inputs)].double().cpu().numpy()
-
-
-def _received(scheduler: Any, inputs: np.ndarray, mu: float | None) -> np.ndarray:
-    """The sigmas the transformer receives: the shifted ones, or an integer-timestep scheduler's timestep / T."""
-    probe = _probe(scheduler, inputs, mu)
+    n = len(inputs)
+    sigmas = probe.sigmas[:n].double().cpu().numpy()
     if _integer_timesteps(scheduler):
-        return probe.timesteps[: len(inputs)].double().cpu().numpy() / _train_steps(scheduler)
-    return probe.sigmas[: len(inputs)].double().cpu().numpy()
+        return sigmas, probe.timesteps[:n].double().cpu().numpy() / _train_steps(scheduler)
+    return sigmas, sigmas
 
 
 def _integer_timesteps(scheduler: Any) -> bool:
@@ -136,11 +129,10 @@ def _place(scheduler: Any, target: float, mu: float | None, last_input: np.float
         cands += [up, down]
     cands = np.array([c for c in cands if 0 < c <= 1], dtype=np.float32)
     probe = np.append(cands, last_input) if terminal else cands
-    got = _shifted(scheduler, probe, mu)[: len(cands)]
-    want = float(np.float32(target))
-    miss = np.abs(got - want)
+    got, received = (x[: len(cands)] for x in _probe(scheduler, probe, mu))
+    miss = np.abs(got - float(np.float32(target)))
     if _integer_timesteps(scheduler):  # only inputs whose timestep floors to the target's qualify
-        miss[np.abs(_received(scheduler, probe, mu)[: len(cands)] - target) > 1e-9] = np.inf
+        miss[np.abs(received - target) > 1e-9] = np.inf
     return float(cands[int(np.argmin(miss))])
 
 
@@ -175,7 +167,7 @@ def contract_schedule(
                              f"must be multiples of {1 / steps_of:g}, got {off}")
     else:
         defaults_in = np.linspace(1.0, 1.0 / n, n).astype(np.float32)  # what FluxPipeline passes by default
-    default = _shifted(scheduler, defaults_in, mu)
+    default = _probe(scheduler, defaults_in, mu)[0]
 
     inputs = defaults_in.copy()
     steps: dict[float, int] = {}
@@ -195,7 +187,7 @@ def contract_schedule(
         if i < n - 1 or not scheduler.config.get("shift_terminal"):
             inputs[i] = _place(scheduler, t, mu, defaults_in[-1])
 
-    final = _received(scheduler, inputs, mu)
+    final = _probe(scheduler, inputs, mu)[1]
     if np.any(np.diff(final) >= 0):
         raise ValueError(f"placing {sorted(targets, reverse=True)} into {n} steps breaks the schedule's order; use more steps")
     for t, i in steps.items():

@@ -98,16 +98,18 @@ def train_video_toy(work: Path = DEFAULT_WORK, recipe: VideoToyRecipe = VideoToy
     data = load_or_render_clips(work / "clips.npz", recipe.data_seed, recipe.train_clips, recipe.frames)
     timings["data"] = time.time() - t
     pipe = recipe.build_pipeline()
+    vae_ready = False  # the trained VAE and its latent statistics, in `pipe` once per run
     for phase in [p for p in PHASES if p in phases]:
         t = time.time()
         if phase == "vae":
             train_vae(pipe.vae, data, recipe, work, steps)
-        else:
+        elif not vae_ready:
             _load_vae(pipe.vae, work, data)
-            if phase == "dit":
-                train_dit(pipe, data, recipe, work, steps)
-            else:
-                export(pipe, recipe, work, out)
+        vae_ready = True
+        if phase == "dit":
+            train_dit(pipe, data, recipe, work, steps)
+        elif phase == "export":
+            export(pipe, recipe, work, out)
         timings[phase] = time.time() - t
     with open(work / "timings.jsonl", "a") as f:
         f.write(json.dumps(timings) + "\n")

@@ -23,9 +23,9 @@ from ..backbones import load_backbone
 from ..backbones.loading import DEFAULT_HEADS
 from ..capture import generate
 from ..jobs.annotate import build_annotator, plan_annotator
-from ..train.metrics import DepthMetrics, SaliencyMetrics, SegMetrics
 from .fidelity import judge
 from .oracle import Oracle
+from .video_heads import frame_metrics
 from .video_world import Clip, label_flicker, render_clip
 from .world import CLASSES
 
@@ -62,15 +62,8 @@ def _fidelity(frames: np.ndarray, segs: np.ndarray, clips: list[Clip]) -> dict:
 
 def _quality(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict:
     """Per-frame agreement of label stacks (N, F, H, W) with the reference's."""
-    seg, sal, depth = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics()
-    for p, r in zip(pred["seg"].reshape(-1, *pred["seg"].shape[2:]), ref["seg"].reshape(-1, *ref["seg"].shape[2:])):
-        seg.update(p, r)
-    for p, r in zip(pred["saliency"].reshape(-1, *pred["saliency"].shape[2:]),
-                    ref["saliency"].reshape(-1, *ref["saliency"].shape[2:])):
-        sal.update(p, r)
-    for p, r in zip(pred["depth"].reshape(-1, *pred["depth"].shape[2:]), ref["depth"].reshape(-1, *ref["depth"].shape[2:])):
-        depth.update(p, r)
-    return {"seg_miou": seg.result()["miou"], "saliency": sal.result(), "depth": depth.result()}
+    m = frame_metrics(pred, ref)
+    return {"seg_miou": m["seg"]["miou"], "saliency": m["saliency"], "depth": m["depth"]}
 
 
 @torch.no_grad()

@@ -123,21 +123,25 @@ def _forward(model: MMDiffHead, data: dict, idx: torch.Tensor) -> dict[str, torc
 def evaluate(backbone: Backbone, model: MMDiffHead, seeds: range, frames: int) -> dict:
     """Per-frame metrics on held-out clips and the label flicker of predictions against the exact labels'."""
     data = features(backbone, seeds, frames)
-    seg, sal, depth = SegMetrics(len(CLASSES)), SaliencyMetrics(), DepthMetrics()
-    flicker_pred, flicker_true = [], []
     model.eval()
+    preds = {t: [] for t in TASKS}
     for i in range(0, len(seeds), 16):
         idx = torch.arange(i, min(i + 16, len(seeds)))
         out = _forward(model, data, idx)
-        pred = {t: predictions(t, out[t]).unflatten(0, (len(idx), frames)).numpy() for t in TASKS}
-        truth = {t: data["labels"][t][idx].numpy() for t in TASKS}
-        for b in range(len(idx)):
-            for f in range(frames):
-                seg.update(pred["seg"][b, f], truth["seg"][b, f])
-                sal.update(pred["saliency"][b, f], truth["saliency"][b, f])
-                depth.update(pred["depth"][b, f], truth["depth"][b, f])
-            flicker_pred.append(label_flicker(pred["seg"][b]))
-            flicker_true.append(label_flicker(truth["seg"][b]))
-    return {"seg": seg.result(), "saliency": sal.result(), "depth": depth.result(),
-            "flicker": {"predicted": float(np.mean(flicker_pred)), "exact": float(np.mean(flicker_true))},
-            "held_out": {"clips": len(seeds), "frames": frames, "seeds_from": seeds.start}}
+        for t in TASKS:
+            preds[t].append(predictions(t, out[t]).unflatten(0, (len(idx), frames)).numpy())
+    pred = {t: np.concatenate(v) for t, v in preds.items()}  # (N, F, H, W)
+    truth = {t: data["labels"][t].numpy() for t in TASKS}
+    return frame_metrics(pred, truth) | {
+        "flicker": {"predicted": float(np.mean([label_flicker(x) for x in pred["seg"]])),
+                    "exact": float(np.mean([label_flicker(x) for x in truth["seg"]]))},
+        "held_out": {"clips": len(seeds), "frames": frames, "seeds_from": seeds.start}}
+
+
+def frame_metrics(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict:
+    """Every frame of label stacks (N, F, H, W) against the reference's: {"seg", "saliency", "depth": metrics}."""
+    meters = {"seg": SegMetrics(len(CLASSES)), "saliency": SaliencyMetrics(), "depth": DepthMetrics()}
+    for task, meter in meters.items():
+        for p, r in zip(pred[task].reshape(-1, *pred[task].shape[2:]), ref[task].reshape(-1, *ref[task].shape[2:])):
+            meter.update(p, r)
+    return {task: meter.result() for task, meter in meters.items()}
