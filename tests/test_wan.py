@@ -4,7 +4,8 @@
 What the image families' contract (`test_families.py`) checks, for clips: video bit-identical with capture on and off
 under Wan's CFG; the sigmas received (UniPC's integer timesteps) are the contract's; features are the blocks' outputs;
 real-video mode is one forward at x_σ; concept, cross-attention and per-token image→text maps equal a hand-written
-cross-attention reference; compile, offload and LoRA leave capture as it is.
+cross-attention reference; compile, offload and LoRA leave capture as it is, fp8 / int8 storage close to it; heads
+of another family are refused; a saved folder is recognised, built on the meta device and inspected.
 """
 
 import math
@@ -198,15 +199,50 @@ def test_a_lora_changes_the_features_and_enters_the_identity(bb, tmp_path):
     torch.testing.assert_close(again.capture.features, before.capture.features, atol=1e-5, rtol=1e-5)
 
 
-def test_a_saved_folder_is_recognised_and_loaded(tmp_path):
+@pytest.mark.parametrize("storage", ["fp8", "int8"])
+def test_quantized_storage_captures_close_to_full_precision(bb, storage):
+    """fp8 (layerwise-cast) and int8 (torchao weight-only) transformer storage, as `--storage` applies them."""
+    from mmdiff_gen.backbones.runtime import apply_runtime
+
+    spec = CaptureSpec(layers=(0, 3), concepts=("object",), store_dtype="float32")
+    kw = dict(output_type="np", **KW)
+    ref = generate(bb, PROMPTS, spec, seeds=SEEDS, **kw)
+    pipe = build_tiny_wan(seed=0)
+    apply_runtime(pipe, offload="none", storage=storage, dtype=torch.float32, device="cpu")
+    ours = generate(wrap_pipeline(pipe, name="tiny-wan"), PROMPTS, spec, seeds=SEEDS, **kw)
+    rel = (ours.capture.features - ref.capture.features).norm() / ref.capture.features.norm()
+    assert 0 < rel < 0.25, float(rel)
+    assert ours.images.shape == ref.images.shape and np.isfinite(ours.images).all()
+
+
+def test_heads_of_another_family_are_refused(bb, tiny, tmp_path):
+    from _helpers import make_heads
+    from mmdiff_gen.heads.checkpoint import HeadMismatch, load_head
+
+    make_heads(bb, tmp_path, tasks=("seg",))
+    with pytest.raises(HeadMismatch, match=r"trained on 'tiny-wan' \(wan,"):
+        load_head(tmp_path / "seg.safetensors", backbone=tiny.identity())
+    make_heads(tiny, tmp_path / "flux", tasks=("seg",))
+    with pytest.raises(HeadMismatch, match=r"\(flux,"):
+        load_head(tmp_path / "flux" / "seg.safetensors", backbone=bb.identity())
+
+
+def test_a_saved_folder_is_recognised_loaded_built_on_meta_and_inspected(tmp_path):
+    from typer.testing import CliRunner
+
     from mmdiff_gen.backbones import load_backbone
-    from mmdiff_gen.backbones.loading import meta_backbone
+    from mmdiff_gen.backbones.loading import adapter_class, meta_backbone
+    from mmdiff_gen.cli import app
 
     build_tiny_wan(seed=0).save_pretrained(tmp_path / "wan")
+    assert adapter_class(str(tmp_path / "wan")) is WanBackbone
     loaded = load_backbone(str(tmp_path / "wan"), dtype=torch.float32, device="cpu")
     assert isinstance(loaded, WanBackbone) and loaded.token_grid(64, 64, FRAMES) == GRID
     meta = meta_backbone(str(tmp_path / "wan"))
     assert meta.pixels_per_token == 8 and len(meta.feature_blocks) == 4
+    assert meta.identity()["config_sha256"] == loaded.identity()["config_sha256"]
+    res = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path / "wan"), "--size", "64", "--steps", "12"])
+    assert res.exit_code == 0 and "(wan)" in res.output and "81 frames" in res.output, res.output
 
 
 def test_two_transformer_wan_is_refused():
