@@ -217,6 +217,7 @@ def test_quantized_storage_captures_close_to_full_precision(bb, storage):
 
 def test_heads_of_another_family_are_refused(bb, tiny, tmp_path):
     from _helpers import make_heads
+
     from mmdiff_gen.heads.checkpoint import HeadMismatch, load_head
 
     make_heads(bb, tmp_path, tasks=("seg",))
