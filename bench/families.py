@@ -13,7 +13,8 @@ scheduler config (how many extra forwards the paper's sigmas cost); the generati
 the extra forwards) against the seg, saliency and depth heads at the family's width; the features one image
 captures (4 layers × 4 sigmas, bf16). The text encoders and the VAE are not counted (they only lower the share).
 
-Video (Wan 2.1 T2V 1.3B and 14B): one clip of 81 frames at 480×832 (and 720×1280 for 14B) = 21 latent frames; text
+Video (Wan 2.1 T2V 1.3B and 14B, Wan 2.2 TI2V 5B): one clip of 81 frames at 480×832 (and 720×1280 for 14B) = 21
+latent frames, TI2V's 121 frames at 704×1280 = 31 latent frames of 22×40 tokens (its VAE: 16× in space); text
 padded to 512 umT5 tokens; 50 UniPC steps, CFG 5 as a second call; the heads run once per latent frame.
 """
 
@@ -30,7 +31,7 @@ from mmdiff_gen.backbones.flux import FLUX_DEV
 from mmdiff_gen.backbones.flux2 import FLUX2_DEV
 from mmdiff_gen.backbones.qwenimage import QWEN_IMAGE
 from mmdiff_gen.backbones.sd3 import SD35_LARGE
-from mmdiff_gen.backbones.wan import WAN_2_1_T2V_1_3B, WAN_2_1_T2V_14B
+from mmdiff_gen.backbones.wan import WAN_2_1_T2V_1_3B, WAN_2_1_T2V_14B, WAN_2_2_TI2V_5B
 from mmdiff_gen.capture import CaptureSpec, plan_schedule
 from mmdiff_gen.jobs.cost import generation_cost
 
@@ -51,17 +52,19 @@ FAMILIES = {
                    "50 steps, true CFG 4 (a second call)"),
 }
 
-# Wan 2.1 T2V: (config, clips (height, width, frames, flow_shift: 3 at 480p, 5 at 720p)); 50 UniPC steps, CFG 5.
+# Wan: (config, VAE's spatial factor, clips (height, width, frames, flow_shift: 3 at 480p, 5 at 720p)); 50 UniPC
+# steps, CFG 5. Wan 2.2 TI2V 5B: its VAE compresses 16× in space, its default clip is 121 frames at 704×1280.
 VIDEO = {
-    "Wan2.1-T2V-1.3B": (WAN_2_1_T2V_1_3B, ((480, 832, 81, 3.0),)),
-    "Wan2.1-T2V-14B": (WAN_2_1_T2V_14B, ((480, 832, 81, 3.0), (720, 1280, 81, 5.0))),
+    "Wan2.1-T2V-1.3B": (WAN_2_1_T2V_1_3B, 8, ((480, 832, 81, 3.0),)),
+    "Wan2.1-T2V-14B": (WAN_2_1_T2V_14B, 8, ((480, 832, 81, 3.0), (720, 1280, 81, 5.0))),
+    "Wan2.2-TI2V-5B": (WAN_2_2_TI2V_5B, 16, ((704, 1280, 121, 5.0),)),
 }
 VIDEO_STEPS, VIDEO_ROWS = 50, 2
 
 
-def measure_video(name: str, clips: tuple[tuple[int, int, int, float], ...]) -> dict:
-    config, _ = VIDEO[name]
-    bb = config_backbone(WanBackbone, "WanTransformer3DModel", config, vae_scale_factor=8, name=name)
+def measure_video(name: str) -> dict:
+    config, vae_factor, clips = VIDEO[name]
+    bb = config_backbone(WanBackbone, "WanTransformer3DModel", config, vae_scale_factor=vae_factor, name=name)
     out = {"sampling": f"{VIDEO_STEPS} UniPC steps, CFG 5 (a second call)",
            "params": sum(p.numel() for p in bb.transformer.parameters()), "blocks": len(bb.feature_blocks),
            "width": bb.feature_dim, "clips": {}}
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     names, sizes = (["FLUX.2-dev", "Qwen-Image"], (512,)) if args.smoke else (list(FAMILIES), (512, 1024))
     res = {name: measure(name, sizes) for name in names}
     videos = ["Wan2.1-T2V-1.3B"] if args.smoke else list(VIDEO)
-    video = {name: measure_video(name, VIDEO[name][1]) for name in videos}
+    video = {name: measure_video(name) for name in videos}
     print("| family | transformer | blocks (feature / joint), width | size | tokens | TFLOP / forward | "
           "recommended sampling | extra forwards | PFLOP / generation | heads (seg, sal., depth) | heads' share | "
           "unified head's share | features / image (bf16) |")

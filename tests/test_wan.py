@@ -93,6 +93,47 @@ def test_real_video_mode_is_one_forward_at_x_sigma(bb, recorder):
     torch.testing.assert_close(res.features[:, 1, 1], rec.outputs[-1][2], atol=1e-5, rtol=1e-5)
 
 
+def test_wan22_ti2v_per_token_timestep_and_16x_vae():
+    """Wan 2.2 TI2V's kind (a residual VAE that patchifies 2×2: 16 px per token here; one float timestep per video
+    token): video bit-identical with capture on and off, the contract's sigmas read from per-token timesteps,
+    features = block outputs, and real-video mode = one forward at x_σ with the pipeline's per-token layout."""
+    bb = wrap_pipeline(build_tiny_wan(seed=0, ti2v=True), name="tiny-wan-ti2v")
+    grid, n = (3, 4, 4), 48
+    assert bb.per_token_timestep and bb.pixels_per_token == 16 and bb.token_grid(64, 64, FRAMES) == grid
+    spec = CaptureSpec(layers=(1, 3), concepts=("object",), cross_attention=True, store_dtype="float32")
+    seen = []
+    hook = bb.transformer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["timestep"].clone()),
+                                                    with_kwargs=True)
+    try:
+        ours = generate(bb, PROMPTS, spec, seeds=SEEDS, output_type="np", **KW)
+        plan = plan_schedule(bb, spec, KW["num_inference_steps"], 64, 64, FRAMES)
+        plain = bb.run_pipeline(prompt=PROMPTS, generator=generators_for(SEEDS), sigmas=list(plan.pipeline_sigmas),
+                                output_type="np", **KW)
+        clips = torch.rand(2, FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        real = extract(bb, clips, CaptureSpec(layers=(0, 2), store_dtype="float32"), captions=PROMPTS, seeds=[5, 6],
+                       max_sequence_length=16)
+    finally:
+        hook.remove()
+    assert np.array_equal(ours.images, plain)
+    assert seen[0].shape == (2, n) and seen[0].dtype == torch.float32
+    # Real-video mode's one forward: 2 clips × 4 sigmas, each row's tokens at its sigma.
+    assert seen[-1].shape == (8, n) and torch.equal(seen[-1], seen[-1][:, :1].expand(-1, n))
+    assert torch.equal(ours.capture.sigmas, torch.tensor([spec.sigmas] * 2))
+    assert ours.capture.features.shape == (2, 2, 4, n, bb.feature_dim) and ours.capture.grid == grid
+    x0 = bb.encode_images(clips.permute(0, 2, 1, 3, 4) * 2 - 1)
+    assert x0.shape == (2, 8, 3, 8, 8)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators_for([5, 6])])
+    out = {}
+    hook = bb.feature_blocks[2].register_forward_hook(lambda _m, _i, o: out.__setitem__("x", o))
+    try:
+        bb.transformer(hidden_states=(1 - 0.52) * x0 + 0.52 * noise, timestep=torch.full((2, n), 520.0),
+                       encoder_hidden_states=bb.encode_prompts(PROMPTS, 16)["encoder_hidden_states"],
+                       return_dict=False)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(real.features[:, 1, 1], out["x"], atol=1e-5, rtol=1e-5)
+
+
 def _reference(attn, x, text, concepts, prompt_mask):
     """Wan's cross-attention written out from diffusers 0.42's WanAttnProcessor: q / k RMS-normed across heads, then
     split; softmax over the text keys alone. Returns the block's attention output (to check the reference is the
@@ -253,28 +294,29 @@ def test_two_transformer_wan_is_refused():
         WanBackbone(pipe, "a14b")
 
 
-REAL = {  # name: (config, blocks, width, default layers)
-    "Wan2.1-T2V-1.3B": ("WAN_2_1_T2V_1_3B", 30, 1536, (3, 12, 20, 29)),
-    "Wan2.1-T2V-14B": ("WAN_2_1_T2V_14B", 40, 5120, (4, 16, 27, 39)),
+REAL = {  # name: (config, VAE's spatial factor, blocks, width, default layers, default clip (frames, H, W), grid)
+    "Wan2.1-T2V-1.3B": ("WAN_2_1_T2V_1_3B", 8, 30, 1536, (3, 12, 20, 29), (81, 480, 832), (21, 30, 52)),
+    "Wan2.1-T2V-14B": ("WAN_2_1_T2V_14B", 8, 40, 5120, (4, 16, 27, 39), (81, 480, 832), (21, 30, 52)),
+    "Wan2.2-TI2V-5B": ("WAN_2_2_TI2V_5B", 16, 30, 3072, (3, 12, 20, 29), (121, 704, 1280), (31, 22, 40)),
 }
 
 
 @pytest.mark.parametrize("name", list(REAL))
 def test_the_real_config_on_the_meta_device(name):
-    """Wan 2.1 as released, no weights: 81 frames at 480×832 are 21 latent frames × 30×52 tokens = 32 760 tokens per
-    clip; capture takes them all at a block."""
+    """Wan as released, no weights: 81 frames at 480×832 are 21 latent frames × 30×52 tokens = 32 760 tokens per
+    clip (Wan 2.2 TI2V: 121 frames at 704×1280, 32 px per token, 31 × 22×40); capture takes them all at a block."""
     from mmdiff_gen.backbones import wan
     from mmdiff_gen.backbones.flops import config_backbone
     from mmdiff_gen.capture import Capture
 
-    attr, blocks, width, layers = REAL[name]
-    bb = config_backbone(WanBackbone, "WanTransformer3DModel", getattr(wan, attr), vae_scale_factor=8, name=name)
+    attr, factor, blocks, width, layers, (frames, h, w), grid = REAL[name]
+    bb = config_backbone(WanBackbone, "WanTransformer3DModel", getattr(wan, attr), vae_scale_factor=factor, name=name)
     assert (len(bb.feature_blocks), bb.feature_dim, bb.default_layers()) == (blocks, width, layers)
-    assert bb.pixels_per_token == 16 and bb.token_grid(480, 832, 81) == (21, 30, 52)
-    kwargs = bb.meta_inputs(1, 480, 832, 512, frames=81)
-    with Capture(bb, CaptureSpec(sigmas=(0.5,)), batch_size=1, height=480, width=832, frames=81, planned=True) as cap, \
+    assert bb.pixels_per_token == 2 * factor and bb.token_grid(h, w, frames) == grid
+    kwargs = bb.meta_inputs(1, h, w, 512, frames=frames)
+    with Capture(bb, CaptureSpec(sigmas=(0.5,)), batch_size=1, height=h, width=w, frames=frames, planned=True) as cap, \
             torch.device("meta"):
         assert cap.arm([0.5])
         bb.transformer(**kwargs)
         cap.collect()
-    assert cap.features.shape == (1, 4, 1, 21 * 30 * 52, width)
+    assert cap.features.shape == (1, 4, 1, math.prod(grid), width)

@@ -248,21 +248,28 @@ def build_tiny_wan(
     vae_dims: Sequence[int] = (8, 8, 8),
     ffn_mult: int = 2,
     flow_shift: float = 3.0,
+    text_ffn: str = "gated-gelu",
+    ti2v: bool = False,
     seed: int = 0,
 ):
     """A WanPipeline (text-to-video) with random weights: a tiny UMT5 encoder (Wan's text encoder) and an
     AutoencoderKLWan that downsamples 4× in space and 4× in time (widths `vae_dims` per level), so a 64×64 clip of
     4k + 1 frames has k + 1 latent frames of 8×8 video tokens (patch (1, 2, 2)). The 3-D RoPE splits the head dim
     into t, h, w parts (Wan: h = w = 2·(dim_head // 6)). The scheduler is Wan 2.1's UniPC with flow sigmas and
-    `flow_shift` (3: its 480p setting)."""
+    `flow_shift` (3: its 480p setting). `text_ffn`: the encoder's feed-forward (umT5's gated GELU; "relu" is T5's
+    plain one, which the toy video backbone takes to start from the image toy's T5). `ti2v`: Wan 2.2 TI2V's kind —
+    a residual VAE that patchifies 2×2 before encoding (8× in space here: 16 px per token) and a per-token timestep
+    (`expand_timesteps`)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
     tok = word_tokenizer(words, model_max_length=512, add_bos=False)
     base = vae_dims[0]
+    patch = {"is_residual": True, "patch_size": 2, "in_channels": 12, "out_channels": 12} if ti2v else {}
     vae = AutoencoderKLWan(base_dim=base, z_dim=latent_channels, dim_mult=[d // base for d in vae_dims],
                            num_res_blocks=1, temperal_downsample=[True, True], latents_mean=[0.0] * latent_channels,
-                           latents_std=[1.0] * latent_channels, scale_factor_temporal=4, scale_factor_spatial=4).eval()
+                           latents_std=[1.0] * latent_channels, scale_factor_temporal=4,
+                           scale_factor_spatial=8 if ti2v else 4, **patch).eval()
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim_head, in_channels=latent_channels,
         out_channels=latent_channels, text_dim=text_width, freq_dim=32, ffn_dim=ffn_mult * heads * dim_head,
@@ -270,8 +277,8 @@ def build_tiny_wan(
     ).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=flow_shift)
-    pipe = WanPipeline(tokenizer=tok, text_encoder=_t5(tok, text_width, text_layers, umt5=True), vae=vae,
-                       transformer=transformer, scheduler=scheduler)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=_t5(tok, text_width, text_layers, umt5=True, ffn=text_ffn), vae=vae,
+                       transformer=transformer, scheduler=scheduler, expand_timesteps=ti2v)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -336,14 +343,16 @@ def _clip(tok, width: int, layers: int, *, with_projection: bool):
     )).eval()
 
 
-def _t5(tok, width: int, layers: int, umt5: bool = False):
-    """A T5 encoder; `umt5`: its UMT5 variant (per-layer relative position biases), the class WanPipeline expects."""
+def _t5(tok, width: int, layers: int, umt5: bool = False, ffn: str | None = None):
+    """A T5 encoder; `umt5`: its UMT5 variant (per-layer relative position biases), the class WanPipeline expects;
+    `ffn`: the feed-forward kind (default: the config class's, T5 "relu", UMT5 "gated-gelu")."""
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     model, config = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
     return model(config(
         vocab_size=len(tok), d_model=width, d_kv=width // 2, d_ff=2 * width, num_layers=layers, num_heads=2,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+        **({"feed_forward_proj": ffn} if ffn else {}),
     )).eval()
 
 

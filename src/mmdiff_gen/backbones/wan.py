@@ -42,8 +42,12 @@ class WanBackbone(Backbone):
       contract places its targets so that floor is exact, and real-video mode passes round(σ·1000);
     - classifier-free guidance (`guidance_scale` > 1, Wan's default 5) is a second, unconditional call after the
       conditional one; the negative prompt defaults to "";
-    - Wan 2.2 A14B's second transformer (`transformer_2`, low-noise steps) and TI2V's per-token timestep are
-      refused in one line: capture's hooks hold one transformer, and the contract one timestep per row.
+    - Wan 2.2 TI2V 5B (`expand_timesteps`): the pipeline hands the transformer one float timestep per video token
+      (B, N), all equal in text-to-video (the mask that would zero a conditioning frame's is all ones); a row's sigma
+      is read from its largest (`sigma_of`), and real-video mode passes the same per-token layout. Its VAE
+      patchifies 2×2 before its 8× encoder (16× in all), so a token covers 32 px (`pixels_per_token`);
+    - Wan 2.2 A14B's second transformer (`transformer_2`, low-noise steps) is refused in one line: capture's hooks
+      hold one transformer.
     """
 
     family = "wan"
@@ -58,10 +62,9 @@ class WanBackbone(Backbone):
         if getattr(pipe, "transformer_2", None) is not None:
             raise ValueError("Wan 2.2 with a second (low-noise) transformer is not supported: capture holds one "
                              "transformer; use Wan 2.1 or Wan 2.2 TI2V")
-        if getattr(getattr(pipe, "config", None), "expand_timesteps", False):
-            raise ValueError("Wan 2.2 TI2V passes a per-token timestep (expand_timesteps), which the timestep "
-                             "contract does not handle yet")
         super().__init__(pipe, name, settings, weights_id)
+        # Wan 2.2 TI2V: one timestep per video token (WanPipeline's `expand_timesteps`).
+        self.per_token_timestep = bool(getattr(getattr(pipe, "config", None), "expand_timesteps", False))
 
     # --- the transformer --------------------------------------------------------------------
     @property
@@ -86,6 +89,10 @@ class WanBackbone(Backbone):
         return int(getattr(getattr(self.pipe, "scheduler", None), "config", {}).get("num_train_timesteps", 1000))
 
     def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Per-row sigmas (B,) from a timestep (B,), or TI2V's per-token (B, N) (its largest: a conditioning
+        frame's tokens, in image-to-video, carry 0)."""
+        if timestep.ndim == 2:
+            timestep = timestep.amax(1)
         return timestep.float() / self._train_steps
 
     def timestep_for(self, sigma: float) -> float:
@@ -94,6 +101,15 @@ class WanBackbone(Backbone):
     def timestep_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """int64 round(σ·1000), as UniPC hands the pipeline its (integer) timesteps."""
         return (sigma.double() * self._train_steps).round().long().to(self.device)
+
+    def transformer_inputs(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                           guidance_scale: float, height: int, width: int) -> dict[str, Any]:
+        out = super().transformer_inputs(latents, sigma, cond, guidance_scale, height, width)
+        if self.per_token_timestep:  # (B, N) float32, as WanPipeline builds it (a float mask times the timestep)
+            p_t, p_h, p_w = self.transformer.config.patch_size
+            f, h, w = latents.shape[2:]
+            out["timestep"] = out["timestep"].float()[:, None].expand(-1, (f // p_t) * (h // p_h) * (w // p_w))
+        return out
 
     # --- geometry ---------------------------------------------------------------------------
     @staticmethod
