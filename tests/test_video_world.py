@@ -167,3 +167,46 @@ def test_label_flicker_is_the_mean_changed_fraction_over_frame_pairs():
     assert label_flicker(seg) == pytest.approx((1 / 4 + 3 / 4) / 2)
     with pytest.raises(ValueError):
         label_flicker(seg[0])
+
+
+def test_the_video_text_encoder_starts_as_the_image_toys_t5():
+    """The recipe's UMT5 encoder, started from the shipped image toy's T5, computes the same features for a caption
+    without motion words; the motion words keep rows of their own."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+    from mmdiff_gen.backbones.loading import BUILTIN_FOLDERS
+    from mmdiff_gen.toy.train_video import init_text_from_image_toy
+    from mmdiff_gen.toy.video_recipe import VideoToyRecipe
+
+    pipe = VideoToyRecipe().build_pipeline()
+    src = BUILTIN_FOLDERS["toy"]
+    t5 = T5EncoderModel.from_pretrained(src / "text_encoder_2").eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(src / "tokenizer_2")
+    assert init_text_from_image_toy(pipe) == len(tok.get_vocab())
+    caption = "a large red circle on the left and a small blue star on the right"
+    with torch.no_grad():
+        ours = pipe.text_encoder(**pipe.tokenizer(caption, return_tensors="pt")).last_hidden_state
+        image = t5(**tok(caption, return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(ours, image, atol=1e-6, rtol=1e-6)
+    own = set(pipe.tokenizer.get_vocab()) - set(tok.get_vocab())
+    assert {"moving", "closer", "away", "still"} <= own  # the motion words: rows the flow loss trains from scratch
+
+
+def test_the_class_map_target_follows_the_latent_frames_and_the_token_order():
+    """The transformer's auxiliary target: latent frame 0 is frame 0's class map, latent frame j the mean of frames
+    4j − 3 … 4j; tokens frame-major, then rows, then columns, each with its 2×2 cells."""
+    import torch
+
+    from mmdiff_gen.toy.train_video import class_map_tokens
+
+    seg = torch.zeros(1, 9, 64, 64, dtype=torch.uint8)
+    seg[0, 0, :8, 56:] = 2  # frame 0: the top-right token (row 0, column 7) is square
+    seg[0, 1:3, 60:, :4] = 3  # frames 1–2 of latent frame 1's four: the bottom-left token's lower-left cell
+    target = class_map_tokens(seg, 3, 16, 16, 4)  # (B, 3·8·8, classes, 4)
+    assert target.shape == (1, 192, len(CLASSES), 4)
+    torch.testing.assert_close(target.sum(2), torch.ones(1, 192, 4))
+    assert torch.equal(target[0, 7, 2], torch.ones(4)) and target[0, 64 + 7, 2].sum() == 0
+    bottom_left = 64 + 7 * 8  # latent frame 1, row 7, column 0
+    assert torch.allclose(target[0, bottom_left, 3], torch.tensor([0.0, 0.0, 0.5, 0.0]))
+    assert target[0, 128:, 3].sum() == 0 and target[0, :64, 3].sum() == 0

@@ -3,12 +3,14 @@
 Each phase resumes from its checkpoint in the work folder (`_loop.Phase`), as the image toy's do.
 
 - data: `train_clips` clips of the toy video world (`video_world.render_clip`), rendered once into work/clips.npz.
-- vae: the AutoencoderKLWan, L1 + L2 reconstruction weighted up on label boundaries (as the image toy's keeps star
-  points and ring holes), a small KL; then its per-channel latent mean and std are recorded in its config
+- vae: the AutoencoderKLWan on windows of `vae_frames` frames (its causal encoder reads frame 0 alone and then chunks
+  of 4, so 1 + 4 frames hold both kinds of chunk at about half a clip's cost), L1 + L2 reconstruction weighted up on
+  label boundaries (as the image toy's keeps star points and ring holes), a small KL; then its per-channel latent mean and std are recorded in its config
   (`latents_mean`, `latents_std`: what WanPipeline un-normalises with before decoding).
 - dit: rectified flow on the normalised latents (B, z, f, h, w): x_σ = (1 − σ)·x0 + σ·ε, the transformer predicts
-  ε − x0 at timestep σ·1000 (what UniPC's flow prediction reads), σ logit-normal; the T5 encoder learns jointly at a
-  lower rate; the text is encoded as WanPipeline encodes it (padded to `max_sequence_length`, embeddings past the
+  ε − x0 at timestep σ·1000 (what UniPC's flow prediction reads), σ logit-normal, plus the image toy's auxiliary
+  class-map loss per latent frame; the text encoder starts from the image toy's pretrained T5
+  (`init_text_from_image_toy`) and learns jointly at a lower rate; the text is encoded as WanPipeline encodes it (padded to `max_sequence_length`, embeddings past the
   prompt zeroed), with caption dropout for classifier-free guidance; EMA weights are what is exported.
 - export: the EMA pipeline as a diffusers folder (safetensors) with mmdiff.json (sampling, classes, palette).
 """
@@ -27,14 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from .._atomic import atomic_path
+from ..backbones.loading import BUILTIN_FOLDERS
 from ..io.state import load_state, save_state
 from ..train.trainer import ema_update
 from ._loop import Checkpoint, Phase, conv_autocast
-from .data import boundary_weight
+from .data import boundary_weight, class_fractions
 from .export import load_ema, save_pipeline
 from .train_vae import vae_loss
 from .video_recipe import ASSET_DIR, VideoToyRecipe
 from .video_world import render_clip
+from .world import CLASSES
 
 PHASES = ("vae", "dit", "export")
 DEFAULT_WORK = Path.home() / ".cache" / "mmdiff-gen" / "toy-video"
@@ -122,10 +126,14 @@ def train_vae(vae, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps: 
     phase = Phase(work, "vae", {"model": vae, "opt": opt}, steps, lr=recipe.vae_lr, warmup=100)
     gen = torch.Generator().manual_seed(recipe.seed + 1 + phase.start)
     vae.train().requires_grad_(True)
+    n = recipe.vae_frames
+    starts = np.arange(0, recipe.frames - n + 1, n - 1)  # windows the causal encoder sees as a clip's own chunks
     for _ in phase:
         idx = torch.randint(0, len(data), (recipe.vae_batch,), generator=gen).numpy()
-        x = to_video(data.frames[idx])  # (B, 3, F, H, W)
-        seg = data.seg[idx]  # (B, F, H, W)
+        t0 = starts[torch.randint(0, len(starts), (recipe.vae_batch,), generator=gen).numpy()]
+        window = idx[:, None], t0[:, None] + np.arange(n)  # (B, n) clip and frame indices
+        x = to_video(data.frames[window])  # (B, 3, n, H, W)
+        seg = data.seg[window]  # (B, n, H, W)
         weight = torch.from_numpy(boundary_weight(seg.reshape(-1, *seg.shape[2:]), recipe.vae_edge_weight))
         weight = weight.view(*seg.shape).unsqueeze(1)  # (B, 1, F, H, W)
         phase.step(vae_loss(vae, x, weight, recipe.vae_kl, gen))
@@ -174,28 +182,80 @@ def cached_latents(vae, data: ClipArrays, work: Path) -> torch.Tensor:
     return lat
 
 
+@torch.no_grad()
+def init_text_from_image_toy(pipe) -> int:
+    """Start the toy video's UMT5 encoder from the shipped image toy's pretrained T5 (same widths, T5's ReLU
+    feed-forward): every weight, the embedding rows of the words both vocabularies hold (the motion words keep their
+    random rows), and T5's one relative-position bias — layer 0's, which every T5 layer reuses — as each UMT5 layer's
+    own, so that both encoders compute the same features for a caption without motion words. Returns how many
+    vocabulary rows were copied."""
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    src = BUILTIN_FOLDERS["toy"]
+    state = load_file(src / "text_encoder_2" / "model.safetensors")
+    old = PreTrainedTokenizerFast.from_pretrained(src / "tokenizer_2").get_vocab()
+    enc = pipe.text_encoder
+    bias = "layer.0.SelfAttention.relative_attention_bias.weight"
+    for i in range(enc.config.num_layers):
+        state[f"encoder.block.{i}.{bias}"] = state[f"encoder.block.0.{bias}"]
+    rows = enc.shared.weight.clone()  # (V_video, D)
+    pairs = [(new_id, old[w]) for w, new_id in pipe.tokenizer.get_vocab().items() if w in old]
+    rows[[n for n, _ in pairs]] = state["shared.weight"][[o for _, o in pairs]]
+    state["shared.weight"] = rows
+    missing, unexpected = enc.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"encoder.embed_tokens.weight"}:  # embed_tokens is tied to shared
+        raise ValueError(f"the image toy's T5 does not fit the video encoder: {missing + unexpected}")
+    return len(pairs)
+
+
 def encode_text(pipe, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, D) T5 embeddings with the positions past each prompt zeroed, as WanPipeline's `_get_t5_prompt_embeds`."""
     return pipe.text_encoder(ids, mask).last_hidden_state * mask[..., None]
 
 
+def class_map_tokens(seg: torch.Tensor, latent_frames: int, h: int, w: int, temporal: int) -> torch.Tensor:
+    """(B, F, H, W) class ids of a clip → (B, f·h/2·w/2, classes, 4): for each latent frame (it encodes frame 0
+    alone, then `temporal` frames each) the class fractions of each video token's 2×2 latent cells, averaged over
+    the frames it encodes; tokens in the transformer's order (frames, rows, columns)."""
+    b, f, n = seg.shape[0], latent_frames, len(CLASSES)
+    frac = class_fractions(seg.flatten(0, 1), h, w).view(b, seg.shape[1], n, h, w)
+    groups = [frac[:, :1]] + [frac[:, temporal * j - temporal + 1 : temporal * j + 1] for j in range(1, f)]
+    per_latent = torch.stack([g.mean(1) for g in groups], 1)  # (B, f, classes, h, w)
+    cells = per_latent.view(b, f, n, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    return cells.reshape(b, f * (h // 2) * (w // 2), n, 4)
+
+
 def train_dit(pipe, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps: int | None = None) -> None:
-    """Train the transformer and the text encoder in place; leaves the EMA weights in the pipeline."""
+    """Train the transformer and the text encoder in place; leaves the EMA weights in the pipeline.
+
+    As the image toy's transformer does, a linear probe on the middle block's video tokens predicts the clean
+    clip's class map (`class_map_tokens`) from the noisy latent: an auxiliary target that shapes the features
+    without moving the flow objective's minimiser; the probe is dropped at export (the shipped model is plain Wan).
+    """
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
     steps = recipe.dit_steps if steps is None else steps
     lat = cached_latents(pipe.vae, data, work)
+    f, h, w = lat.shape[2:]
+    temporal = pipe.vae.config.scale_factor_temporal
     tok = pipe.tokenizer([prompt_clean(c) for c in data.captions + [""]], padding="max_length", truncation=True,
                          max_length=recipe.max_sequence_length, return_tensors="pt")
     empty = len(data)  # the empty caption (caption dropout)
     tr, text = pipe.transformer, pipe.text_encoder
     models = torch.nn.ModuleDict({"transformer": tr, "t5": text})
+    probe = torch.nn.Linear(tr.config.num_attention_heads * tr.config.attention_head_dim, len(CLASSES) * 4)
+    seen: dict[str, torch.Tensor] = {}
+    hook = tr.blocks[len(tr.blocks) // 2 - 1].register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o))
     ema = copy.deepcopy(models).eval().requires_grad_(False)
-    opt = torch.optim.AdamW([{"params": tr.parameters()},
+    opt = torch.optim.AdamW([{"params": list(tr.parameters()) + list(probe.parameters())},
                              {"params": text.parameters(), "lr_scale": recipe.text_lr_scale}], lr=recipe.dit_lr,
                             weight_decay=0.0)
-    phase = Phase(work, "dit", {"models": models, "ema": ema, "opt": opt}, steps, lr=recipe.dit_lr,
+    phase = Phase(work, "dit", {"models": models, "ema": ema, "probe": probe, "opt": opt}, steps, lr=recipe.dit_lr,
                   warmup=recipe.dit_warmup)
+    if phase.start == 0 and recipe.text_init:
+        init_text_from_image_toy(pipe)
+        ema.load_state_dict(models.state_dict())
     gen = torch.Generator().manual_seed(recipe.seed + 2 + phase.start)
     models.train().requires_grad_(True)
     for step in phase:
@@ -211,8 +271,13 @@ def train_dit(pipe, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps:
         pred = tr(hidden_states=(1 - s) * x0 + s * noise, timestep=sigma * 1000,
                   encoder_hidden_states=encode_text(pipe, tok.input_ids[cap], tok.attention_mask[cap]),
                   return_dict=False)[0]
-        phase.step(F.mse_loss(pred, noise - x0), clip=models.parameters())
+        flow = F.mse_loss(pred, noise - x0)
+        logits = probe(seen.pop("tokens")).view(b, -1, len(CLASSES), 4)  # (B, tokens, classes, 2×2 cells)
+        target = class_map_tokens(torch.from_numpy(data.seg[idx.numpy()]), f, h, w, temporal)
+        seg = F.cross_entropy(logits.transpose(1, 2), target.transpose(1, 2))
+        phase.step(flow + recipe.dit_seg_weight * seg, clip=models.parameters(), shown=flow)
         ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
+    hook.remove()
     models.load_state_dict(ema.state_dict())
     models.eval().requires_grad_(False)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import Backbone
+from ..backbones.loading import DEFAULT_HEADS
 from ..capture import PAPER_SIGMAS, CaptureSpec, extract
 from ..heads.checkpoint import HeadMeta, save_head
 from ..heads.frames import to_frames
@@ -33,7 +34,7 @@ from .world import CLASSES, PALETTE
 
 TASKS = ("seg", "saliency", "depth")
 TRAIN_SEED, HELD_OUT_SEED = 8_000_000, 9_000_000  # far from the backbone's training clips (0 …)
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_video_heads"
+ASSET_DIR = DEFAULT_HEADS["toy-video"]  # the shipped heads folder
 
 
 def clip_batch(seeds: range, frames: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:

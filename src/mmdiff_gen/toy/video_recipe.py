@@ -18,9 +18,11 @@ class VideoToyRecipe(JsonFields):
 
     Architecture: a WanTransformer3DModel of width 128 (4 heads × 32) with 8 blocks, an AutoencoderKLWan of 16
     latent channels compressing 4× in space and 4× in time (64×64 clips of 9 frames → 3 latent frames of 8×8 video
-    tokens), and a tiny T5 encoder (width 64) trained jointly with the transformer at a lower learning rate, then
-    frozen (the image toy found joint training binds colours to objects where a frozen random encoder cannot).
-    Measured on this 2-core CPU: a VAE step (8 clips) 1.7 s, a transformer step (16 clips) 0.52 s.
+    tokens), and a tiny UMT5 encoder (width 64) that starts from the image toy's pretrained T5 (which binds class and
+    colour to each object, `toy-world.md`) and learns the motion words jointly with the transformer at a lower rate.
+    The VAE trains on windows of `vae_frames` frames (1 + 4: both chunks its causal encoder sees), the transformer
+    with the image toy's auxiliary class-map loss on every latent frame.
+    Measured on this 2-core CPU: a VAE step (16 windows of 5 frames) 1.7 s, a transformer step (16 clips) 0.55 s.
     """
 
     # data
@@ -38,8 +40,9 @@ class VideoToyRecipe(JsonFields):
     max_sequence_length: int = 32
     flow_shift: float = 2.0
     # VAE
-    vae_steps: int = 900
-    vae_batch: int = 8
+    vae_steps: int = 1_100
+    vae_batch: int = 16
+    vae_frames: int = 5  # training windows: the first frame alone, then one chunk of 4 (frames 0–4 or 4–8)
     vae_lr: float = 1e-3
     vae_edge_weight: float = 4.0
     vae_kl: float = 1e-4
@@ -47,7 +50,9 @@ class VideoToyRecipe(JsonFields):
     dit_steps: int = 4_000
     dit_batch: int = 16
     dit_lr: float = 6e-4
-    text_lr_scale: float = 0.5
+    dit_seg_weight: float = 0.5  # auxiliary: a middle block predicts each latent frame's class map (dropped at export)
+    text_init: bool = True  # start the text encoder from the image toy's pretrained T5
+    text_lr_scale: float = 0.3
     dit_warmup: int = 300
     caption_dropout: float = 0.1
     t_logit_mean: float = 0.3
@@ -62,4 +67,4 @@ class VideoToyRecipe(JsonFields):
         return build_tiny_wan(words=video_vocabulary() + CONCEPT_WORDS, dim_head=self.dim_head, heads=self.heads,
                               blocks=self.blocks, text_width=self.text_width, text_layers=self.text_layers,
                               latent_channels=self.latent_channels, vae_dims=self.vae_dims, ffn_mult=4,
-                              flow_shift=self.flow_shift, seed=self.seed)
+                              flow_shift=self.flow_shift, text_ffn="relu", seed=self.seed)
