@@ -136,12 +136,14 @@ def test_cli_heads_card(heads, tmp_path):
         assert res.exit_code == 2 and text in res.output and len(res.output.strip().splitlines()) == 1, res.output
 
 
-def test_the_shipped_toy_heads_carry_their_card():
+@pytest.mark.parametrize("model, files", [("toy", {"seg.safetensors", "saliency.safetensors", "depth.safetensors"}),
+                                          ("toy-video", {"unified.safetensors"})])
+def test_the_shipped_toy_heads_carry_their_card(model, files):
     """The committed card and config.json are what `heads card` writes today (regenerate them if this fails)."""
-    folder = DEFAULT_HEADS["toy"]
+    folder = DEFAULT_HEADS[model]
     cfg = heads_config(folder)
     assert json.loads((folder / "config.json").read_text())["heads"] == cfg["heads"]
-    assert set(cfg["heads"]) == {"seg.safetensors", "saliency.safetensors", "depth.safetensors"}
+    assert set(cfg["heads"]) == files
     assert _front_matter(folder / "README.md")[0]["library_name"] == "mmdiff-gen"
 
 
