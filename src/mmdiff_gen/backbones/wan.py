@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -63,8 +64,11 @@ class WanBackbone(Backbone):
             raise ValueError("Wan 2.2 with a second (low-noise) transformer is not supported: capture holds one "
                              "transformer; use Wan 2.1 or Wan 2.2 TI2V")
         super().__init__(pipe, name, settings, weights_id)
-        # Wan 2.2 TI2V: one timestep per video token (WanPipeline's `expand_timesteps`).
-        self.per_token_timestep = bool(getattr(getattr(pipe, "config", None), "expand_timesteps", False))
+
+    @property
+    def per_token_timestep(self) -> bool:
+        """Wan 2.2 TI2V: one timestep per video token (WanPipeline's `expand_timesteps`)."""
+        return bool(getattr(getattr(self.pipe, "config", None), "expand_timesteps", False))
 
     # --- the transformer --------------------------------------------------------------------
     @property
@@ -106,9 +110,8 @@ class WanBackbone(Backbone):
                            guidance_scale: float, height: int, width: int) -> dict[str, Any]:
         out = super().transformer_inputs(latents, sigma, cond, guidance_scale, height, width)
         if self.per_token_timestep:  # (B, N) float32, as WanPipeline builds it (a float mask times the timestep)
-            p_t, p_h, p_w = self.transformer.config.patch_size
-            f, h, w = latents.shape[2:]
-            out["timestep"] = out["timestep"].float()[:, None].expand(-1, (f // p_t) * (h // p_h) * (w // p_w))
+            tokens = math.prod(latents.shape[2:]) // math.prod(self.transformer.config.patch_size)
+            out["timestep"] = out["timestep"].float()[:, None].expand(-1, tokens)
         return out
 
     # --- geometry ---------------------------------------------------------------------------

@@ -5,10 +5,11 @@ Member names follow WebDataset: KEY.jpg (or .png), KEY.txt, KEY.json, and one KE
 8-bit 0–255 (KEY.sal.png), positive values as 16-bit PNGs of value × scale (KEY.depth.png, millimetres).
 
 A clip (a video backbone's sample) is KEY.mp4 (H.264 4:4:4, constant quality `VIDEO_CRF`, `VIDEO_FPS` frames per
-second; what ffmpeg-based video loaders read — browsers play only 4:2:0) and one KEY.<task>.npz per task holding every frame's
-labels losslessly as one (F, H, W) array "labels", the same values as the PNGs would hold (uint8 ids or 0–255,
-uint16 value × scale); the JSON member says "frames" and "fps". Labels are exact per frame; the mp4's pixels are the
-decoded frames after H.264's quantisation (BENCHMARKS.md measures what it costs against lossless frames).
+second; what ffmpeg-based video loaders read — browsers play only 4:2:0) and one KEY.<task>.npz per task holding
+every frame's labels losslessly as one (F, H, W) array "labels", the same values as the PNGs would hold (uint8 ids
+or 0–255, uint16 value × scale); the JSON member says "frames" and "fps". Labels are exact per frame; the mp4's
+pixels are the decoded frames after H.264's quantisation (BENCHMARKS.md measures what it costs against lossless
+frames).
 """
 
 from __future__ import annotations

@@ -57,6 +57,13 @@ def class_map_tokens(pipe, seg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return pipe._pack_latents(class_fractions(seg, h, w), b, n, h, w).reshape(b, (h // 2) * (w // 2), n, 4)
 
 
+def class_map_loss(probe: nn.Module, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the probe's class logits on each token's 2×2 cells against the clean labels' class fractions:
+    tokens (B, N, C) → logits shaped as `target` (B, N, classes, 4)."""
+    logits = probe(tokens).view(target.shape)
+    return F.cross_entropy(logits.transpose(1, 2), target.transpose(1, 2))
+
+
 def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int | None = None,
               compile: bool = False) -> None:
     """Train the transformer in place from work/dit.state.safetensors; leaves the EMA weights in the pipeline.
@@ -108,9 +115,8 @@ def train_dit(pipe, data: SceneArrays, recipe: ToyRecipe, work: Path, steps: int
         pred = forward(hidden_states=xt, timestep=t, pooled_projections=pooled_all[cap],
                        encoder_hidden_states=text_all[cap], txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         flow = F.mse_loss(pred, noise - x0)
-        logits = probe(seen.pop("img")).reshape(b, -1, len(CLASSES), 4)  # (B, tokens, classes, 2×2 cells)
-        target = class_map_tokens(pipe, torch.from_numpy(data.seg[idx.numpy()]), h, w)
-        seg = F.cross_entropy(logits.transpose(1, 2), target.transpose(1, 2))
+        target = class_map_tokens(pipe, torch.from_numpy(data.seg[idx.numpy()]), h, w)  # (B, tokens, classes, 4)
+        seg = class_map_loss(probe, seen.pop("img"), target)
         phase.step(flow + recipe.dit_seg_weight * seg, clip=tr.parameters(), shown=flow)
         ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
     hook.remove()

@@ -7,12 +7,14 @@ Each phase resumes from its checkpoint in the work folder (`_loop.Phase`), as th
   chunks of 4: 1 + 4 frames at about half a clip's cost), then on whole clips (a window never shows the encoder and
   decoder a chunk read with a previous chunk in their causal caches: trained on windows alone, frames 5–8 of a
   9-frame clip came back at 12–19 dB against 25–27 dB for frames 0–4), L1 + L2 reconstruction weighted up on
-  label boundaries (as the image toy's keeps star points and ring holes), a small KL; then its per-channel latent mean and std are recorded in its config
+  label boundaries (as the image toy's keeps star points and ring holes), a small KL; then its per-channel latent
+  mean and std are recorded in its config
   (`latents_mean`, `latents_std`: what WanPipeline un-normalises with before decoding).
 - dit: rectified flow on the normalised latents (B, z, f, h, w): x_σ = (1 − σ)·x0 + σ·ε, the transformer predicts
   ε − x0 at timestep σ·1000 (what UniPC's flow prediction reads), σ logit-normal, plus the image toy's auxiliary
   class-map loss per latent frame; the text encoder starts from the image toy's pretrained T5
-  (`init_text_from_image_toy`) and learns jointly at a lower rate; the text is encoded as WanPipeline encodes it (padded to `max_sequence_length`, embeddings past the
+  (`init_text_from_image_toy`) and learns jointly at a lower rate; the text is encoded as WanPipeline encodes it
+  (padded to `max_sequence_length`, embeddings past the
   prompt zeroed), with caption dropout for classifier-free guidance; EMA weights are what is exported.
 - export: the EMA pipeline as a diffusers folder (safetensors) with mmdiff.json (sampling, classes, palette).
 """
@@ -37,6 +39,7 @@ from ..train.trainer import ema_update
 from ._loop import Checkpoint, Phase, conv_autocast
 from .data import boundary_weight, class_fractions
 from .export import load_ema, save_pipeline
+from .train_dit import class_map_loss
 from .train_vae import vae_loss
 from .video_recipe import ASSET_DIR, VideoToyRecipe
 from .video_world import render_clip
@@ -275,9 +278,8 @@ def train_dit(pipe, data: ClipArrays, recipe: VideoToyRecipe, work: Path, steps:
                   encoder_hidden_states=encode_text(pipe, tok.input_ids[cap], tok.attention_mask[cap]),
                   return_dict=False)[0]
         flow = F.mse_loss(pred, noise - x0)
-        logits = probe(seen.pop("tokens")).view(b, -1, len(CLASSES), 4)  # (B, tokens, classes, 2×2 cells)
-        target = class_map_tokens(torch.from_numpy(data.seg[idx.numpy()]), f, h, w, temporal)
-        seg = F.cross_entropy(logits.transpose(1, 2), target.transpose(1, 2))
+        target = class_map_tokens(torch.from_numpy(data.seg[idx.numpy()]), f, h, w, temporal)  # (B, tokens, classes, 4)
+        seg = class_map_loss(probe, seen.pop("tokens"), target)
         phase.step(flow + recipe.dit_seg_weight * seg, clip=models.parameters(), shown=flow)
         ema_update(ema, models, recipe.ema if step > recipe.dit_warmup else 0.0)
     hook.remove()
